@@ -1,0 +1,32 @@
+# Two entry points do everything on a fresh machine:
+#   make run   set up, build, boot a utility VM, run `uname -a` in it, tear it down
+#   make test  set up, build, run every test (unit, property, real-VM)
+
+CARGO ?= cargo
+TARGET := x86_64-unknown-linux-gnu
+AGENT := target/$(TARGET)/release/uvm-agent
+CMD ?= uname -a
+
+.PHONY: setup agent build run test lint
+
+setup:
+	bash scripts/setup.sh
+
+# The in-guest agent is PID 1 of the VM: a static binary.
+agent:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release -p uvm-agent --target $(TARGET)
+
+build: agent
+	$(CARGO) build --release -p uvmctl
+
+run: setup build
+	target/release/uvmctl run -- $(CMD)
+
+test: setup agent
+	$(CARGO) nextest run --workspace --profile ci
+	$(CARGO) test --workspace --doc
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

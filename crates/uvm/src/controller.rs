@@ -1,0 +1,481 @@
+//! [`Controller`]: one utility VM's lifecycle over the host and guest seams.
+//!
+//! Every operation follows *guard → act → commit*: the guard asks [`plan`] whether the operation
+//! is allowed in the current state, the act drives the seams **without holding the state lock**, and
+//! the commit writes the state the plan named. Two locks, never held together across an await:
+//!
+//! - `core` (a `std::sync::Mutex`): the state and what belongs to it; held for microseconds only, so
+//!   [`Controller::state`], [`Controller::status`] and [`Controller::stats`] never wait behind a
+//!   long operation;
+//! - `op_lock` (a `tokio::sync::Mutex`): serialises the mutating operations (create, start,
+//!   terminate). `terminate_vm` first cancels an in-flight `start_vm` through its token, so it never
+//!   waits for a slow boot.
+//!
+//! The state diagram is in [`crate::state`].
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ControllerError, GuestError, HostError};
+use crate::seams::{
+    CpuLimits, ExecRequest, Guest, GuestStats, HostStats, HostVm, LinkHealth, PolicyFragment,
+    VmBackend, VmConfig,
+};
+use crate::state::{plan, Operation, Plan, Reason, State, VmExit};
+
+/// Deadlines of the controller's steps. Every step that waits on the guest or the VM process has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Starting the VM process (spawn, device set-up), default 30 s.
+    pub vm_start: Duration,
+    /// From VM start until the guest agent announced itself and finished the handshake, default 60 s
+    /// (a TCG boot takes ≈2 s alone, ≈10 s with 8 VMs booting on 2 cores).
+    pub guest_connect: Duration,
+    /// One request/response with the guest (not a whole exec), default 10 s.
+    pub guest_call: Duration,
+    /// One host-side request (stats, updates), default 10 s.
+    pub host_call: Duration,
+    /// Asking the VM to stop, default 10 s; on expiry the chain goes on to release.
+    pub vm_terminate: Duration,
+    /// Releasing the VM's resources, default 10 s; on expiry the VM is Invalid.
+    pub release: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            vm_start: Duration::from_secs(30),
+            guest_connect: Duration::from_secs(60),
+            guest_call: Duration::from_secs(10),
+            host_call: Duration::from_secs(10),
+            vm_terminate: Duration::from_secs(10),
+            release: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One state change, kept for diagnosis (the last [`HISTORY_LEN`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: State,
+    pub to: State,
+    pub operation: Operation,
+}
+
+/// How many transitions [`Controller::history`] keeps.
+pub const HISTORY_LEN: usize = 32;
+
+/// A consistent view of the VM: state, why, and the guest link's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub state: State,
+    pub reason: Option<Reason>,
+    pub link: LinkHealth,
+}
+
+/// What `exit_status` reports about a Terminated VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub stopped_at: SystemTime,
+    pub reason: Reason,
+    /// How the VM process ended, when it was ever started.
+    pub exit: Option<VmExit>,
+}
+
+/// The controller of one utility VM. Cheap to clone; clones drive the same VM.
+#[derive(Clone)]
+pub struct Controller {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("id", &self.inner.id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: String,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) backend: Arc<dyn VmBackend>,
+    pub(crate) guest: Arc<dyn Guest>,
+    pub(crate) core: Mutex<Core>,
+    pub(crate) op_lock: tokio::sync::Mutex<()>,
+    /// Becomes true once the VM process has ended (or, never started, was terminated).
+    pub(crate) exited: watch::Sender<bool>,
+    /// Stops the background waiter when the last controller handle goes away.
+    pub(crate) waiter_stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.waiter_stop.cancel();
+    }
+}
+
+pub(crate) struct Core {
+    pub(crate) state: State,
+    pub(crate) reason: Option<Reason>,
+    pub(crate) config: Option<VmConfig>,
+    pub(crate) vm: Option<Arc<dyn HostVm>>,
+    /// Cancels the in-flight `start_vm`, if any.
+    pub(crate) start_cancel: Option<CancellationToken>,
+    /// The VM process may exist: terminate must run the terminate step.
+    pub(crate) vm_started: bool,
+    /// Who is running the cleanup chain right now, if anyone.
+    pub(crate) cleanup: Option<CleanupOwner>,
+    pub(crate) waiter: Option<JoinHandle<()>>,
+    pub(crate) started_at: Option<SystemTime>,
+    pub(crate) stopped_at: Option<SystemTime>,
+    pub(crate) exit: Option<VmExit>,
+    pub(crate) history: VecDeque<Transition>,
+}
+
+/// Who runs the cleanup chain: `terminate_vm`, or the waiter after the VM ended by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CleanupOwner {
+    Terminate,
+    Waiter,
+}
+
+impl Core {
+    /// The only place the state is written.
+    pub(crate) fn commit(&mut self, operation: Operation, to: State, reason: Option<Reason>) {
+        let from = self.state;
+        if from == to {
+            return;
+        }
+        tracing::info!(%from, %to, %operation, reason = ?reason, "state change");
+        if self.history.len() == HISTORY_LEN {
+            self.history.pop_front();
+        }
+        self.history.push_back(Transition {
+            from,
+            to,
+            operation,
+        });
+        self.state = to;
+        if reason.is_some() {
+            self.reason = reason;
+        }
+    }
+}
+
+impl Controller {
+    /// A controller for VM `id` in state NotCreated.
+    pub fn new(
+        id: impl Into<String>,
+        backend: Arc<dyn VmBackend>,
+        guest: Arc<dyn Guest>,
+        timeouts: Timeouts,
+    ) -> Controller {
+        let (exited, _) = watch::channel(false);
+        Controller {
+            inner: Arc::new(Inner {
+                id: id.into(),
+                timeouts,
+                backend,
+                guest,
+                core: Mutex::new(Core {
+                    state: State::NotCreated,
+                    reason: None,
+                    config: None,
+                    vm: None,
+                    start_cancel: None,
+                    vm_started: false,
+                    cleanup: None,
+                    waiter: None,
+                    started_at: None,
+                    stopped_at: None,
+                    exit: None,
+                    history: VecDeque::new(),
+                }),
+                op_lock: tokio::sync::Mutex::new(()),
+                exited,
+                waiter_stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.inner.core)
+    }
+
+    /// The current state. Never waits behind another operation.
+    pub fn state(&self) -> State {
+        self.core().state
+    }
+
+    /// State, reason and guest link health. Never waits behind another operation.
+    pub fn status(&self) -> Status {
+        let (state, reason) = {
+            let core = self.core();
+            (core.state, core.reason.clone())
+        };
+        Status {
+            state,
+            reason,
+            link: self.inner.guest.health(),
+        }
+    }
+
+    /// The last [`HISTORY_LEN`] state changes, oldest first.
+    pub fn history(&self) -> Vec<Transition> {
+        self.core().history.iter().cloned().collect()
+    }
+
+    /// The backend's id for this VM, once created.
+    pub fn runtime_id(&self) -> Option<String> {
+        self.core().vm.as_ref().map(|vm| vm.runtime_id())
+    }
+
+    /// Checks `operation` against the state table; on success returns the plan and the VM if any.
+    pub(crate) fn guard(
+        &self,
+        operation: Operation,
+    ) -> Result<(Plan, Option<Arc<dyn HostVm>>), ControllerError> {
+        let core = self.core();
+        match plan(core.state, operation) {
+            Plan::Refuse => Err(self.wrong_state(operation, core.state)),
+            p => Ok((p, core.vm.clone())),
+        }
+    }
+
+    pub(crate) fn wrong_state(&self, operation: Operation, state: State) -> ControllerError {
+        ControllerError::WrongState {
+            id: self.inner.id.clone(),
+            operation,
+            state,
+        }
+    }
+
+    /// Guard for operations that need the VM Running, returning it.
+    fn running_vm(&self, operation: Operation) -> Result<Arc<dyn HostVm>, ControllerError> {
+        match self.guard(operation)? {
+            (Plan::Run { .. }, Some(vm)) => Ok(vm),
+            _ => Err(self.wrong_state(operation, self.state())),
+        }
+    }
+
+    fn host_error(&self, operation: Operation, source: HostError) -> ControllerError {
+        ControllerError::Host {
+            id: self.inner.id.clone(),
+            operation,
+            source,
+        }
+    }
+
+    fn guest_error(&self, operation: Operation, source: GuestError) -> ControllerError {
+        ControllerError::Guest {
+            id: self.inner.id.clone(),
+            operation,
+            source,
+        }
+    }
+
+    /// Runs a host-side call under the host-call deadline.
+    async fn host_call<T>(
+        &self,
+        operation: Operation,
+        fut: impl std::future::Future<Output = Result<T, HostError>>,
+    ) -> Result<T, ControllerError> {
+        let after = self.inner.timeouts.host_call;
+        match tokio::time::timeout(after, fut).await {
+            Ok(r) => r.map_err(|e| self.host_error(operation, e)),
+            Err(_) => Err(self.host_error(
+                operation,
+                HostError::Timeout {
+                    operation: operation.as_str(),
+                    after,
+                },
+            )),
+        }
+    }
+
+    /// Runs a guest call under the guest-call deadline.
+    async fn guest_call<T>(
+        &self,
+        operation: Operation,
+        fut: impl std::future::Future<Output = Result<T, GuestError>>,
+    ) -> Result<T, ControllerError> {
+        with_deadline(operation.as_str(), self.inner.timeouts.guest_call, fut)
+            .await
+            .map_err(|e| self.guest_error(operation, e))
+    }
+
+    /// Describe and reserve the VM: NotCreated → Created. A second call is refused.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "create_vm"))]
+    pub async fn create_vm(&self, config: VmConfig) -> Result<(), ControllerError> {
+        let _op = self.inner.op_lock.lock().await;
+        let (Plan::Run { on_success, .. }, _) = self.guard(Operation::Create)? else {
+            return Err(self.wrong_state(Operation::Create, self.state()));
+        };
+        let vm = self
+            .inner
+            .backend
+            .create(&self.inner.id, &config)
+            .await
+            .map_err(|source| ControllerError::CreateFailed {
+                id: self.inner.id.clone(),
+                source,
+            })?;
+        let mut core = self.core();
+        core.vm = Some(vm);
+        core.config = Some(config);
+        core.commit(Operation::Create, on_success, None);
+        Ok(())
+    }
+
+    /// Run a process in the guest (not in a container) and return its exit code. Running only.
+    /// A terminal with a separate stderr is refused before the state is looked at. The whole
+    /// process has no deadline (it may legitimately run long); the guest link bounds each request,
+    /// and the VM exiting releases it.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "exec_into_host"))]
+    pub async fn exec_into_host(&self, request: ExecRequest) -> Result<i32, ControllerError> {
+        if request.terminal && request.stderr.is_some() {
+            return Err(ControllerError::TerminalWithStderr);
+        }
+        self.running_vm(Operation::ExecIntoHost)?;
+        self.inner
+            .guest
+            .exec(request)
+            .await
+            .map_err(|e| self.guest_error(Operation::ExecIntoHost, e))
+    }
+
+    /// What the guest agent is doing. Running only; empty when the guest lacks the capability.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "dump_stacks"))]
+    pub async fn dump_stacks(&self) -> Result<String, ControllerError> {
+        self.running_vm(Operation::DumpStacks)?;
+        if !self.inner.guest.capabilities().dump_stacks() {
+            return Ok(String::new());
+        }
+        self.guest_call(Operation::DumpStacks, self.inner.guest.dump_stacks())
+            .await
+    }
+
+    /// Host-side resource use. Running only; never waits behind another operation.
+    pub async fn stats(&self) -> Result<HostStats, ControllerError> {
+        let vm = self.running_vm(Operation::Stats)?;
+        self.host_call(Operation::Stats, vm.stats()).await
+    }
+
+    /// The guest's own view of its resources. Running only.
+    pub async fn guest_stats(&self) -> Result<GuestStats, ControllerError> {
+        self.running_vm(Operation::GuestStats)?;
+        self.guest_call(Operation::GuestStats, self.inner.guest.stats())
+            .await
+    }
+
+    /// Move the VM into a host CPU group. The id must be non-empty (checked first). Running only.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_cpu_group"))]
+    pub async fn update_cpu_group(&self, group_id: &str) -> Result<(), ControllerError> {
+        if group_id.is_empty() {
+            return Err(ControllerError::InvalidArgument {
+                what: "cpu group id",
+                message: "must not be empty".into(),
+            });
+        }
+        let vm = self.running_vm(Operation::UpdateCpuGroup)?;
+        self.host_call(Operation::UpdateCpuGroup, vm.set_cpu_group(group_id))
+            .await
+    }
+
+    /// Change the VM's CPU limits. Running only.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_cpu_limits"))]
+    pub async fn update_cpu_limits(&self, limits: CpuLimits) -> Result<(), ControllerError> {
+        let vm = self.running_vm(Operation::UpdateCpuLimits)?;
+        self.host_call(Operation::UpdateCpuLimits, vm.update_cpu_limits(limits))
+            .await
+    }
+
+    /// Change the guest's memory. Running only. The size is **rounded up** to the backend's
+    /// granularity ([`crate::seams::VmResources::memory_granularity`], e.g. 2 MiB), so the guest
+    /// gets at least what was asked; the normalized size is returned. Zero is refused.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_memory"))]
+    pub async fn update_memory(&self, bytes: u64) -> Result<u64, ControllerError> {
+        let vm = self.running_vm(Operation::UpdateMemory)?;
+        let normalized = normalize_memory(bytes, vm.memory_granularity())?;
+        self.host_call(Operation::UpdateMemory, vm.update_memory(normalized))
+            .await?;
+        Ok(normalized)
+    }
+
+    /// Add a fragment to the guest's security policy. Running only.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_policy_fragment"))]
+    pub async fn update_policy_fragment(
+        &self,
+        fragment: &PolicyFragment,
+    ) -> Result<(), ControllerError> {
+        self.running_vm(Operation::UpdatePolicyFragment)?;
+        self.guest_call(
+            Operation::UpdatePolicyFragment,
+            self.inner.guest.inject_policy_fragment(fragment),
+        )
+        .await
+    }
+
+    /// When the VM reached Running; `None` for a VM terminated without ever running.
+    /// Only in Running or Terminated.
+    pub fn start_time(&self) -> Result<Option<SystemTime>, ControllerError> {
+        self.guard(Operation::StartTime)?;
+        Ok(self.core().started_at)
+    }
+
+    /// How and when the VM ended. Only in Terminated.
+    pub fn exit_status(&self) -> Result<ExitStatus, ControllerError> {
+        self.guard(Operation::ExitStatus)?;
+        let core = self.core();
+        Ok(ExitStatus {
+            stopped_at: core.stopped_at.unwrap_or(SystemTime::UNIX_EPOCH),
+            reason: core.reason.clone().unwrap_or(Reason::TerminateRequested),
+            exit: core.exit.clone(),
+        })
+    }
+}
+
+/// Rounds `bytes` up to a multiple of `granularity`; zero or overflow is an invalid argument.
+pub fn normalize_memory(bytes: u64, granularity: u64) -> Result<u64, ControllerError> {
+    let invalid = |message: String| ControllerError::InvalidArgument {
+        what: "memory size",
+        message,
+    };
+    if bytes == 0 {
+        return Err(invalid("must be greater than zero".into()));
+    }
+    let granularity = granularity.max(1);
+    bytes
+        .div_ceil(granularity)
+        .checked_mul(granularity)
+        .ok_or_else(|| invalid(format!("{bytes} bytes overflows when rounded up")))
+}
+
+/// Bounds a guest-facing future; expiry is [`GuestError::Timeout`].
+pub(crate) async fn with_deadline<T>(
+    operation: &'static str,
+    after: Duration,
+    fut: impl std::future::Future<Output = Result<T, GuestError>>,
+) -> Result<T, GuestError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(GuestError::Timeout { operation, after }),
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: the state is written only by `Core::commit`, which
+/// cannot panic half-way, so a poisoned lock still guards a consistent state.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

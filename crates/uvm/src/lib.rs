@@ -1,0 +1,39 @@
+//! # uvm — the utility-VM controller
+//!
+//! The Rust counterpart of hcsshim's VM controller (`internal/controller/vm`): one [`Controller`]
+//! per utility VM drives a host backend ([`seams::VmBackend`] / [`seams::HostVm`]) and a guest link
+//! ([`seams::Guest`]) through the lifecycle below. This crate does no I/O of its own: every
+//! failure path is testable with the recording fakes in [`testing`] (feature `testing`).
+//!
+//! ```text
+//!                 create_vm ok            start_vm ok
+//!   NotCreated ───────────────▶ Created ───────────────▶ Running
+//!                                 │  │                      │
+//!                                 │  │ start_vm fails       │ VM exits by itself,
+//!                                 │  ▼                      │ or terminate_vm ok
+//!                                 │ Invalid ◀───────────────┤ terminate_vm: release fails
+//!                                 │  │ terminate_vm ok      ▼
+//!                  terminate_vm ok└──┴────────────────▶ Terminated (terminal)
+//! ```
+//!
+//! The table behind the diagram is [`state::plan`]: one function deciding, for every (state,
+//! operation) pair, whether the operation is allowed and which state it leads to.
+//!
+//! Beyond hcsshim: [`Controller::state`] and [`Controller::stats`] never wait behind a long
+//! operation; [`Controller::terminate_vm`] cancels an in-flight [`Controller::start_vm`]; every
+//! guest-facing step has a deadline ([`Timeouts`]); the state carries a [`Reason`] and the guest
+//! link its own [`seams::LinkHealth`].
+
+mod controller;
+pub mod error;
+mod lifecycle;
+pub mod seams;
+pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use controller::{
+    normalize_memory, Controller, ExitStatus, Status, Timeouts, Transition, HISTORY_LEN,
+};
+pub use error::{ControllerError, GuestError, HostError, SeamError};
+pub use state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};

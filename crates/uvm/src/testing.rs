@@ -1,0 +1,551 @@
+//! Recording fakes with scripted failures, shared by unit tests, property tests and benchmarks.
+//!
+//! One [`Script`] is shared by the fake backend, the fake VMs it creates and the fake guest, so the
+//! call log interleaves host and guest calls in the order they happened (that is how "terminate →
+//! close connection → release" ordering is asserted without a VM). A script can fail the n-th call
+//! of a kind, or every call, and can **hold** a call until the test releases it, with a signal when
+//! the call has entered — for concurrency tests without wall-clock sleeps.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::controller::lock;
+use crate::error::{GuestError, HostError};
+use crate::seams::{
+    Capabilities, CpuLimits, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint,
+    GuestExec, GuestInfo, GuestPolicy, GuestStats, HostStats, HostVm, LinkHealth, PolicyFragment,
+    SecurityPolicy, VmBackend, VmConfig, VmLifetime, VmResources,
+};
+use crate::state::VmExit;
+use crate::{Controller, Timeouts};
+
+/// Every call a fake records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Call {
+    Create,
+    Start,
+    Terminate,
+    Release,
+    HostStats,
+    SetCpuGroup,
+    UpdateCpuLimits,
+    UpdateMemory,
+    PrepareConnection,
+    Connect,
+    CloseConnection,
+    Exec,
+    DumpStacks,
+    GuestStats,
+    SetSecurityPolicy,
+    InjectPolicyFragment,
+    /// Not recorded in the log (the waiter calls it at any time); holdable.
+    LogDrain,
+}
+
+impl Call {
+    fn name(self) -> &'static str {
+        match self {
+            Call::Create => "create",
+            Call::Start => "start",
+            Call::Terminate => "terminate",
+            Call::Release => "release",
+            Call::HostStats => "stats",
+            Call::SetCpuGroup => "set_cpu_group",
+            Call::UpdateCpuLimits => "update_cpu_limits",
+            Call::UpdateMemory => "update_memory",
+            Call::PrepareConnection => "prepare_connection",
+            Call::Connect => "connect",
+            Call::CloseConnection => "close_connection",
+            Call::Exec => "exec",
+            Call::DumpStacks => "dump_stacks",
+            Call::GuestStats => "guest_stats",
+            Call::SetSecurityPolicy => "set_security_policy",
+            Call::InjectPolicyFragment => "inject_policy_fragment",
+            Call::LogDrain => "log_drain",
+        }
+    }
+}
+
+/// A call held by the script until [`Hold::release`].
+#[derive(Debug, Clone)]
+pub struct Hold {
+    entered: watch::Sender<bool>,
+    released: watch::Sender<bool>,
+}
+
+impl Hold {
+    fn new() -> Hold {
+        Hold {
+            entered: watch::channel(false).0,
+            released: watch::channel(false).0,
+        }
+    }
+    /// Resolves once the held call has been entered (it is now blocked).
+    pub async fn entered(&self) {
+        let mut rx = self.entered.subscribe();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+    /// Lets the held call (and any later one of the same kind) go on.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+    async fn pass(&self) {
+        self.entered.send_replace(true);
+        let mut rx = self.released.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+}
+
+#[derive(Default)]
+struct ScriptState {
+    log: Vec<Call>,
+    counts: HashMap<Call, usize>,
+    fail_nth: HashSet<(Call, usize)>,
+    fail_always: HashSet<Call>,
+    holds: HashMap<Call, Hold>,
+}
+
+/// The shared call log and failure script.
+#[derive(Clone, Default)]
+pub struct Script {
+    state: Arc<Mutex<ScriptState>>,
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Script")
+            .field("log", &self.calls())
+            .finish()
+    }
+}
+
+impl Script {
+    /// Fail the `n`-th call (1-based) of `call`.
+    pub fn fail_nth(&self, call: Call, n: usize) {
+        lock(&self.state).fail_nth.insert((call, n));
+    }
+    /// Fail every call of `call` until [`Script::heal`].
+    pub fn fail_always(&self, call: Call) {
+        lock(&self.state).fail_always.insert(call);
+    }
+    /// Stop failing `call` (scripted n-th failures stay).
+    pub fn heal(&self, call: Call) {
+        lock(&self.state).fail_always.remove(&call);
+    }
+    /// Hold the calls of `call` until the returned hold is released.
+    pub fn hold(&self, call: Call) -> Hold {
+        let hold = Hold::new();
+        lock(&self.state).holds.insert(call, hold.clone());
+        hold
+    }
+    /// The calls recorded so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.state).log.clone()
+    }
+    /// How many times `call` was made.
+    pub fn count(&self, call: Call) -> usize {
+        lock(&self.state).counts.get(&call).copied().unwrap_or(0)
+    }
+    /// Forget the log (scripted failures and holds stay).
+    pub fn clear_log(&self) {
+        lock(&self.state).log.clear();
+    }
+
+    /// Records `call`, waits on its hold, and says whether it is scripted to fail.
+    async fn enter(&self, call: Call) -> bool {
+        let (hold, fail) = {
+            let mut s = lock(&self.state);
+            if call != Call::LogDrain {
+                s.log.push(call);
+            }
+            let n = {
+                let c = s.counts.entry(call).or_insert(0);
+                *c += 1;
+                *c
+            };
+            let fail = s.fail_always.contains(&call) || s.fail_nth.contains(&(call, n));
+            (s.holds.get(&call).cloned(), fail)
+        };
+        if let Some(hold) = hold {
+            hold.pass().await;
+        }
+        fail
+    }
+
+    async fn host(&self, call: Call) -> Result<(), HostError> {
+        if self.enter(call).await {
+            return Err(HostError::Failed {
+                operation: call.name(),
+                message: "scripted failure".into(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn guest(&self, call: Call) -> Result<(), GuestError> {
+        if self.enter(call).await {
+            return Err(GuestError::Rejected {
+                operation: call.name(),
+                message: "scripted failure".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Creates [`FakeVm`]s sharing its script.
+#[derive(Debug, Default)]
+pub struct FakeBackend {
+    script: Script,
+    vms: Mutex<Vec<Arc<FakeVm>>>,
+}
+
+impl FakeBackend {
+    pub fn new(script: Script) -> FakeBackend {
+        FakeBackend {
+            script,
+            vms: Mutex::new(Vec::new()),
+        }
+    }
+    /// The most recently created VM.
+    pub fn last_vm(&self) -> Option<Arc<FakeVm>> {
+        lock(&self.vms).last().cloned()
+    }
+}
+
+#[async_trait]
+impl VmBackend for FakeBackend {
+    async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
+        self.script.host(Call::Create).await?;
+        let vm = Arc::new(FakeVm {
+            id: id.to_string(),
+            config: config.clone(),
+            script: self.script.clone(),
+            exit: watch::channel(None).0,
+            successful_releases: Mutex::new(0),
+            memory: Mutex::new(None),
+        });
+        lock(&self.vms).push(vm.clone());
+        Ok(vm)
+    }
+}
+
+/// A fake VM: `start` "boots", `wait` resolves once terminated, released or [`FakeVm::exit`]ed.
+#[derive(Debug)]
+pub struct FakeVm {
+    id: String,
+    pub config: VmConfig,
+    script: Script,
+    exit: watch::Sender<Option<VmExit>>,
+    successful_releases: Mutex<usize>,
+    memory: Mutex<Option<u64>>,
+}
+
+impl FakeVm {
+    /// The VM process ends by itself (a crash, a guest power-off).
+    pub fn exit(&self, exit: VmExit) {
+        self.exit.send_if_modified(|e| {
+            if e.is_none() {
+                *e = Some(exit);
+                true
+            } else {
+                false
+            }
+        });
+    }
+    /// How many releases succeeded.
+    pub fn successful_releases(&self) -> usize {
+        *lock(&self.successful_releases)
+    }
+    /// The last memory size the controller set.
+    pub fn memory(&self) -> Option<u64> {
+        *lock(&self.memory)
+    }
+    /// Whether the VM process has ended.
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+}
+
+#[async_trait]
+impl VmLifetime for FakeVm {
+    fn runtime_id(&self) -> String {
+        format!("fake-{}", self.id)
+    }
+    fn guest_endpoint(&self) -> GuestEndpoint {
+        GuestEndpoint::None
+    }
+    async fn start(&self) -> Result<(), HostError> {
+        self.script.host(Call::Start).await
+    }
+    async fn wait(&self) -> VmExit {
+        let mut rx = self.exit.subscribe();
+        let exit = match rx.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.clone(),
+            Err(_) => None,
+        };
+        exit.unwrap_or_else(VmExit::clean)
+    }
+    async fn terminate(&self) -> Result<(), HostError> {
+        self.script.host(Call::Terminate).await?;
+        self.exit(VmExit {
+            code: Some(0),
+            signal: None,
+            reason: Some("host-qmp-quit".into()),
+        });
+        Ok(())
+    }
+    async fn release(&self) -> Result<(), HostError> {
+        self.script.host(Call::Release).await?;
+        self.exit(VmExit {
+            code: None,
+            signal: Some(9),
+            reason: None,
+        });
+        *lock(&self.successful_releases) += 1;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl VmResources for FakeVm {
+    async fn stats(&self) -> Result<HostStats, HostError> {
+        self.script.host(Call::HostStats).await?;
+        Ok(HostStats {
+            cpu_time: std::time::Duration::from_millis(5),
+            rss_bytes: 64 << 20,
+        })
+    }
+    async fn set_cpu_group(&self, _group_id: &str) -> Result<(), HostError> {
+        self.script.host(Call::SetCpuGroup).await
+    }
+    async fn update_cpu_limits(&self, _limits: CpuLimits) -> Result<(), HostError> {
+        self.script.host(Call::UpdateCpuLimits).await
+    }
+    async fn update_memory(&self, bytes: u64) -> Result<(), HostError> {
+        self.script.host(Call::UpdateMemory).await?;
+        *lock(&self.memory) = Some(bytes);
+        Ok(())
+    }
+    fn memory_granularity(&self) -> u64 {
+        FAKE_MEMORY_GRANULARITY
+    }
+}
+
+/// The fake VM's memory granularity: 2 MiB, like virtio-mem's default block size.
+pub const FAKE_MEMORY_GRANULARITY: u64 = 2 << 20;
+
+#[derive(Debug)]
+struct GuestLinkState {
+    prepared: bool,
+    health: LinkHealth,
+    capabilities: Capabilities,
+    exit_code: i32,
+    stdout: Vec<u8>,
+    policy: Option<SecurityPolicy>,
+}
+
+/// A fake guest link. `exec` writes the scripted stdout, then waits until released by a hold or
+/// the connection closing (which fails it with [`GuestError::ConnectionLost`]).
+#[derive(Debug)]
+pub struct FakeGuest {
+    script: Script,
+    state: Mutex<GuestLinkState>,
+    closed: watch::Sender<u64>,
+}
+
+impl FakeGuest {
+    pub fn new(script: Script) -> FakeGuest {
+        FakeGuest {
+            script,
+            state: Mutex::new(GuestLinkState {
+                prepared: false,
+                health: LinkHealth::NotConnected,
+                capabilities: Capabilities {
+                    names: vec!["exec".into(), "dump-stacks".into(), "stats".into()],
+                },
+                exit_code: 0,
+                stdout: Vec::new(),
+                policy: None,
+            }),
+            closed: watch::channel(0).0,
+        }
+    }
+    /// Capabilities the next connect advertises.
+    pub fn set_capabilities(&self, names: &[&str]) {
+        lock(&self.state).capabilities = Capabilities {
+            names: names.iter().map(|n| n.to_string()).collect(),
+        };
+    }
+    /// What the next exec prints and returns.
+    pub fn set_exec_result(&self, stdout: &[u8], exit_code: i32) {
+        let mut s = lock(&self.state);
+        s.stdout = stdout.to_vec();
+        s.exit_code = exit_code;
+    }
+    /// Whether a connection is open.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.state).health == LinkHealth::Connected
+    }
+    /// Whether a listener is prepared and not yet closed.
+    pub fn is_prepared(&self) -> bool {
+        lock(&self.state).prepared
+    }
+    /// The security policy the controller applied.
+    pub fn policy(&self) -> Option<SecurityPolicy> {
+        lock(&self.state).policy.clone()
+    }
+}
+
+#[async_trait]
+impl GuestConnection for FakeGuest {
+    async fn prepare_connection(&self, _endpoint: &GuestEndpoint) -> Result<(), GuestError> {
+        self.script.guest(Call::PrepareConnection).await?;
+        lock(&self.state).prepared = true;
+        Ok(())
+    }
+    async fn connect(&self) -> Result<GuestInfo, GuestError> {
+        let mut closed = self.closed.subscribe();
+        closed.mark_unchanged();
+        tokio::select! {
+            r = self.script.guest(Call::Connect) => r?,
+            _ = closed.changed() => return Err(GuestError::ConnectionLost),
+        }
+        let mut s = lock(&self.state);
+        if !s.prepared {
+            return Err(GuestError::NotConnected);
+        }
+        s.health = LinkHealth::Connected;
+        Ok(GuestInfo {
+            protocol_version: 1,
+            agent_version: "fake".into(),
+            capabilities: s.capabilities.clone(),
+            ..GuestInfo::default()
+        })
+    }
+    async fn close_connection(&self) -> Result<(), GuestError> {
+        let r = self.script.guest(Call::CloseConnection).await;
+        // Even a failing close collapses the link: pending calls must not hang on it.
+        {
+            let mut s = lock(&self.state);
+            s.prepared = false;
+            if s.health == LinkHealth::Connected {
+                s.health = LinkHealth::Closed;
+            }
+        }
+        self.closed.send_modify(|n| *n += 1);
+        r
+    }
+    fn capabilities(&self) -> Capabilities {
+        lock(&self.state).capabilities.clone()
+    }
+    fn health(&self) -> LinkHealth {
+        lock(&self.state).health
+    }
+    async fn log_drained(&self) {
+        let _ = self.script.enter(Call::LogDrain).await;
+    }
+}
+
+#[async_trait]
+impl GuestExec for FakeGuest {
+    async fn exec(&self, mut request: ExecRequest) -> Result<i32, GuestError> {
+        let mut closed = self.closed.subscribe();
+        closed.mark_unchanged();
+        tokio::select! {
+            r = self.script.guest(Call::Exec) => r?,
+            _ = closed.changed() => return Err(GuestError::ConnectionLost),
+        }
+        let (stdout, code) = {
+            let s = lock(&self.state);
+            if s.health != LinkHealth::Connected {
+                return Err(GuestError::NotConnected);
+            }
+            (s.stdout.clone(), s.exit_code)
+        };
+        if let Some(out) = request.stdout.as_mut() {
+            out.write_all(&stdout)
+                .await
+                .map_err(|source| GuestError::Io {
+                    operation: "exec stdout",
+                    source,
+                })?;
+        }
+        Ok(code)
+    }
+}
+
+#[async_trait]
+impl GuestDiagnostics for FakeGuest {
+    async fn dump_stacks(&self) -> Result<String, GuestError> {
+        self.script.guest(Call::DumpStacks).await?;
+        Ok("goroutine 1 [running]: fake agent".into())
+    }
+    async fn stats(&self) -> Result<GuestStats, GuestError> {
+        self.script.guest(Call::GuestStats).await?;
+        Ok(GuestStats {
+            mem_total_bytes: 256 << 20,
+            mem_available_bytes: 200 << 20,
+            processes: 3,
+            ..GuestStats::default()
+        })
+    }
+}
+
+#[async_trait]
+impl GuestPolicy for FakeGuest {
+    async fn set_security_policy(&self, policy: &SecurityPolicy) -> Result<(), GuestError> {
+        self.script.guest(Call::SetSecurityPolicy).await?;
+        lock(&self.state).policy = Some(policy.clone());
+        Ok(())
+    }
+    async fn inject_policy_fragment(&self, _fragment: &PolicyFragment) -> Result<(), GuestError> {
+        self.script.guest(Call::InjectPolicyFragment).await
+    }
+}
+
+/// A controller wired to fakes, with handles on the fakes.
+#[derive(Debug)]
+pub struct Fakes {
+    pub script: Script,
+    pub backend: Arc<FakeBackend>,
+    pub guest: Arc<FakeGuest>,
+    pub controller: Controller,
+}
+
+impl Fakes {
+    /// A NotCreated controller over fresh fakes, with default timeouts.
+    pub fn new() -> Fakes {
+        Fakes::with_timeouts(Timeouts::default())
+    }
+
+    pub fn with_timeouts(timeouts: Timeouts) -> Fakes {
+        let script = Script::default();
+        let backend = Arc::new(FakeBackend::new(script.clone()));
+        let guest = Arc::new(FakeGuest::new(script.clone()));
+        let controller = Controller::new("vm-test", backend.clone(), guest.clone(), timeouts);
+        Fakes {
+            script,
+            backend,
+            guest,
+            controller,
+        }
+    }
+
+    /// The fake VM the controller created. Panics before `create_vm` (test helper).
+    pub fn vm(&self) -> Arc<FakeVm> {
+        self.backend
+            .last_vm()
+            .expect("the test created a VM before asking for it")
+    }
+}
+
+impl Default for Fakes {
+    fn default() -> Self {
+        Fakes::new()
+    }
+}

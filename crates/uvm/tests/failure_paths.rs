@@ -1,0 +1,584 @@
+//! Failure paths: state guards, the terminate cleanup chain, start failures, error propagation,
+//! deadlines.
+
+mod common;
+
+use std::time::Duration;
+
+use uvm::seams::{CpuLimits, ExecRequest, PolicyFragment, VmConfig};
+use uvm::testing::{Call, Fakes};
+use uvm::{
+    ControllerError, GuestError, HostError, Operation, Reason, SeamError, StartStep, State,
+    Timeouts,
+};
+
+fn assert_wrong_state(err: ControllerError, op: Operation, state: State) {
+    assert!(
+        matches!(err, ControllerError::WrongState { operation, state: s, .. } if operation == op && s == state),
+        "expected WrongState({op}, {state}), got {err:?}"
+    );
+}
+
+// --- State guards (8) ---
+
+#[tokio::test]
+async fn start_vm_is_refused_in_not_created_terminated_and_invalid() {
+    let f = Fakes::new();
+    let err = f.controller.start_vm().await.expect_err("not created");
+    assert_wrong_state(err, Operation::Start, State::NotCreated);
+
+    let f = common::terminated().await;
+    let err = f.controller.start_vm().await.expect_err("terminated");
+    assert_wrong_state(err, Operation::Start, State::Terminated);
+
+    let f = common::invalid().await;
+    let err = f.controller.start_vm().await.expect_err("invalid");
+    assert_wrong_state(err, Operation::Start, State::Invalid);
+    assert!(f.script.calls().is_empty(), "refusals touch no seam");
+}
+
+#[tokio::test]
+async fn exec_into_host_is_refused_when_terminated() {
+    let f = common::terminated().await;
+    let err = f
+        .controller
+        .exec_into_host(ExecRequest::new(["true"]))
+        .await
+        .expect_err("terminated");
+    assert_wrong_state(err, Operation::ExecIntoHost, State::Terminated);
+    assert_eq!(f.script.count(Call::Exec), 0);
+}
+
+#[tokio::test]
+async fn exec_into_host_refuses_a_terminal_with_stderr_before_looking_at_the_state() {
+    // NotCreated: the precondition error wins over the state error.
+    let f = Fakes::new();
+    let mut request = ExecRequest::new(["sh"]);
+    request.terminal = true;
+    request.stderr = Some(Box::new(tokio::io::sink()));
+    let err = f
+        .controller
+        .exec_into_host(request)
+        .await
+        .expect_err("precondition");
+    assert!(matches!(err, ControllerError::TerminalWithStderr));
+}
+
+#[tokio::test]
+async fn update_operations_are_refused_when_not_running() {
+    for f in [common::created().await, common::terminated().await] {
+        let state = f.controller.state();
+        let c = &f.controller;
+        assert_wrong_state(
+            c.update_cpu_group("g1").await.expect_err("refused"),
+            Operation::UpdateCpuGroup,
+            state,
+        );
+        assert_wrong_state(
+            c.update_cpu_limits(CpuLimits::default())
+                .await
+                .expect_err("refused"),
+            Operation::UpdateCpuLimits,
+            state,
+        );
+        assert_wrong_state(
+            c.update_memory(1 << 30).await.expect_err("refused"),
+            Operation::UpdateMemory,
+            state,
+        );
+        assert_wrong_state(
+            c.update_policy_fragment(&PolicyFragment("p".into()))
+                .await
+                .expect_err("refused"),
+            Operation::UpdatePolicyFragment,
+            state,
+        );
+        assert_eq!(f.script.count(Call::UpdateMemory), 0);
+    }
+}
+
+#[tokio::test]
+async fn stats_is_refused_when_terminated() {
+    let f = common::terminated().await;
+    let err = f.controller.stats().await.expect_err("terminated");
+    assert_wrong_state(err, Operation::Stats, State::Terminated);
+}
+
+#[tokio::test]
+async fn wait_is_refused_when_not_created() {
+    let f = Fakes::new();
+    let err = f
+        .controller
+        .wait(&tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("not created");
+    assert_wrong_state(err, Operation::Wait, State::NotCreated);
+}
+
+#[tokio::test]
+async fn dump_stacks_is_refused_when_terminated() {
+    let f = common::terminated().await;
+    let err = f.controller.dump_stacks().await.expect_err("terminated");
+    assert_wrong_state(err, Operation::DumpStacks, State::Terminated);
+}
+
+#[tokio::test]
+async fn update_cpu_group_rejects_an_empty_id_even_when_running() {
+    let f = common::running().await;
+    let err = f
+        .controller
+        .update_cpu_group("")
+        .await
+        .expect_err("empty id");
+    assert!(matches!(
+        err,
+        ControllerError::InvalidArgument {
+            what: "cpu group id",
+            ..
+        }
+    ));
+    assert_eq!(f.script.count(Call::SetCpuGroup), 0);
+}
+
+#[tokio::test]
+async fn create_vm_twice_is_refused_and_keeps_the_first_vm() {
+    let f = common::created().await;
+    let err = f
+        .controller
+        .create_vm(VmConfig::default())
+        .await
+        .expect_err("duplicate");
+    assert_wrong_state(err, Operation::Create, State::Created);
+    assert_eq!(f.script.count(Call::Create), 1);
+}
+
+#[tokio::test]
+async fn create_vm_failure_leaves_not_created() {
+    let f = Fakes::new();
+    f.script.fail_nth(Call::Create, 1);
+    let err = f
+        .controller
+        .create_vm(VmConfig::default())
+        .await
+        .expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::CreateFailed {
+            source: HostError::Failed { .. },
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::NotCreated);
+    f.controller
+        .create_vm(VmConfig::default())
+        .await
+        .expect("a retry can create");
+}
+
+// --- TerminateVM cleanup chain (6) ---
+
+#[tokio::test]
+async fn terminate_runs_terminate_then_close_connection_then_release() {
+    let f = common::running().await;
+    f.controller.terminate_vm().await.expect("terminate");
+    assert_eq!(
+        f.script.calls(),
+        vec![Call::Terminate, Call::CloseConnection, Call::Release]
+    );
+    assert_eq!(f.controller.state(), State::Terminated);
+    assert_eq!(
+        f.controller.status().reason,
+        Some(Reason::TerminateRequested)
+    );
+}
+
+#[tokio::test]
+async fn terminate_swallows_a_close_connection_failure_and_still_releases() {
+    let f = common::running().await;
+    f.script.fail_always(Call::CloseConnection);
+    f.controller
+        .terminate_vm()
+        .await
+        .expect("close failure is swallowed");
+    assert_eq!(
+        f.script.calls(),
+        vec![Call::Terminate, Call::CloseConnection, Call::Release]
+    );
+    assert_eq!(f.controller.state(), State::Terminated);
+}
+
+#[tokio::test]
+async fn terminate_swallows_a_vm_terminate_failure_and_still_closes_and_releases() {
+    let f = common::running().await;
+    f.script.fail_always(Call::Terminate);
+    f.controller
+        .terminate_vm()
+        .await
+        .expect("terminate failure is swallowed");
+    assert_eq!(
+        f.script.calls(),
+        vec![Call::Terminate, Call::CloseConnection, Call::Release]
+    );
+    assert_eq!(f.controller.state(), State::Terminated);
+}
+
+#[tokio::test]
+async fn terminate_leaves_the_vm_invalid_when_release_fails() {
+    let f = common::running().await;
+    f.script.fail_always(Call::Release);
+    let err = f
+        .controller
+        .terminate_vm()
+        .await
+        .expect_err("release fails");
+    assert!(matches!(
+        err,
+        ControllerError::ReleaseFailed {
+            source: HostError::Failed { .. },
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Invalid);
+    assert!(matches!(
+        f.controller.status().reason,
+        Some(Reason::ReleaseFailed { .. })
+    ));
+}
+
+#[tokio::test]
+async fn terminate_from_invalid_recovers_to_terminated() {
+    let f = common::running().await;
+    f.script.fail_nth(Call::Release, 1);
+    let _ = f
+        .controller
+        .terminate_vm()
+        .await
+        .expect_err("first release fails");
+    f.script.clear_log();
+    f.controller.terminate_vm().await.expect("retry succeeds");
+    assert_eq!(
+        f.script.calls(),
+        vec![Call::Terminate, Call::CloseConnection, Call::Release]
+    );
+    assert_eq!(f.controller.state(), State::Terminated);
+    assert_eq!(f.vm().successful_releases(), 1);
+}
+
+#[tokio::test]
+async fn terminate_retry_that_fails_again_stays_invalid() {
+    let f = common::running().await;
+    f.script.fail_always(Call::Release);
+    let _ = f.controller.terminate_vm().await.expect_err("first");
+    let err = f.controller.terminate_vm().await.expect_err("second");
+    assert!(matches!(err, ControllerError::ReleaseFailed { .. }));
+    assert_eq!(f.controller.state(), State::Invalid);
+    assert_eq!(f.script.count(Call::Release), 2);
+}
+
+#[tokio::test]
+async fn terminate_of_a_never_started_vm_skips_the_terminate_step() {
+    let f = common::created().await;
+    f.script.clear_log();
+    f.controller.terminate_vm().await.expect("terminate");
+    assert_eq!(f.script.calls(), vec![Call::CloseConnection, Call::Release]);
+    assert_eq!(f.controller.state(), State::Terminated);
+    assert_eq!(f.controller.start_time().expect("terminated"), None);
+}
+
+// --- StartVM failure paths ---
+
+#[tokio::test]
+async fn start_failure_of_the_vm_leaves_invalid_and_names_the_step() {
+    let f = common::created().await;
+    f.script.fail_nth(Call::Start, 1);
+    let err = f.controller.start_vm().await.expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::StartFailed {
+            step: StartStep::StartVm,
+            source: SeamError::Host(HostError::Failed { .. }),
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Invalid);
+    assert!(matches!(
+        f.controller.status().reason,
+        Some(Reason::StartFailed {
+            step: StartStep::StartVm,
+            ..
+        })
+    ));
+    // A half-started VM is cleaned up by terminate, including the terminate step.
+    f.script.clear_log();
+    f.controller.terminate_vm().await.expect("cleanup");
+    assert_eq!(
+        f.script.calls(),
+        vec![Call::Terminate, Call::CloseConnection, Call::Release]
+    );
+    assert_eq!(f.controller.state(), State::Terminated);
+}
+
+#[tokio::test]
+async fn start_failure_to_prepare_the_listener_leaves_invalid_before_the_vm_starts() {
+    let f = common::created().await;
+    f.script.fail_nth(Call::PrepareConnection, 1);
+    let err = f.controller.start_vm().await.expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::StartFailed {
+            step: StartStep::PrepareGuestListener,
+            ..
+        }
+    ));
+    assert_eq!(f.script.count(Call::Start), 0, "the VM was never started");
+    assert_eq!(f.controller.state(), State::Invalid);
+    f.script.clear_log();
+    f.controller.terminate_vm().await.expect("cleanup");
+    assert_eq!(f.script.calls(), vec![Call::CloseConnection, Call::Release]);
+}
+
+#[tokio::test]
+async fn start_failure_to_connect_the_guest_leaves_invalid() {
+    let f = common::created().await;
+    f.script.fail_nth(Call::Connect, 1);
+    let err = f.controller.start_vm().await.expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::StartFailed {
+            step: StartStep::ConnectGuest,
+            source: SeamError::Guest(GuestError::Rejected { .. }),
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Invalid);
+}
+
+#[tokio::test]
+async fn start_failure_to_apply_the_policy_leaves_invalid() {
+    let f = Fakes::new();
+    let config = VmConfig {
+        security_policy: Some(uvm::seams::SecurityPolicy("deny".into())),
+        ..VmConfig::default()
+    };
+    f.controller.create_vm(config).await.expect("create");
+    f.script.fail_nth(Call::SetSecurityPolicy, 1);
+    let err = f.controller.start_vm().await.expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::StartFailed {
+            step: StartStep::ApplySecurityPolicy,
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Invalid);
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_fails_at_the_guest_connect_deadline_when_the_guest_never_answers() {
+    let timeouts = Timeouts {
+        guest_connect: Duration::from_secs(5),
+        ..Timeouts::default()
+    };
+    let f = Fakes::with_timeouts(timeouts);
+    f.controller
+        .create_vm(VmConfig::default())
+        .await
+        .expect("create");
+    let _never = f.script.hold(Call::Connect);
+    let err = f.controller.start_vm().await.expect_err("deadline");
+    assert!(matches!(
+        err,
+        ControllerError::StartFailed {
+            step: StartStep::ConnectGuest,
+            source: SeamError::Guest(GuestError::Timeout { after, .. }),
+            ..
+        } if after == Duration::from_secs(5)
+    ));
+    assert_eq!(f.controller.state(), State::Invalid);
+    f.controller.terminate_vm().await.expect("cleanup");
+    assert_eq!(f.controller.state(), State::Terminated);
+}
+
+#[tokio::test]
+async fn start_fails_when_the_vm_exits_before_the_guest_connects() {
+    let f = common::created().await;
+    let connect = f.script.hold(Call::Connect);
+    let c = f.controller.clone();
+    let starting = tokio::spawn(async move { c.start_vm().await });
+    connect.entered().await;
+    f.vm().exit(VmExit::clean_crash());
+    let err = starting
+        .await
+        .expect("join")
+        .expect_err("VM died during boot");
+    assert!(matches!(
+        err,
+        ControllerError::StartFailed {
+            step: StartStep::ConnectGuest,
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Invalid);
+}
+
+trait Crash {
+    fn clean_crash() -> Self;
+}
+impl Crash for uvm::VmExit {
+    fn clean_crash() -> Self {
+        uvm::VmExit {
+            code: Some(1),
+            signal: None,
+            reason: Some("guest-panic".into()),
+        }
+    }
+}
+use uvm::VmExit;
+
+// --- Error propagation (4) ---
+
+#[tokio::test]
+async fn exec_into_host_propagates_a_guest_error() {
+    let f = common::running().await;
+    f.script.fail_nth(Call::Exec, 1);
+    let err = f
+        .controller
+        .exec_into_host(ExecRequest::new(["false"]))
+        .await
+        .expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::Guest {
+            operation: Operation::ExecIntoHost,
+            source: GuestError::Rejected { .. },
+            ..
+        }
+    ));
+    assert_eq!(
+        f.controller.state(),
+        State::Running,
+        "a guest error does not change the state"
+    );
+}
+
+#[tokio::test]
+async fn dump_stacks_propagates_a_guest_error() {
+    let f = common::running().await;
+    f.script.fail_nth(Call::DumpStacks, 1);
+    let err = f.controller.dump_stacks().await.expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::Guest {
+            operation: Operation::DumpStacks,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn update_policy_fragment_propagates_a_guest_error() {
+    let f = common::running().await;
+    f.script.fail_nth(Call::InjectPolicyFragment, 1);
+    let err = f
+        .controller
+        .update_policy_fragment(&PolicyFragment("frag".into()))
+        .await
+        .expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::Guest {
+            operation: Operation::UpdatePolicyFragment,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn exit_status_is_refused_before_terminated() {
+    let f = common::running().await;
+    let err = f.controller.exit_status().expect_err("running");
+    assert_wrong_state(err, Operation::ExitStatus, State::Running);
+    let err = common::created()
+        .await
+        .controller
+        .start_time()
+        .expect_err("created");
+    assert_wrong_state(err, Operation::StartTime, State::Created);
+}
+
+// --- Deadlines and normalization ---
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_call_that_never_answers_fails_at_its_deadline() {
+    let timeouts = Timeouts {
+        guest_call: Duration::from_secs(3),
+        ..Timeouts::default()
+    };
+    let f = Fakes::with_timeouts(timeouts);
+    f.controller
+        .create_vm(VmConfig::default())
+        .await
+        .expect("create");
+    f.controller.start_vm().await.expect("start");
+    let _never = f.script.hold(Call::DumpStacks);
+    let err = f.controller.dump_stacks().await.expect_err("deadline");
+    assert!(matches!(
+        err,
+        ControllerError::Guest { source: GuestError::Timeout { after, .. }, .. } if after == Duration::from_secs(3)
+    ));
+    assert_eq!(f.controller.state(), State::Running);
+}
+
+#[tokio::test]
+async fn update_memory_rounds_up_to_the_backend_granularity() {
+    let f = common::running().await;
+    let g = uvm::testing::FAKE_MEMORY_GRANULARITY;
+    let got = f.controller.update_memory(g + 1).await.expect("update");
+    assert_eq!(got, 2 * g);
+    assert_eq!(f.vm().memory(), Some(2 * g));
+    let got = f
+        .controller
+        .update_memory(4 * g)
+        .await
+        .expect("exact multiple");
+    assert_eq!(got, 4 * g);
+    let err = f.controller.update_memory(0).await.expect_err("zero");
+    assert!(matches!(
+        err,
+        ControllerError::InvalidArgument {
+            what: "memory size",
+            ..
+        }
+    ));
+    let err = f
+        .controller
+        .update_memory(u64::MAX)
+        .await
+        .expect_err("overflow");
+    assert!(matches!(
+        err,
+        ControllerError::InvalidArgument {
+            what: "memory size",
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_host_update_error_propagates_and_keeps_running() {
+    let f = common::running().await;
+    f.script.fail_nth(Call::UpdateCpuLimits, 1);
+    let err = f
+        .controller
+        .update_cpu_limits(CpuLimits::default())
+        .await
+        .expect_err("scripted");
+    assert!(matches!(
+        err,
+        ControllerError::Host {
+            operation: Operation::UpdateCpuLimits,
+            ..
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Running);
+}
