@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ControllerError, GuestError, HostError};
 use crate::seams::{
-    CpuLimits, ExecRequest, Guest, GuestStats, HostStats, HostVm, LinkHealth, PolicyFragment,
-    VmBackend, VmConfig,
+    CpuLimits, ExecRequest, Guest, GuestInfo, GuestStats, HostStats, HostVm, LinkHealth,
+    PolicyFragment, VmBackend, VmConfig,
 };
 use crate::state::{plan, Operation, Plan, Reason, State, VmExit};
 
@@ -136,6 +136,8 @@ pub(crate) struct Core {
     pub(crate) started_at: Option<SystemTime>,
     pub(crate) stopped_at: Option<SystemTime>,
     pub(crate) exit: Option<VmExit>,
+    /// What the guest said when it connected.
+    pub(crate) guest_info: Option<GuestInfo>,
     pub(crate) history: VecDeque<Transition>,
 }
 
@@ -196,6 +198,7 @@ impl Controller {
                     started_at: None,
                     stopped_at: None,
                     exit: None,
+                    guest_info: None,
                     history: VecDeque::new(),
                 }),
                 op_lock: tokio::sync::Mutex::new(()),
@@ -234,6 +237,11 @@ impl Controller {
     /// The last [`HISTORY_LEN`] state changes, oldest first.
     pub fn history(&self) -> Vec<Transition> {
         self.core().history.iter().cloned().collect()
+    }
+
+    /// What the guest agent reported when it connected (version, capabilities, boot marks).
+    pub fn guest_info(&self) -> Option<GuestInfo> {
+        self.core().guest_info.clone()
     }
 
     /// The backend's id for this VM, once created.

@@ -113,6 +113,7 @@ impl Controller {
             r = connect => {
                 let info = r.map_err(|e| failed(StartStep::ConnectGuest)(e.into()))?;
                 tracing::info!(agent = %info.agent_version, caps = ?info.capabilities.names, "guest connected");
+                self.core().guest_info = Some(info);
             }
             _ = exited.wait_for(|e| *e) => {
                 return Err(failed(StartStep::ConnectGuest)(HostError::Gone.into()));

@@ -1,0 +1,528 @@
+//! [`VsockGuest`]: connection management, the log forwarder, and the simple calls.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uvm::seams::{
+    Capabilities, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec,
+    GuestInfo, GuestPolicy, GuestStats, LinkHealth, PolicyFragment, SecurityPolicy,
+};
+use uvm::GuestError;
+use uvm_agent_proto::agent::{Empty, HandshakeRequest};
+use uvm_agent_proto::agent_ttrpc::AgentClient;
+use uvm_agent_proto::announce::{parse_ready_line, read_bounded_line};
+use uvm_agent_proto::{
+    ttrpc, AGENT_VSOCK_PORT, HOST_ANNOUNCE_PORT, MAX_ENTROPY_BYTES, MAX_LOG_LINE, PROTOCOL_VERSION,
+};
+
+use crate::hybrid;
+
+/// Tuning of one guest link.
+#[derive(Debug, Clone)]
+pub struct GuestLinkConfig {
+    /// The VM's id, for log lines.
+    pub vm_id: String,
+    /// Deadline of one request/response (not of a whole exec), default 10 s.
+    pub call_timeout: Duration,
+    /// After the connection is closed, how long the log forwarder may still drain, default 2 s.
+    pub log_drain_grace: Duration,
+    /// How many recent guest log lines are kept for diagnosis, default 200.
+    pub recent_log_lines: usize,
+}
+
+impl GuestLinkConfig {
+    pub fn new(vm_id: impl Into<String>) -> Self {
+        GuestLinkConfig {
+            vm_id: vm_id.into(),
+            call_timeout: Duration::from_secs(10),
+            log_drain_grace: Duration::from_secs(2),
+            recent_log_lines: 200,
+        }
+    }
+}
+
+/// When the link's milestones happened (host clock), for boot-phase timings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkMarks {
+    /// The announce listener was bound.
+    pub prepared: Option<Instant>,
+    /// The guest's ready line arrived.
+    pub announced: Option<Instant>,
+    /// The handshake with the agent completed.
+    pub handshaken: Option<Instant>,
+}
+
+struct LinkState {
+    marks: LinkMarks,
+    uds: Option<PathBuf>,
+    listener: Option<UnixListener>,
+    listener_path: Option<PathBuf>,
+    client: Option<AgentClient>,
+    health: LinkHealth,
+    capabilities: Capabilities,
+    forwarder_started: bool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: GuestLinkConfig,
+    state: Mutex<LinkState>,
+    /// Cancelled by `close_connection`: releases every pending call.
+    pub(crate) closing: CancellationToken,
+    drained: watch::Sender<bool>,
+    recent_log: Mutex<VecDeque<String>>,
+}
+
+/// The guest link over hybrid vsock + ttrpc. One per VM.
+#[derive(Clone)]
+pub struct VsockGuest {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for VsockGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsockGuest")
+            .field("vm", &self.shared.cfg.vm_id)
+            .field("health", &self.health())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl VsockGuest {
+    pub fn new(cfg: GuestLinkConfig) -> VsockGuest {
+        VsockGuest {
+            shared: Arc::new(Shared {
+                cfg,
+                state: Mutex::new(LinkState {
+                    marks: LinkMarks::default(),
+                    uds: None,
+                    listener: None,
+                    listener_path: None,
+                    client: None,
+                    health: LinkHealth::NotConnected,
+                    capabilities: Capabilities::default(),
+                    forwarder_started: false,
+                }),
+                closing: CancellationToken::new(),
+                drained: watch::channel(false).0,
+                recent_log: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    /// When the link's milestones happened.
+    pub fn marks(&self) -> LinkMarks {
+        self.state().marks
+    }
+
+    /// The last guest log lines (the agent's own log), oldest first.
+    pub fn recent_log(&self) -> Vec<String> {
+        lock(&self.shared.recent_log).iter().cloned().collect()
+    }
+
+    fn state(&self) -> MutexGuard<'_, LinkState> {
+        lock(&self.shared.state)
+    }
+
+    pub(crate) fn client(&self) -> Result<AgentClient, GuestError> {
+        let s = self.state();
+        match (&s.client, s.health) {
+            (Some(c), LinkHealth::Connected) => Ok(c.clone()),
+            (_, LinkHealth::Lost) => Err(GuestError::ConnectionLost),
+            _ => Err(GuestError::NotConnected),
+        }
+    }
+
+    pub(crate) fn mark_lost(&self) {
+        let mut s = self.state();
+        if s.health == LinkHealth::Connected {
+            tracing::warn!(vm = %self.shared.cfg.vm_id, "guest connection lost");
+            s.health = LinkHealth::Lost;
+        }
+    }
+
+    /// A ttrpc context. Deadlines are ours (a dropped call is abandoned by the client), so the
+    /// context carries none: one clock, one error variant.
+    pub(crate) fn ctx(_timeout: Option<Duration>) -> ttrpc::context::Context {
+        ttrpc::context::Context::default()
+    }
+
+    /// Runs one RPC: bounded by `timeout` when given, released when the connection closes, errors
+    /// mapped (a broken transport marks the link lost).
+    pub(crate) async fn call<T, F>(
+        &self,
+        operation: &'static str,
+        timeout: Option<Duration>,
+        fut: F,
+    ) -> Result<T, GuestError>
+    where
+        F: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let bounded = async {
+            match timeout {
+                Some(after) => match tokio::time::timeout(after, fut).await {
+                    Ok(r) => Ok(r),
+                    Err(_) => Err(GuestError::Timeout { operation, after }),
+                },
+                None => Ok(fut.await),
+            }
+        };
+        let result = tokio::select! {
+            () = self.shared.closing.cancelled() => return Err(GuestError::ConnectionLost),
+            r = bounded => r?,
+        };
+        result.map_err(|e| self.map_ttrpc(operation, e))
+    }
+
+    fn map_ttrpc(&self, operation: &'static str, e: ttrpc::Error) -> GuestError {
+        match e {
+            ttrpc::Error::RpcStatus(status) => {
+                // A deadline the ttrpc layer enforced is still a deadline.
+                if status.code() == ttrpc::Code::DEADLINE_EXCEEDED {
+                    return GuestError::Timeout {
+                        operation,
+                        after: self.shared.cfg.call_timeout,
+                    };
+                }
+                GuestError::Rejected {
+                    operation,
+                    message: format!("{:?}: {}", status.code(), status.message()),
+                }
+            }
+            ttrpc::Error::Socket(_)
+            | ttrpc::Error::Eof
+            | ttrpc::Error::RemoteClosed
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::Nix(_) => {
+                self.mark_lost();
+                GuestError::ConnectionLost
+            }
+            other => {
+                // Malformed frames, oversized messages, undecodable payloads.
+                self.mark_lost();
+                GuestError::Protocol {
+                    message: other.to_string(),
+                }
+            }
+        }
+    }
+
+    async fn forward_log(self, mut reader: BufReader<UnixStream>) {
+        let shared = &self.shared;
+        let vm = shared.cfg.vm_id.clone();
+        let read_all = async {
+            loop {
+                match read_bounded_line(&mut reader).await {
+                    Ok(Some(line)) => {
+                        tracing::info!(target: "uvm_guest::agent", vm = %vm, "{}", line.text);
+                        let mut recent = lock(&shared.recent_log);
+                        if recent.len() >= shared.cfg.recent_log_lines {
+                            recent.pop_front();
+                        }
+                        recent.push_back(line.text);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(vm = %vm, error = %e, "guest log stream ended");
+                        break;
+                    }
+                }
+            }
+        };
+        // Read until EOF; once the link is closing, only for a grace period (a vsock proxy does
+        // not always propagate the end of the stream).
+        let grace = shared.cfg.log_drain_grace;
+        let closing = shared.closing.clone();
+        tokio::pin!(read_all);
+        tokio::select! {
+            () = &mut read_all => {}
+            () = async { closing.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::debug!(vm = %vm, "stopped draining the guest log after the grace period");
+            }
+        }
+        if !shared.closing.is_cancelled() {
+            self.mark_lost();
+        }
+        shared.drained.send_replace(true);
+    }
+}
+
+#[async_trait]
+impl GuestConnection for VsockGuest {
+    async fn prepare_connection(&self, endpoint: &GuestEndpoint) -> Result<(), GuestError> {
+        let GuestEndpoint::HybridVsock { uds } = endpoint else {
+            return Err(GuestError::Unsupported {
+                operation: "a guest endpoint other than hybrid vsock",
+            });
+        };
+        let path = hybrid::host_port_path(uds, HOST_ANNOUNCE_PORT);
+        let listener = UnixListener::bind(&path).map_err(|source| GuestError::Io {
+            operation: "bind the guest announce listener",
+            source,
+        })?;
+        let mut s = self.state();
+        s.uds = Some(uds.clone());
+        s.listener = Some(listener);
+        s.listener_path = Some(path);
+        s.marks.prepared = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<GuestInfo, GuestError> {
+        let (listener, path, uds) = {
+            let mut s = self.state();
+            match (s.listener.take(), s.uds.clone()) {
+                (Some(l), Some(uds)) => (l, s.listener_path.take(), uds),
+                _ => return Err(GuestError::NotConnected),
+            }
+        };
+        // The guest announces itself: an event, not a poll. The controller bounds the wait.
+        let accepted = tokio::select! {
+            () = self.shared.closing.cancelled() => return Err(GuestError::ConnectionLost),
+            r = listener.accept() => r,
+        };
+        drop(listener);
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
+        let (stream, _) = accepted.map_err(|source| GuestError::Io {
+            operation: "accept the guest announcement",
+            source,
+        })?;
+        let mut reader = BufReader::with_capacity(MAX_LOG_LINE, stream);
+        let mut line = Vec::with_capacity(128);
+        let limit = u64::try_from(MAX_LOG_LINE).unwrap_or(u64::MAX) + 1;
+        self.call_io(
+            "read the ready line",
+            (&mut reader).take(limit).read_until(b'\n', &mut line),
+        )
+        .await?;
+        match line.last() {
+            Some(b'\n') => {
+                line.pop();
+            }
+            None => {
+                return Err(GuestError::Protocol {
+                    message: "the announce stream ended before the ready line".into(),
+                })
+            }
+            Some(_) if line.len() > MAX_LOG_LINE => {
+                return Err(GuestError::Protocol {
+                    message: format!("the ready line is longer than {MAX_LOG_LINE} bytes"),
+                })
+            }
+            Some(_) => {
+                return Err(GuestError::Protocol {
+                    message: "the announce stream ended inside the ready line".into(),
+                })
+            }
+        }
+        let ready = parse_ready_line(&line).map_err(|e| GuestError::Protocol {
+            message: e.to_string(),
+        })?;
+        if !ready.is_compatible() {
+            return Err(GuestError::Protocol {
+                message: format!(
+                    "the agent speaks protocol v{}, we speak v{PROTOCOL_VERSION}",
+                    ready.protocol_version
+                ),
+            });
+        }
+        {
+            let mut s = self.state();
+            s.forwarder_started = true;
+            s.marks.announced = Some(Instant::now());
+        }
+        tokio::spawn(self.clone().forward_log(reader));
+
+        let port = ready.agent_port().unwrap_or(AGENT_VSOCK_PORT);
+        let stream = self
+            .call_io_result("connect to the agent", hybrid::connect(&uds, port))
+            .await?;
+        let client = AgentClient::new(ttrpc::r#async::Client::new(
+            ttrpc::r#async::transport::Socket::from(stream),
+        ));
+        let mut entropy = vec![0u8; MAX_ENTROPY_BYTES.min(64)];
+        rustix::rand::getrandom(&mut entropy, rustix::rand::GetRandomFlags::empty()).map_err(
+            |e| GuestError::Io {
+                operation: "read host entropy",
+                source: e.into(),
+            },
+        )?;
+        let request = HandshakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            entropy,
+            host_unix_time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            ..HandshakeRequest::default()
+        };
+        let t = self.shared.cfg.call_timeout;
+        let response = self
+            .call(
+                "handshake",
+                Some(t),
+                client.handshake(Self::ctx(Some(t)), &request),
+            )
+            .await?;
+        if response.protocol_version != PROTOCOL_VERSION {
+            return Err(GuestError::Protocol {
+                message: format!(
+                    "the agent answered protocol v{}, we speak v{PROTOCOL_VERSION}",
+                    response.protocol_version
+                ),
+            });
+        }
+        let capabilities = Capabilities {
+            names: response.capabilities.clone(),
+        };
+        let boot = response.boot.as_ref();
+        let info = GuestInfo {
+            protocol_version: response.protocol_version,
+            agent_version: response.agent_version.clone(),
+            capabilities: capabilities.clone(),
+            kernel_to_init: Duration::from_nanos(boot.map_or(0, |b| b.kernel_to_init_ns)),
+            init_to_ready: Duration::from_nanos(boot.map_or(0, |b| b.init_to_ready_ns)),
+        };
+        let mut s = self.state();
+        if self.shared.closing.is_cancelled() {
+            return Err(GuestError::ConnectionLost);
+        }
+        s.client = Some(client);
+        s.capabilities = capabilities;
+        s.health = LinkHealth::Connected;
+        s.marks.handshaken = Some(Instant::now());
+        Ok(info)
+    }
+
+    async fn close_connection(&self) -> Result<(), GuestError> {
+        self.shared.closing.cancel();
+        let (path, forwarder_started) = {
+            let mut s = self.state();
+            s.client = None;
+            s.listener = None;
+            if s.health != LinkHealth::Lost {
+                s.health = LinkHealth::Closed;
+            }
+            (s.listener_path.take(), s.forwarder_started)
+        };
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
+        if !forwarder_started {
+            self.shared.drained.send_replace(true);
+        }
+        Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.state().capabilities.clone()
+    }
+
+    fn health(&self) -> LinkHealth {
+        self.state().health
+    }
+
+    async fn log_drained(&self) {
+        let mut rx = self.shared.drained.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+}
+
+impl VsockGuest {
+    /// An I/O step of `connect`, released when the connection closes and bounded by the call
+    /// deadline.
+    async fn call_io<T>(
+        &self,
+        operation: &'static str,
+        fut: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, GuestError> {
+        self.call_io_result(operation, async {
+            fut.await
+                .map_err(|source| GuestError::Io { operation, source })
+        })
+        .await
+    }
+
+    async fn call_io_result<T>(
+        &self,
+        operation: &'static str,
+        fut: impl std::future::Future<Output = Result<T, GuestError>>,
+    ) -> Result<T, GuestError> {
+        let after = self.shared.cfg.call_timeout;
+        tokio::select! {
+            () = self.shared.closing.cancelled() => Err(GuestError::ConnectionLost),
+            r = tokio::time::timeout(after, fut) => r.unwrap_or(Err(GuestError::Timeout { operation, after })),
+        }
+    }
+}
+
+#[async_trait]
+impl GuestExec for VsockGuest {
+    async fn exec(&self, request: ExecRequest) -> Result<i32, GuestError> {
+        crate::exec::run(self, request).await
+    }
+}
+
+#[async_trait]
+impl GuestDiagnostics for VsockGuest {
+    async fn dump_stacks(&self) -> Result<String, GuestError> {
+        let client = self.client()?;
+        let t = self.shared.cfg.call_timeout;
+        let r = self
+            .call(
+                "dump stacks",
+                Some(t),
+                client.dump_stacks(Self::ctx(Some(t)), &Empty::new()),
+            )
+            .await?;
+        Ok(r.text)
+    }
+
+    async fn stats(&self) -> Result<GuestStats, GuestError> {
+        let client = self.client()?;
+        let t = self.shared.cfg.call_timeout;
+        let r = self
+            .call(
+                "guest stats",
+                Some(t),
+                client.guest_stats(Self::ctx(Some(t)), &Empty::new()),
+            )
+            .await?;
+        Ok(GuestStats {
+            mem_total_bytes: r.mem_total_bytes,
+            mem_available_bytes: r.mem_available_bytes,
+            cpu_user: Duration::from_nanos(r.cpu_user_ns),
+            cpu_system: Duration::from_nanos(r.cpu_system_ns),
+            cpu_idle: Duration::from_nanos(r.cpu_idle_ns),
+            uptime: Duration::from_nanos(r.uptime_ns),
+            processes: u32::try_from(r.processes).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+#[async_trait]
+impl GuestPolicy for VsockGuest {
+    async fn set_security_policy(&self, _policy: &SecurityPolicy) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "security policy enforcement",
+        })
+    }
+
+    async fn inject_policy_fragment(&self, _fragment: &PolicyFragment) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "security policy fragments",
+        })
+    }
+}

@@ -1,0 +1,317 @@
+//! The guest link end to end without a VM: the real agent service in-process on a unix socket,
+//! reached through a fake hybrid-vsock proxy (what vhost-device-vsock does), and a fake guest
+//! announcing itself — plus a hostile guest sending garbage.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use uvm::seams::{
+    ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, LinkHealth,
+};
+use uvm::GuestError;
+use uvm_agent::clock::{self, BootTimes};
+use uvm_agent::power::ShutdownAction;
+use uvm_agent::process::{Limits, Processes, ReapMode};
+use uvm_agent::service::{serve, AgentService, ServiceConfig};
+use uvm_agent_proto::announce::ready_line;
+use uvm_agent_proto::ttrpc::r#async::transport::Listener;
+use uvm_agent_proto::ttrpc::r#async::Server;
+use uvm_agent_proto::HOST_ANNOUNCE_PORT;
+use uvm_guest::hybrid::host_port_path;
+use uvm_guest::{GuestLinkConfig, VsockGuest};
+
+/// What the fake proxy does after a `CONNECT`.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// Pipe to the real agent.
+    Agent,
+    /// Answer OK, then send these bytes and keep the connection open.
+    Garbage(&'static [u8]),
+    /// Answer OK, then never say anything.
+    Silent,
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    uds: PathBuf,
+    link: VsockGuest,
+    _server: Option<Server>,
+}
+
+async fn start_agent(dir: &Path) -> (Server, PathBuf) {
+    let socket = dir.join("agent.sock");
+    let listener = Listener::bind(format!("unix://{}", socket.display())).expect("bind");
+    let procs = Processes::new(ReapMode::TrackedOnly, Limits::default());
+    procs.spawn_reaper().expect("reaper");
+    let service = AgentService::new(
+        procs,
+        Arc::new(BootTimes::new(clock::boottime())),
+        ServiceConfig {
+            system_duties: false,
+            shutdown: ShutdownAction::Notify(Arc::new(tokio::sync::Notify::new())),
+        },
+    );
+    (serve(listener, service).await.expect("serve"), socket)
+}
+
+/// The hybrid-vsock proxy: `<dir>/vsock.sock` accepting `CONNECT <port>\n`.
+fn spawn_proxy(uds: &Path, agent: Option<PathBuf>, peer: Peer) {
+    let listener = UnixListener::bind(uds).expect("bind proxy");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while conn.read_exact(&mut b).await.is_ok() && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                let _ = conn.write_all(b"OK 5000\n").await;
+                match (peer, agent) {
+                    (Peer::Agent, Some(agent)) => {
+                        let mut upstream = UnixStream::connect(agent).await.expect("agent");
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                    }
+                    (Peer::Garbage(bytes), _) => {
+                        let _ = conn.write_all(bytes).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    _ => tokio::time::sleep(Duration::from_secs(30)).await,
+                }
+            });
+        }
+    });
+}
+
+async fn harness(peer: Peer, call_timeout: Duration) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uds = dir.path().join("vsock.sock");
+    let (server, agent) = match peer {
+        Peer::Agent => {
+            let (s, p) = start_agent(dir.path()).await;
+            (Some(s), Some(p))
+        }
+        _ => (None, None),
+    };
+    spawn_proxy(&uds, agent, peer);
+    let mut cfg = GuestLinkConfig::new("vm-link-test");
+    cfg.call_timeout = call_timeout;
+    cfg.log_drain_grace = Duration::from_millis(200);
+    let link = VsockGuest::new(cfg);
+    link.prepare_connection(&GuestEndpoint::HybridVsock { uds: uds.clone() })
+        .await
+        .expect("prepare");
+    Harness {
+        dir,
+        uds,
+        link,
+        _server: server,
+    }
+}
+
+/// The guest side of the announce stream: connect to `<uds>_1025`, send `lines`, stay open.
+async fn announce(uds: &Path, payload: Vec<u8>) -> tokio::task::JoinHandle<()> {
+    let path = host_port_path(uds, HOST_ANNOUNCE_PORT);
+    let mut s = UnixStream::connect(path).await.expect("announce connect");
+    tokio::spawn(async move {
+        let _ = s.write_all(&payload).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+}
+
+fn ready(log: &[&str]) -> Vec<u8> {
+    let mut v = format!("{}\n", ready_line()).into_bytes();
+    for l in log {
+        v.extend_from_slice(l.as_bytes());
+        v.push(b'\n');
+    }
+    v
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Sink {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("sink")).into_owned()
+    }
+}
+
+impl tokio::io::AsyncWrite for Sink {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.lock().expect("sink").extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+const CALL: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_after_the_announcement_then_exec_streams_output_and_exit_code() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&["agent log line one"])).await;
+    let info = h.link.connect().await.expect("connect");
+    assert_eq!(info.protocol_version, uvm_agent_proto::PROTOCOL_VERSION);
+    assert!(info.capabilities.has("exec"));
+    assert_eq!(h.link.health(), LinkHealth::Connected);
+    assert!(
+        !host_port_path(&h.uds, HOST_ANNOUNCE_PORT).exists(),
+        "the announce listener is gone once the guest connected"
+    );
+
+    let (out, err) = (Sink::default(), Sink::default());
+    let mut req = ExecRequest::new(["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    req.stdout = Some(Box::new(out.clone()));
+    req.stderr = Some(Box::new(err.clone()));
+    let code = h.link.exec(req).await.expect("exec");
+    assert_eq!(code, 3);
+    assert_eq!(out.text(), "out\n");
+    assert_eq!(err.text(), "err\n");
+
+    let out = Sink::default();
+    let mut req = ExecRequest::new(["cat"]);
+    req.stdin = Some(Box::new(std::io::Cursor::new(b"round trip\n".to_vec())));
+    req.stdout = Some(Box::new(out.clone()));
+    assert_eq!(h.link.exec(req).await.expect("cat"), 0);
+    assert_eq!(out.text(), "round trip\n");
+
+    assert!(!h.link.dump_stacks().await.expect("dump").is_empty());
+    assert!(h.link.stats().await.expect("stats").mem_total_bytes > 0);
+
+    h.link.close_connection().await.expect("close");
+    tokio::time::timeout(Duration::from_secs(5), h.link.log_drained())
+        .await
+        .expect("the log drains within the grace period after close");
+    assert!(h
+        .link
+        .recent_log()
+        .iter()
+        .any(|l| l == "agent log line one"));
+    assert_eq!(h.link.health(), LinkHealth::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_connection_releases_a_pending_exec() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    let link = h.link.clone();
+    let pending = tokio::spawn(async move { link.exec(ExecRequest::new(["sleep", "100"])).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.link.close_connection().await.expect("close");
+    let err = pending.await.expect("join").expect_err("released");
+    assert!(matches!(err, GuestError::ConnectionLost), "{err:?}");
+    let err = h.link.dump_stacks().await.expect_err("closed");
+    assert!(matches!(err, GuestError::NotConnected), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_frame_from_the_guest_is_refused_without_harm() {
+    let h = harness(Peer::Garbage(b"\xde\xad\xbe\xef garbage that is not a ttrpc frame \x00\x01\x02\x03\x04\x05\x06\x07\x08\x09"), Duration::from_secs(2)).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    let err = h.link.connect().await.expect_err("garbage refused");
+    // ttrpc drops frames it cannot parse; the call then ends at our deadline, never hangs.
+    assert!(
+        matches!(
+            err,
+            GuestError::Timeout {
+                operation: "handshake",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_ne!(h.link.health(), LinkHealth::Connected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_from_the_guest_is_refused_without_allocating_it() {
+    // A ttrpc header announcing a 4 GiB message, stream 1 (the handshake), type response.
+    const HEADER: &[u8] = &[0xff, 0xff, 0xff, 0xf0, 0, 0, 0, 1, 2, 0];
+    let h = harness(Peer::Garbage(HEADER), Duration::from_secs(2)).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    let err = h.link.connect().await.expect_err("oversized refused");
+    // ttrpc refuses a length above MESSAGE_LENGTH_MAX before allocating; the call ends at our
+    // deadline.
+    assert!(
+        matches!(
+            err,
+            GuestError::Timeout {
+                operation: "handshake",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_ne!(h.link.health(), LinkHealth::Connected);
+}
+
+#[tokio::test]
+async fn a_guest_that_never_answers_the_handshake_fails_at_the_call_deadline() {
+    let h = harness(Peer::Silent, Duration::from_millis(300)).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    let err = h.link.connect().await.expect_err("deadline");
+    assert!(matches!(err, GuestError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_garbage_announcement_is_a_protocol_error() {
+    let h = harness(Peer::Silent, CALL).await;
+    let _guest = announce(&h.uds, b"HELLO I AM A VM\n".to_vec()).await;
+    let err = h.link.connect().await.expect_err("not a ready line");
+    assert!(matches!(err, GuestError::Protocol { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_endless_announcement_line_is_cut_off() {
+    let h = harness(Peer::Silent, CALL).await;
+    let _guest = announce(&h.uds, vec![b'A'; 1 << 20]).await;
+    let err = h.link.connect().await.expect_err("too long");
+    assert!(matches!(err, GuestError::Protocol { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_guest_that_connects_and_hangs_up_is_a_protocol_error() {
+    let h = harness(Peer::Silent, CALL).await;
+    let path = host_port_path(&h.uds, HOST_ANNOUNCE_PORT);
+    drop(UnixStream::connect(path).await.expect("connect"));
+    let err = h.link.connect().await.expect_err("no ready line");
+    assert!(matches!(err, GuestError::Protocol { .. }), "{err:?}");
+    drop(h.dir);
+}
+
+#[tokio::test]
+async fn close_before_connect_releases_a_waiting_connect_and_log_wait() {
+    let h = harness(Peer::Silent, CALL).await;
+    let link = h.link.clone();
+    let waiting = tokio::spawn(async move { link.connect().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.link.close_connection().await.expect("close");
+    let err = waiting.await.expect("join").expect_err("released");
+    assert!(matches!(err, GuestError::ConnectionLost), "{err:?}");
+    tokio::time::timeout(Duration::from_secs(1), h.link.log_drained())
+        .await
+        .expect("nothing to drain");
+}
