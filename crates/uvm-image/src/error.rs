@@ -1,0 +1,134 @@
+//! The one error type of image building: every variant names the file it is about, and the
+//! ones a user can fix say which command fixes them.
+
+use std::path::PathBuf;
+
+/// Why an image could not be located, built or reused.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// No cache directory: none of `UVMCTL_CACHE`, `XDG_CACHE_HOME`, `HOME` is set.
+    #[error("no cache directory: set UVMCTL_CACHE, XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
+
+    /// The running executable's path could not be determined (to find the agent next to it).
+    #[error("cannot determine the path of the running executable to locate the agent")]
+    CurrentExe {
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The running executable is not under a cargo `target` directory, so there is no default
+    /// agent path.
+    #[error(
+        "cannot locate the agent: {exe} is not inside a cargo `target` directory; set UVM_AGENT"
+    )]
+    NoTargetDir { exe: PathBuf },
+
+    /// The agent binary does not exist.
+    #[error(
+        "the agent binary {path} does not exist; build it with `make agent` (or set UVM_AGENT)"
+    )]
+    AgentMissing { path: PathBuf },
+
+    /// No kernel under the kernel root.
+    #[error("no Debian kernel (boot/vmlinuz-<ver> with lib/modules/<ver>) under {root}; run scripts/setup.sh")]
+    KernelMissing { root: PathBuf },
+
+    /// More than one kernel version under the kernel root: which one to boot is ambiguous.
+    #[error("more than one kernel under {root} ({versions:?}); keep one (scripts/setup.sh unpacks exactly one)")]
+    MultipleKernels {
+        root: PathBuf,
+        versions: Vec<String>,
+    },
+
+    /// `modules.dep` is missing: Debian's package does not ship it, `depmod` makes it.
+    #[error("{path} does not exist; run scripts/setup.sh (it runs depmod on the unpacked kernel)")]
+    ModulesDepMissing { path: PathBuf },
+
+    /// busybox does not exist.
+    #[error("busybox {path} does not exist; run scripts/setup.sh (it installs busybox-static)")]
+    BusyboxMissing { path: PathBuf },
+
+    /// A binary meant for the guest needs a dynamic loader, which the initramfs does not have.
+    #[error("{path} is dynamically linked, but the initramfs has no shared libraries; use a static build (busybox-static, `make agent`)")]
+    NotStatic { path: PathBuf },
+
+    /// Reading a file or directory failed.
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Writing a file or directory failed.
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Moving a finished image into place failed.
+    #[error("cannot move {from} to {to}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The kernel image has no x86 boot protocol header.
+    #[error("{path} is not an x86 bzImage (no `HdrS` boot header, or a protocol older than 2.08)")]
+    NotBzImage { path: PathBuf },
+
+    /// The bzImage's payload is compressed with a format this crate does not decode.
+    #[error(
+        "the kernel payload in {path} is compressed with {format}; only xz and gzip are supported"
+    )]
+    UnsupportedKernelCompression { path: PathBuf, format: String },
+
+    /// Decompressing the kernel payload failed.
+    #[error("cannot decompress the kernel payload in {path}")]
+    KernelDecompress {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The decompressed kernel is not an ELF file, so QEMU could not boot it through PVH.
+    #[error("the kernel decompressed from {path} is not an ELF vmlinux")]
+    NotElf { path: PathBuf },
+
+    /// A wanted module is neither a module in `modules.dep` nor built into the kernel.
+    #[error("kernel module {name} is neither listed in {modules_dep} nor built in")]
+    ModuleNotFound { name: String, modules_dep: PathBuf },
+
+    /// A module file is compressed with a format this crate does not decode.
+    #[error("kernel module {path} is compressed with a format uvm-image does not decode (xz and gzip are supported)")]
+    UnsupportedModuleCompression { path: PathBuf },
+
+    /// Decompressing a module failed.
+    #[error("cannot decompress kernel module {path}")]
+    ModuleDecompress {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `busybox --list` could not be run.
+    #[error("cannot run `{path} --list` to enumerate the busybox applets")]
+    BusyboxRun {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `busybox --list` ran but failed.
+    #[error("`{path} --list` failed ({status}) or printed no applets")]
+    BusyboxList { path: PathBuf, status: String },
+
+    /// A file is too large for a newc cpio entry (4 GiB).
+    #[error("{path} is too large for a cpio archive entry")]
+    TooLarge { path: PathBuf },
+}

@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Installs what uvmctl needs on a fresh Debian 12 (bookworm) machine:
+#   - qemu-system-x86 (>= 10) from bookworm-backports: bookworm's own 7.2 conflicts with the
+#     backported qemu-utils these machines carry;
+#   - busybox-static (guest userland), xz-utils and cpio (inspecting images by hand);
+#   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
+#   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
+#   - cargo-nextest.
+# Idempotent: a second run only checks and takes seconds. Needs root (or sudo) for apt.
+# Works with no stdin and CI=true.
+set -euo pipefail
+
+CACHE="${UVMCTL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/uvmctl}"
+VHOST_VSOCK_VERSION="0.3.0"
+QEMU_MIN_MAJOR=10
+BACKPORTS_FILE=/etc/apt/sources.list.d/uvmctl-backports.sources
+
+export DEBIAN_FRONTEND=noninteractive
+# cargo install puts binaries here; make them visible to the checks below.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+say() { printf '[setup] %s\n' "$*"; }
+die() {
+    printf '[setup] error: %s\n' "$*" >&2
+    exit 1
+}
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "not root and no sudo: cannot install Debian packages"
+    SUDO=(sudo -n)
+fi
+
+# apt-get update at most once per run, and only when something must be fetched.
+APT_UPDATED=0
+apt_update() {
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        say "apt-get update"
+        apt_quiet update
+        APT_UPDATED=1
+    fi
+}
+
+APT_LOG="$CACHE/setup-apt.log"
+# Runs an apt-get command with its (long, dpkg-verbose) output in $APT_LOG, shown on failure.
+apt_quiet() {
+    mkdir -p "$CACHE"
+    if ! "${SUDO[@]}" apt-get "$@" </dev/null >"$APT_LOG" 2>&1; then
+        tail -n 30 "$APT_LOG" >&2
+        die "apt-get $* failed (full log: $APT_LOG)"
+    fi
+}
+
+apt_install() {
+    apt_update
+    say "apt-get install $*"
+    apt_quiet install -y --no-install-recommends "$@"
+}
+
+pkg_installed() {
+    [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
+}
+
+codename() {
+    local c=""
+    if [ -r /etc/os-release ]; then
+        # shellcheck disable=SC1091
+        c="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+    fi
+    echo "${c:-bookworm}"
+}
+
+# Prints "<uri> <signed-by>" for the main Debian archive in the machine's apt sources
+# (the entry that serves the release suite itself, not -security).
+debian_mirror() {
+    local suite="$1" f
+    # deb822 files: stanzas separated by blank lines.
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        [ "$f" = "$BACKPORTS_FILE" ] && continue
+        awk -v suite="$suite" '
+            function flush() {
+                if (types ~ /(^| )deb( |$)/ && (" " suites " ") ~ (" " suite " ") && uris != "") {
+                    split(uris, u, " ")
+                    print u[1], (signed == "" ? "-" : signed)
+                    found = 1
+                    exit
+                }
+                types = ""; suites = ""; uris = ""; signed = ""
+            }
+            /^[[:space:]]*#/ { next }
+            /^[[:space:]]*$/ { flush(); next }
+            {
+                key = $1; sub(/:$/, "", key); val = $0; sub(/^[^:]*:[[:space:]]*/, "", val)
+                if (key == "Types") types = val
+                else if (key == "Suites") suites = val
+                else if (key == "URIs") uris = val
+                else if (key == "Signed-By") signed = val
+            }
+            END { if (!found) flush() }
+        ' "$f" | head -n1 | grep . && return 0
+    done
+    # One-line format: deb [options] URI suite component...
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$f" ] || continue
+        awk -v suite="$suite" '
+            $1 == "deb" {
+                i = 2; signed = "-"
+                if ($i ~ /^\[/) {
+                    while (i <= NF) {
+                        if ($i ~ /signed-by=/) { s = $i; sub(/.*signed-by=/, "", s); sub(/\]$/, "", s); signed = s }
+                        if ($i ~ /\]$/) { i++; break }
+                        i++
+                    }
+                }
+                if ($(i + 1) == suite) { print $i, signed; exit }
+            }
+        ' "$f" | head -n1 | grep . && return 0
+    done
+    return 1
+}
+
+# ---------------------------------------------------------------- QEMU
+qemu_major() {
+    command -v qemu-system-x86_64 >/dev/null || {
+        echo 0
+        return
+    }
+    qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p' | head -n1
+}
+
+setup_qemu() {
+    local major
+    major="$(qemu_major)"
+    if [ "${major:-0}" -ge "$QEMU_MIN_MAJOR" ]; then
+        say "qemu-system-x86_64 $major.x present"
+        return
+    fi
+    local code mirror uri signed
+    code="$(codename)"
+    mirror="$(debian_mirror "$code")" || die "cannot find the Debian mirror for '$code' in the apt sources"
+    uri="${mirror%% *}"
+    signed="${mirror#* }"
+    [ "$signed" = "-" ] && signed=/usr/share/keyrings/debian-archive-keyring.gpg
+    local want
+    want="$(printf 'Types: deb\nURIs: %s\nSuites: %s-backports\nComponents: main\nSigned-By: %s\n' \
+        "$uri" "$code" "$signed")"
+    if [ ! -f "$BACKPORTS_FILE" ] || [ "$(cat "$BACKPORTS_FILE")" != "$want" ]; then
+        say "writing $BACKPORTS_FILE ($code-backports)"
+        printf '%s\n' "$want" | "${SUDO[@]}" tee "$BACKPORTS_FILE" >/dev/null
+        APT_UPDATED=0
+    fi
+    apt_update
+    say "apt-get install -t $code-backports qemu-system-x86"
+    apt_quiet install -y --no-install-recommends -t "$code-backports" qemu-system-x86
+    major="$(qemu_major)"
+    [ "${major:-0}" -ge "$QEMU_MIN_MAJOR" ] || die "qemu-system-x86_64 is still older than $QEMU_MIN_MAJOR"
+}
+
+# ---------------------------------------------------------------- Debian packages
+setup_debs() {
+    local missing=() p
+    for p in busybox-static xz-utils cpio; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    else
+        say "busybox-static, xz-utils, cpio present"
+    fi
+}
+
+# ---------------------------------------------------------------- guest kernel
+setup_kernel() {
+    local root="$CACHE/kernel/debian"
+    if ! compgen -G "$root/boot/vmlinuz-*" >/dev/null; then
+        apt_update
+        local pkg
+        # linux-image-amd64 is a metapackage; its Depends names the concrete image package.
+        pkg="$(apt-cache depends linux-image-amd64 |
+            sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1)"
+        [ -n "$pkg" ] || die "cannot resolve the package behind linux-image-amd64"
+        local debs="$CACHE/kernel/debs"
+        mkdir -p "$debs"
+        say "downloading $pkg"
+        # Downloads run as root here; let apt do so without the _apt sandbox warning.
+        (cd "$debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" </dev/null)
+        local found=("$debs/${pkg}"_*.deb)
+        local deb="${found[-1]}"
+        [ -f "$deb" ] || die "apt-get download left no $pkg .deb in $debs"
+        say "unpacking $(basename "$deb")"
+        local tmp="$CACHE/kernel/.debian.tmp.$$"
+        rm -rf "$tmp"
+        mkdir -p "$tmp"
+        dpkg -x "$deb" "$tmp"
+        rm -rf "$root"
+        mv "$tmp" "$root"
+        rm -f "$deb"
+    fi
+    # The package does not ship modules.dep (its postinst runs depmod on install), and
+    # uvm-image resolves module dependencies from it: generate it inside the unpacked tree.
+    local dir ver
+    for dir in "$root"/lib/modules/*/; do
+        [ -d "$dir" ] || continue
+        ver="$(basename "$dir")"
+        [ -f "$dir/modules.dep" ] && continue
+        command -v depmod >/dev/null || [ -x /sbin/depmod ] || apt_install kmod
+        say "depmod $ver"
+        PATH="$PATH:/sbin:/usr/sbin" depmod -b "$root" "$ver"
+    done
+    compgen -G "$root/lib/modules/*/modules.dep" >/dev/null || die "no modules.dep under $root/lib/modules"
+    say "kernel present: $(basename "$(compgen -G "$root/boot/vmlinuz-*" | head -n1)")"
+}
+
+# ---------------------------------------------------------------- cargo tools
+setup_vhost_vsock() {
+    if command -v vhost-device-vsock >/dev/null &&
+        vhost-device-vsock --version 2>/dev/null | grep -qw "$VHOST_VSOCK_VERSION"; then
+        say "vhost-device-vsock $VHOST_VSOCK_VERSION present"
+        return
+    fi
+    # It builds from crates.io with pure-Rust dependencies; only a C toolchain is needed
+    # (for build scripts), which build-essential covers.
+    command -v cc >/dev/null || apt_install build-essential
+    say "cargo install vhost-device-vsock $VHOST_VSOCK_VERSION (takes a few minutes)"
+    cargo install --locked --quiet vhost-device-vsock --version "$VHOST_VSOCK_VERSION" </dev/null
+}
+
+setup_nextest() {
+    if cargo nextest --version >/dev/null 2>&1; then
+        say "cargo-nextest present"
+        return
+    fi
+    say "cargo install cargo-nextest (takes a few minutes)"
+    cargo install --locked --quiet cargo-nextest </dev/null
+}
+
+main() {
+    local start=$SECONDS
+    setup_qemu
+    setup_debs
+    [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
+    setup_kernel
+    setup_vhost_vsock
+    setup_nextest
+    say "done in $((SECONDS - start)) s"
+}
+
+main "$@"
