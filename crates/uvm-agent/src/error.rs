@@ -1,0 +1,180 @@
+//! The errors the API returns, and their mapping to ttrpc status codes (the host matches on the
+//! code; the message is for people and carries the whole `source` chain).
+
+use std::io;
+
+use uvm_agent_proto::ttrpc::{self, Code};
+
+/// Why an API request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The host speaks another protocol version.
+    #[error("protocol version mismatch: the host speaks v{host}, this agent speaks v{agent}")]
+    ProtocolMismatch {
+        /// The host's version.
+        host: u32,
+        /// Ours.
+        agent: u32,
+    },
+    /// No tracked process has this id (never existed, or already waited for).
+    #[error("no process with exec_id {exec_id:?}")]
+    UnknownExecId {
+        /// The id asked for.
+        exec_id: String,
+    },
+    /// A request field is malformed or too large.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The process table is full.
+    #[error("too many processes: at most {limit} can be tracked at once (wait for some first)")]
+    TooManyProcesses {
+        /// The bound.
+        limit: usize,
+    },
+    /// `fork`/`exec` failed.
+    #[error("cannot start {program:?}")]
+    Spawn {
+        /// `args[0]`.
+        program: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// No pseudo-terminal could be set up.
+    #[error("cannot allocate a pseudo-terminal")]
+    Pty {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The process was started without a stdin pipe.
+    #[error("process {exec_id:?} was started without stdin")]
+    NoStdin {
+        /// The process.
+        exec_id: String,
+    },
+    /// Stdin was closed by `CloseStdin`, or the process closed its end.
+    #[error("stdin of process {exec_id:?} is closed")]
+    StdinClosed {
+        /// The process.
+        exec_id: String,
+    },
+    /// Writing to stdin failed otherwise.
+    #[error("cannot write to the stdin of process {exec_id:?}")]
+    StdinWrite {
+        /// The process.
+        exec_id: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// `kill(2)` failed.
+    #[error("cannot send signal {signal} to process {exec_id:?}")]
+    Signal {
+        /// The process.
+        exec_id: String,
+        /// The signal number.
+        signal: i32,
+        /// Why.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// A `/proc` file could not be read or understood.
+    #[error("cannot read {what}")]
+    Proc {
+        /// Which file.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ApiError {
+    /// The ttrpc status code the host sees.
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::ProtocolMismatch { .. }
+            | ApiError::NoStdin { .. }
+            | ApiError::StdinClosed { .. } => Code::FAILED_PRECONDITION,
+            ApiError::UnknownExecId { .. } => Code::NOT_FOUND,
+            ApiError::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
+            ApiError::TooManyProcesses { .. } => Code::RESOURCE_EXHAUSTED,
+            ApiError::Spawn { source, .. } => match source.kind() {
+                io::ErrorKind::NotFound => Code::NOT_FOUND,
+                io::ErrorKind::PermissionDenied => Code::PERMISSION_DENIED,
+                io::ErrorKind::InvalidInput => Code::INVALID_ARGUMENT,
+                _ => Code::INTERNAL,
+            },
+            ApiError::Pty { .. }
+            | ApiError::StdinWrite { .. }
+            | ApiError::Signal { .. }
+            | ApiError::Proc { .. } => Code::INTERNAL,
+        }
+    }
+
+    /// Shorthand for [`ApiError::InvalidArgument`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ApiError::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ApiError> for ttrpc::Error {
+    fn from(e: ApiError) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), chain(&e)))
+    }
+}
+
+/// `error: source: source…` on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_code_and_source_chain() {
+        let e = ApiError::Spawn {
+            program: "nope".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        let ttrpc::Error::RpcStatus(status) = ttrpc::Error::from(e) else {
+            panic!("not a status");
+        };
+        assert_eq!(status.code(), Code::NOT_FOUND);
+        assert!(status.message().starts_with("cannot start \"nope\": "));
+    }
+
+    #[test]
+    fn unknown_ids_are_not_found_and_bad_input_is_invalid() {
+        let unknown = ApiError::UnknownExecId {
+            exec_id: "e9".into(),
+        };
+        assert_eq!(unknown.code(), Code::NOT_FOUND);
+        assert_eq!(
+            ApiError::invalid("args", "must not be empty").code(),
+            Code::INVALID_ARGUMENT
+        );
+        assert_eq!(
+            ApiError::ProtocolMismatch { host: 2, agent: 1 }.code(),
+            Code::FAILED_PRECONDITION
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! Starting a process for `ExecProcess`: request validation, pipes or a pseudo-terminal, and
+//! `fork`/`exec` through `std::process::Command` (not `tokio::process`, whose child reaping
+//! would race with the agent's own reaper).
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+
+use rustix::pty::OpenptFlags;
+
+use crate::error::ApiError;
+
+/// `PATH` for processes whose request does not set one.
+pub const DEFAULT_PATH: &str = "/bin:/sbin:/usr/bin:/usr/sbin";
+/// Bound on the number of `args` and of `env` entries.
+const MAX_LIST: usize = 4096;
+
+/// What to run: the validated fields of an `ExecRequest`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecSpec {
+    /// argv, non-empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Working directory; empty means `/`.
+    pub cwd: String,
+    /// Run on a new pseudo-terminal.
+    pub terminal: bool,
+    /// Keep a stdin pipe.
+    pub stdin: bool,
+}
+
+impl ExecSpec {
+    /// Checks what `exec` would reject later with a vaguer error.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        let Some(program) = self.args.first() else {
+            return Err(ApiError::invalid("args", "must not be empty"));
+        };
+        if program.is_empty() {
+            return Err(ApiError::invalid("args", "args[0] must not be empty"));
+        }
+        if self.args.len() > MAX_LIST || self.env.len() > MAX_LIST {
+            return Err(ApiError::invalid(
+                "args",
+                format!("at most {MAX_LIST} args and {MAX_LIST} env entries"),
+            ));
+        }
+        if self.args.iter().any(|a| a.contains('\0')) {
+            return Err(ApiError::invalid("args", "must not contain NUL bytes"));
+        }
+        for entry in &self.env {
+            match entry.split_once('=') {
+                Some((key, _)) if !key.is_empty() && !entry.contains('\0') => {}
+                _ => {
+                    return Err(ApiError::invalid(
+                        "env",
+                        format!("{entry:?} is not KEY=VALUE"),
+                    ))
+                }
+            }
+        }
+        if self.cwd.contains('\0') {
+            return Err(ApiError::invalid("cwd", "must not contain NUL bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// A started process: its pid and our ends of its stdio.
+#[derive(Debug)]
+pub struct Spawned {
+    /// The child's pid.
+    pub pid: u32,
+    /// Our write end of its stdin (pipe, or a duplicate of the pty master), if requested.
+    pub stdin: Option<OwnedFd>,
+    /// Our read end of its stdout (or the pty master).
+    pub stdout: OwnedFd,
+    /// Our read end of its stderr (`None` on a terminal: merged into stdout).
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Starts `spec` (already validated). The child gets its own session; on a terminal, the pty
+/// becomes its controlling terminal. The caller reaps it.
+pub fn spawn(spec: &ExecSpec) -> Result<Spawned, ApiError> {
+    let program = spec.args.first().cloned().unwrap_or_default();
+    let mut cmd = Command::new(&program);
+    cmd.args(&spec.args[1..]).env_clear();
+    if !spec.env.iter().any(|e| e.starts_with("PATH=")) {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    for entry in &spec.env {
+        if let Some((key, value)) = entry.split_once('=') {
+            cmd.env(key, value);
+        }
+    }
+    cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
+
+    let spawn_err = |source: io::Error| ApiError::Spawn {
+        program: program.clone(),
+        source,
+    };
+
+    if spec.terminal {
+        let (master, slave) = open_pty().map_err(|source| ApiError::Pty { source })?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|source| ApiError::Pty { source });
+        cmd.stdin(Stdio::from(dup(&slave)?))
+            .stdout(Stdio::from(dup(&slave)?))
+            .stderr(Stdio::from(slave));
+        // SAFETY: the closure runs in the forked child before exec and only makes the
+        // async-signal-safe system calls setsid(2) and ioctl(2) (rustix calls the kernel
+        // directly: no allocation, no locks).
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(spawn_err)?;
+        // `cmd` holds the parent's copies of the slave: drop them so that EOF (EIO on the
+        // master) arrives once the child's side closes.
+        drop(cmd);
+        let stdin = if spec.stdin {
+            Some(dup(&master)?)
+        } else {
+            None
+        };
+        return Ok(Spawned {
+            pid: child.id(),
+            stdin,
+            stdout: master,
+            stderr: None,
+        });
+    }
+
+    cmd.stdin(if spec.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe system call setsid(2).
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let missing = || ApiError::Spawn {
+        program: program.clone(),
+        source: io::Error::other("stdio pipe missing after spawn"),
+    };
+    let stdout = child.stdout.take().map(OwnedFd::from).ok_or_else(missing)?;
+    let stderr = child.stderr.take().map(OwnedFd::from).ok_or_else(missing)?;
+    let stdin = child.stdin.take().map(OwnedFd::from);
+    Ok(Spawned {
+        pid: child.id(),
+        stdin,
+        stdout,
+        stderr: Some(stderr),
+    })
+}
+
+/// A new pty pair, both ends close-on-exec, 80×24.
+fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = rustix::pty::openpt(flags)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let slave = match rustix::pty::ioctl_tiocgptpeer(&master, flags) {
+        Ok(slave) => slave,
+        // Before Linux 4.13: open the slave by name.
+        Err(_) => {
+            let name = rustix::pty::ptsname(&master, Vec::new())?;
+            rustix::fs::open(
+                name.as_c_str(),
+                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?
+        }
+    };
+    let size = rustix::termios::Winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, size)?;
+    Ok((master, slave))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(args: &[&str]) -> ExecSpec {
+        ExecSpec {
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            ..ExecSpec::default()
+        }
+    }
+
+    #[test]
+    fn validation_rejects_what_exec_would() {
+        assert!(matches!(
+            spec(&[]).validate(),
+            Err(ApiError::InvalidArgument { field: "args", .. })
+        ));
+        assert!(matches!(
+            spec(&[""]).validate(),
+            Err(ApiError::InvalidArgument { field: "args", .. })
+        ));
+        assert!(matches!(
+            spec(&["a\0b"]).validate(),
+            Err(ApiError::InvalidArgument { field: "args", .. })
+        ));
+        let mut bad_env = spec(&["true"]);
+        bad_env.env = vec!["NOEQUALS".into()];
+        assert!(matches!(
+            bad_env.validate(),
+            Err(ApiError::InvalidArgument { field: "env", .. })
+        ));
+        bad_env.env = vec!["=x".into()];
+        assert!(matches!(
+            bad_env.validate(),
+            Err(ApiError::InvalidArgument { field: "env", .. })
+        ));
+        let mut ok = spec(&["true"]);
+        ok.env = vec!["A=".into(), "B=c=d".into()];
+        assert!(matches!(ok.validate(), Ok(())));
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error_with_not_found() {
+        let err = spawn(&spec(&["/nonexistent/program"])).expect_err("cannot start");
+        assert!(matches!(
+            &err,
+            ApiError::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound
+        ));
+    }
+}

@@ -1,0 +1,268 @@
+//! The ttrpc API (`uvm.agent.v1.Agent`): request checks, and dispatch to the process table,
+//! diagnostics and power. [`serve`] runs it on any listener — vsock in the guest, a unix
+//! socket in tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uvm_agent_proto::agent::{
+    BootMarks, DumpStacksResponse, Empty, ExecRequest, ExecResponse, GuestStatsResponse,
+    HandshakeRequest, HandshakeResponse, OutputStream, ProcessRef, ReadOutputRequest,
+    ReadOutputResponse, SignalRequest, WaitResponse, WriteStdinRequest, WriteStdinResponse,
+};
+use uvm_agent_proto::ttrpc::r#async::transport::Listener;
+use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
+use uvm_agent_proto::{
+    agent_ttrpc, async_trait, capabilities, ttrpc, MAX_ENTROPY_BYTES, MAX_OUTPUT_CHUNK,
+    MAX_STDIN_CHUNK, PROTOCOL_VERSION,
+};
+
+use crate::clock::{self, BootTimes};
+use crate::error::ApiError;
+use crate::power::{self, ShutdownAction};
+use crate::process::{ExecSpec, Processes};
+use crate::{entropy, info, stacks, stats, warn};
+
+/// A wall clock further off than this from the host's is corrected at handshake (init only).
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// What the service may do to the machine.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// PID-1 duties at handshake: credit the host's entropy, correct the wall clock.
+    pub system_duties: bool,
+    /// What `Shutdown` does.
+    pub shutdown: ShutdownAction,
+}
+
+/// The API implementation.
+#[derive(Debug)]
+pub struct AgentService {
+    procs: Arc<Processes>,
+    boot: Arc<BootTimes>,
+    config: ServiceConfig,
+}
+
+impl AgentService {
+    /// A service over `procs` (whose reaper must be running).
+    pub fn new(procs: Arc<Processes>, boot: Arc<BootTimes>, config: ServiceConfig) -> Self {
+        AgentService {
+            procs,
+            boot,
+            config,
+        }
+    }
+
+    fn handshake_checked(&self, req: &HandshakeRequest) -> Result<HandshakeResponse, ApiError> {
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(ApiError::ProtocolMismatch {
+                host: req.protocol_version,
+                agent: PROTOCOL_VERSION,
+            });
+        }
+        if req.entropy.len() > MAX_ENTROPY_BYTES {
+            return Err(ApiError::invalid(
+                "entropy",
+                format!(
+                    "{} bytes, at most {MAX_ENTROPY_BYTES} allowed",
+                    req.entropy.len()
+                ),
+            ));
+        }
+        if self.config.system_duties {
+            if let Err(e) = entropy::seed(&req.entropy) {
+                warn!("cannot seed the entropy pool: {e}");
+            }
+            if req.host_unix_time_ns != 0 {
+                match clock::correct_realtime(req.host_unix_time_ns, CLOCK_TOLERANCE) {
+                    Ok(true) => info!("wall clock set from the host's"),
+                    Ok(false) => {}
+                    Err(e) => warn!("cannot set the wall clock: {e}"),
+                }
+            }
+        }
+        let mut boot = BootMarks::new();
+        boot.kernel_to_init_ns = clock::nanos(self.boot.agent_start);
+        boot.init_to_ready_ns = self.boot.init_to_ready_ns();
+        boot.modules_loaded_ns = self
+            .boot
+            .modules_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut resp = HandshakeResponse::new();
+        resp.protocol_version = PROTOCOL_VERSION;
+        resp.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        resp.capabilities = [
+            capabilities::EXEC,
+            capabilities::TERMINAL,
+            capabilities::DUMP_STACKS,
+            capabilities::STATS,
+            capabilities::SHUTDOWN,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        resp.boot = Some(boot).into();
+        Ok(resp)
+    }
+
+    async fn read_output_checked(
+        &self,
+        req: &ReadOutputRequest,
+    ) -> Result<ReadOutputResponse, ApiError> {
+        let max = match req.max_bytes {
+            0 => MAX_OUTPUT_CHUNK,
+            n if n > MAX_OUTPUT_CHUNK => {
+                return Err(ApiError::invalid(
+                    "max_bytes",
+                    format!("{n}, at most {MAX_OUTPUT_CHUNK} allowed"),
+                ))
+            }
+            n => n,
+        };
+        let stream = req.stream.enum_value().map_err(|n| {
+            ApiError::invalid("stream", format!("{n} is neither STDOUT nor STDERR"))
+        })?;
+        let proc = self.procs.get(&req.exec_id)?;
+        let buf = match stream {
+            OutputStream::STDOUT => &proc.stdout,
+            OutputStream::STDERR => &proc.stderr,
+        };
+        let (data, eof) = buf.read(usize::try_from(max).unwrap_or(usize::MAX)).await;
+        let mut resp = ReadOutputResponse::new();
+        resp.data = data;
+        resp.eof = eof;
+        Ok(resp)
+    }
+
+    async fn write_stdin_checked(
+        &self,
+        req: &WriteStdinRequest,
+    ) -> Result<WriteStdinResponse, ApiError> {
+        if req.data.len() > MAX_STDIN_CHUNK {
+            return Err(ApiError::invalid(
+                "data",
+                format!(
+                    "{} bytes, at most {MAX_STDIN_CHUNK} allowed",
+                    req.data.len()
+                ),
+            ));
+        }
+        let proc = self.procs.get(&req.exec_id)?;
+        let stdin = proc.stdin.as_ref().ok_or_else(|| ApiError::NoStdin {
+            exec_id: req.exec_id.clone(),
+        })?;
+        let written = stdin.write_all(&req.exec_id, &req.data).await?;
+        let mut resp = WriteStdinResponse::new();
+        resp.written = u32::try_from(written).unwrap_or(u32::MAX);
+        Ok(resp)
+    }
+}
+
+#[async_trait]
+impl agent_ttrpc::Agent for AgentService {
+    async fn handshake(
+        &self,
+        _ctx: &TtrpcContext,
+        req: HandshakeRequest,
+    ) -> ttrpc::Result<HandshakeResponse> {
+        Ok(self.handshake_checked(&req)?)
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecRequest,
+    ) -> ttrpc::Result<ExecResponse> {
+        let spec = ExecSpec {
+            args: req.args,
+            env: req.env,
+            cwd: req.cwd,
+            terminal: req.terminal,
+            stdin: req.stdin,
+        };
+        let proc = self.procs.start(&spec)?;
+        let mut resp = ExecResponse::new();
+        resp.exec_id = proc.exec_id.clone();
+        resp.pid = proc.pid;
+        Ok(resp)
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStdinRequest,
+    ) -> ttrpc::Result<WriteStdinResponse> {
+        Ok(self.write_stdin_checked(&req).await?)
+    }
+
+    async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRef) -> ttrpc::Result<Empty> {
+        let proc = self.procs.get(&req.exec_id)?;
+        let stdin = proc.stdin.as_ref().ok_or_else(|| ApiError::NoStdin {
+            exec_id: req.exec_id.clone(),
+        })?;
+        stdin.close(&req.exec_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn read_output(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadOutputRequest,
+    ) -> ttrpc::Result<ReadOutputResponse> {
+        Ok(self.read_output_checked(&req).await?)
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRef,
+    ) -> ttrpc::Result<WaitResponse> {
+        let exit = self.procs.wait(&req.exec_id).await?;
+        let mut resp = WaitResponse::new();
+        resp.exit_code = exit.code;
+        resp.signal = exit.signal;
+        Ok(resp)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.procs.signal(&req.exec_id, req.signal)?;
+        Ok(Empty::new())
+    }
+
+    async fn dump_stacks(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<DumpStacksResponse> {
+        let mut resp = DumpStacksResponse::new();
+        resp.text = stacks::dump(&self.procs.snapshot());
+        Ok(resp)
+    }
+
+    async fn guest_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: Empty,
+    ) -> ttrpc::Result<GuestStatsResponse> {
+        Ok(stats::collect()?)
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<Empty> {
+        info!("shutdown requested by the host");
+        power::schedule(&self.config.shutdown);
+        Ok(Empty::new())
+    }
+}
+
+/// Serves `service` on `listener`; the returned server runs until dropped or shut down.
+/// Must be called inside the runtime.
+pub async fn serve(listener: Listener, service: AgentService) -> ttrpc::Result<Server> {
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(agent_ttrpc::create_agent(Arc::new(service)));
+    server.start().await?;
+    Ok(server)
+}
