@@ -144,11 +144,19 @@ impl VsockGuest {
     }
 
     pub(crate) fn mark_lost(&self) {
-        let mut s = self.state();
-        if s.health == LinkHealth::Connected {
+        if self.set_lost() {
             tracing::warn!(vm = %self.shared.cfg.vm_id, "guest connection lost");
+        }
+    }
+
+    /// Connected → Lost; says whether it changed.
+    fn set_lost(&self) -> bool {
+        let mut s = self.state();
+        let was_connected = s.health == LinkHealth::Connected;
+        if was_connected {
             s.health = LinkHealth::Lost;
         }
+        was_connected
     }
 
     /// A ttrpc context. Deadlines are ours (a dropped call is abandoned by the client), so the
@@ -250,8 +258,10 @@ impl VsockGuest {
                 tracing::debug!(vm = %vm, "stopped draining the guest log after the grace period");
             }
         }
-        if !shared.closing.is_cancelled() {
-            self.mark_lost();
+        // The guest's stream ended by itself: the VM is going away (or the agent died). During a
+        // terminate this is expected, so it is not a warning here; calls that fail say so.
+        if !shared.closing.is_cancelled() && self.set_lost() {
+            tracing::info!(vm = %vm, "the guest's log stream ended; link marked lost");
         }
         shared.drained.send_replace(true);
     }

@@ -1,1 +1,221 @@
-fn main() {}
+//! `uvmctl`: boot a utility VM, run a command in it with stdio streamed, tear it down.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
+use uvm::seams::ExecRequest;
+use uvmctl::{default_image, BootTimings, Vm, VmOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "uvmctl",
+    version,
+    about = "Utility VMs: create, start, use, tear down."
+)]
+struct Cli {
+    /// Log level for uvmctl's own logs (also RUST_LOG).
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM, run CMD in it, tear the VM down; exits with CMD's exit code.
+    Run(RunArgs),
+    /// Guest image commands.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build the guest image (kernel + initramfs with the agent) unless cached; prints its paths.
+    Build {
+        /// Rebuild even when a cached image with the same content hash exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Accelerator: KVM only where the CPU advertises vmx/svm (auto), or forced.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    accel: AccelArg,
+    /// Print each boot phase and the total to stderr.
+    #[arg(long)]
+    timings: bool,
+    /// Run CMD on a pseudo-terminal in the guest (stderr merged into stdout).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Command and arguments to run in the guest.
+    #[arg(last = true, required = true)]
+    cmd: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("uvmctl: cannot start the async runtime: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Image {
+                command: ImageCommand::Build { force },
+            } => image_build(force),
+        }
+    });
+    // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("uvmctl: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn image_build(force: bool) -> anyhow::Result<u8> {
+    let spec = uvm_image::ImageSpec::from_env().context("locating the image inputs")?;
+    let image = if force {
+        uvm_image::build_image(&spec)
+    } else {
+        uvm_image::ensure_image(&spec)
+    }
+    .context("building the guest image")?;
+    println!("id        {}", image.id);
+    println!("kernel    {}", image.kernel.display());
+    println!("initramfs {}", image.initramfs.display());
+    Ok(0)
+}
+
+/// Exit code for a teardown caused by a signal, as shells report it.
+fn signal_exit(sig: i32) -> u8 {
+    u8::try_from(128 + sig).unwrap_or(128)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let image = default_image().context("preparing the guest image")?;
+    let options = VmOptions {
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        accel: match args.accel {
+            AccelArg::Auto => uvm_qemu::Accel::Auto,
+            AccelArg::Kvm => uvm_qemu::Accel::Kvm,
+            AccelArg::Tcg => uvm_qemu::Accel::Tcg,
+        },
+        ..VmOptions::default()
+    };
+    let vm = Vm::new(&image, options);
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let started = Instant::now();
+    let work = async {
+        let timings = vm.boot().await?;
+        if args.timings {
+            print_timings(&timings, started.elapsed());
+        }
+        let mut request = ExecRequest::new(args.cmd.clone());
+        request.terminal = args.tty;
+        request.stdin = Some(Box::new(tokio::io::stdin()));
+        request.stdout = Some(Box::new(tokio::io::stdout()));
+        if !args.tty {
+            request.stderr = Some(Box::new(tokio::io::stderr()));
+        }
+        vm.controller.exec_into_host(request).await
+    };
+    let outcome = tokio::select! {
+        r = work => Outcome::Done(r),
+        _ = sigint.recv() => Outcome::Signalled(2),
+        _ = sigterm.recv() => Outcome::Signalled(15),
+    };
+
+    let t_down = Instant::now();
+    let teardown = vm.controller.terminate_vm().await;
+    if args.timings {
+        eprintln!("uvmctl: teardown        {:>8.1} ms", ms(t_down.elapsed()));
+    }
+    match (outcome, teardown) {
+        (Outcome::Signalled(sig), t) => {
+            if let Err(e) = t {
+                eprintln!("uvmctl: teardown after signal failed: {e}");
+            }
+            Ok(signal_exit(sig))
+        }
+        (Outcome::Done(Ok(code)), Ok(())) => Ok(u8::try_from(code.rem_euclid(256)).unwrap_or(1)),
+        (Outcome::Done(Err(e)), t) => {
+            if let Err(te) = t {
+                eprintln!("uvmctl: teardown failed too: {te}");
+            }
+            let recent = vm.guest.recent_log();
+            if !recent.is_empty() {
+                eprintln!("uvmctl: last guest log lines:");
+                for line in recent.iter().rev().take(10).rev() {
+                    eprintln!("  {line}");
+                }
+            }
+            Err(anyhow::Error::new(e).context("running the command in the VM"))
+        }
+        (Outcome::Done(Ok(_)), Err(e)) => Err(anyhow::Error::new(e).context("tearing the VM down")),
+    }
+}
+
+enum Outcome {
+    Done(Result<i32, uvm::ControllerError>),
+    Signalled(i32),
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn print_timings(t: &BootTimings, total: Duration) {
+    eprintln!("uvmctl: create          {:>8.1} ms", ms(t.create));
+    eprintln!("uvmctl: prepare         {:>8.1} ms", ms(t.prepare));
+    eprintln!(
+        "uvmctl: spawn→announce  {:>8.1} ms  (guest: kernel→init {:.1} ms, init→ready {:.1} ms)",
+        ms(t.to_announce),
+        ms(t.guest_kernel_to_init),
+        ms(t.guest_init_to_ready)
+    );
+    eprintln!("uvmctl: handshake       {:>8.1} ms", ms(t.handshake));
+    eprintln!("uvmctl: start_vm total  {:>8.1} ms", ms(t.start));
+    eprintln!("uvmctl: ready after     {:>8.1} ms", ms(total));
+}

@@ -1,0 +1,244 @@
+//! The command lines of the VM's two processes, as pure functions: the backend runs them, and the
+//! benchmark "floor" runs the same commands without the controller.
+
+use std::path::{Path, PathBuf};
+
+use crate::AccelKind;
+
+/// The files of one VM inside its runtime directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimePaths {
+    pub dir: PathBuf,
+    /// vhost-user control socket between QEMU and vhost-device-vsock.
+    pub vhost_socket: PathBuf,
+    /// Hybrid vsock: host side of the guest's vsock (`CONNECT <port>\n`, and `<uds>_<port>`
+    /// listeners for guest-initiated connections).
+    pub vsock_socket: PathBuf,
+    /// QMP server socket.
+    pub qmp_socket: PathBuf,
+    /// The guest serial console.
+    pub console_log: PathBuf,
+    /// QEMU's stdout/stderr.
+    pub qemu_log: PathBuf,
+    /// vhost-device-vsock's stdout/stderr.
+    pub vhost_log: PathBuf,
+}
+
+impl RuntimePaths {
+    pub fn new(dir: &Path) -> RuntimePaths {
+        RuntimePaths {
+            dir: dir.to_path_buf(),
+            vhost_socket: dir.join("vhost.sock"),
+            vsock_socket: dir.join("vsock.sock"),
+            qmp_socket: dir.join("qmp.sock"),
+            console_log: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            vhost_log: dir.join("vhost-device-vsock.log"),
+        }
+    }
+
+    /// The longest unix socket path this directory will hold: a guest-to-host listener
+    /// `<vsock.sock>_<u32 port>`. It must fit `sun_path` (108 bytes with the terminating NUL).
+    pub fn longest_socket_path(dir: &Path) -> PathBuf {
+        dir.join(format!("vsock.sock_{}", u32::MAX))
+    }
+}
+
+/// What the QEMU command line is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuCommand<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    pub accel: AccelKind,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub paths: &'a RuntimePaths,
+    /// Appended to `console=ttyS0 quiet panic=-1`.
+    pub extra_cmdline: &'a str,
+}
+
+/// The base kernel command line: serial console, quiet, and reboot at once on panic — which
+/// `-no-reboot` turns into QEMU exiting, so a panicked guest ends the VM.
+pub const BASE_KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// QEMU's arguments (without the program name).
+///
+/// Guest memory is a shared memfd because vhost-device-vsock, a separate process, maps it. The
+/// paths go into QEMU option strings, where a comma separates options: the backend refuses
+/// runtime roots that contain one.
+pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
+    let cpu = match cmd.accel {
+        AccelKind::Kvm => "host",
+        AccelKind::Tcg => "max",
+    };
+    let mut append = BASE_KERNEL_CMDLINE.to_owned();
+    let extra = cmd.extra_cmdline.trim();
+    if !extra.is_empty() {
+        append.push(' ');
+        append.push_str(extra);
+    }
+    let p = cmd.paths;
+    let m = cmd.memory_mib;
+    [
+        "-M".to_owned(),
+        format!("q35,accel={}", cmd.accel.as_str()),
+        "-cpu".to_owned(),
+        cpu.to_owned(),
+        "-smp".to_owned(),
+        cmd.cpus.to_string(),
+        "-m".to_owned(),
+        m.to_string(),
+        "-object".to_owned(),
+        format!("memory-backend-memfd,id=mem,size={m}M,share=on"),
+        "-machine".to_owned(),
+        "memory-backend=mem".to_owned(),
+        "-nodefaults".to_owned(),
+        "-no-user-config".to_owned(),
+        "-nographic".to_owned(),
+        "-no-reboot".to_owned(),
+        "-kernel".to_owned(),
+        display(cmd.kernel),
+        "-initrd".to_owned(),
+        display(cmd.initramfs),
+        "-append".to_owned(),
+        append,
+        "-serial".to_owned(),
+        format!("file:{}", display(&p.console_log)),
+        "-chardev".to_owned(),
+        format!("socket,id=vsock,path={}", display(&p.vhost_socket)),
+        "-device".to_owned(),
+        "vhost-user-vsock-pci,chardev=vsock".to_owned(),
+        "-device".to_owned(),
+        "virtio-balloon-pci,id=balloon0".to_owned(),
+        "-qmp".to_owned(),
+        format!("unix:{},server=on,wait=off", display(&p.qmp_socket)),
+    ]
+    .into()
+}
+
+/// vhost-device-vsock's arguments (without the program name): one device for guest CID 3,
+/// hybrid vsock on `vsock.sock`.
+pub fn vhost_vsock_command_line(paths: &RuntimePaths) -> Vec<String> {
+    vec![
+        "--vm".to_owned(),
+        format!(
+            "guest-cid=3,socket={},uds-path={}",
+            display(&paths.vhost_socket),
+            display(&paths.vsock_socket)
+        ),
+    ]
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(accel: AccelKind, extra: &str) -> Vec<String> {
+        let paths = RuntimePaths::new(Path::new("/tmp/uvm-a-XYZ"));
+        qemu_command_line(&QemuCommand {
+            kernel: Path::new("/img/vmlinux"),
+            initramfs: Path::new("/img/initramfs.cpio.gz"),
+            accel,
+            memory_mib: 256,
+            cpus: 2,
+            paths: &paths,
+            extra_cmdline: extra,
+        })
+    }
+
+    /// The value following `flag` (every occurrence).
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn memory_is_a_shared_memfd_the_size_of_the_guest() {
+        let args = line(AccelKind::Tcg, "");
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-memfd,id=mem,size=256M,share=on"]
+        );
+        assert_eq!(values(&args, "-machine"), ["memory-backend=mem"]);
+        assert_eq!(values(&args, "-m"), ["256"]);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+    }
+
+    #[test]
+    fn accelerator_picks_machine_and_cpu_model() {
+        let tcg = line(AccelKind::Tcg, "");
+        assert_eq!(values(&tcg, "-M"), ["q35,accel=tcg"]);
+        assert_eq!(values(&tcg, "-cpu"), ["max"]);
+        assert!(!tcg.iter().any(|a| a.contains("kvm")));
+        let kvm = line(AccelKind::Kvm, "");
+        assert_eq!(values(&kvm, "-M"), ["q35,accel=kvm"]);
+        assert_eq!(values(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn kernel_command_line_appends_extra() {
+        assert_eq!(
+            values(&line(AccelKind::Tcg, ""), "-append"),
+            ["console=ttyS0 quiet panic=-1"]
+        );
+        assert_eq!(
+            values(&line(AccelKind::Tcg, "  uvm.debug=1 "), "-append"),
+            ["console=ttyS0 quiet panic=-1 uvm.debug=1"]
+        );
+    }
+
+    #[test]
+    fn devices_and_sockets_live_in_the_runtime_dir() {
+        let args = line(AccelKind::Tcg, "");
+        assert_eq!(
+            values(&args, "-chardev"),
+            ["socket,id=vsock,path=/tmp/uvm-a-XYZ/vhost.sock"]
+        );
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "vhost-user-vsock-pci,chardev=vsock",
+                "virtio-balloon-pci,id=balloon0"
+            ]
+        );
+        assert_eq!(
+            values(&args, "-qmp"),
+            ["unix:/tmp/uvm-a-XYZ/qmp.sock,server=on,wait=off"]
+        );
+        assert_eq!(
+            values(&args, "-serial"),
+            ["file:/tmp/uvm-a-XYZ/console.log"]
+        );
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+        assert_eq!(values(&args, "-kernel"), ["/img/vmlinux"]);
+        assert_eq!(values(&args, "-initrd"), ["/img/initramfs.cpio.gz"]);
+    }
+
+    #[test]
+    fn vhost_vsock_serves_cid_3_on_the_runtime_sockets() {
+        let paths = RuntimePaths::new(Path::new("/tmp/uvm-a-XYZ"));
+        assert_eq!(
+            vhost_vsock_command_line(&paths),
+            [
+                "--vm",
+                "guest-cid=3,socket=/tmp/uvm-a-XYZ/vhost.sock,uds-path=/tmp/uvm-a-XYZ/vsock.sock"
+            ]
+        );
+    }
+
+    #[test]
+    fn longest_socket_path_is_a_u32_port_listener() {
+        assert_eq!(
+            RuntimePaths::longest_socket_path(Path::new("/r")),
+            Path::new("/r/vsock.sock_4294967295")
+        );
+    }
+}

@@ -1,0 +1,136 @@
+//! The backend's own errors, and how they become the seam's [`HostError`].
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use uvm::HostError;
+
+use crate::qmp::QmpError;
+
+/// Why starting or driving the VM's processes failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// A process could not be spawned.
+    #[error("cannot spawn {program}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A process exited before it was ready.
+    #[error("{process} exited during start ({status}); its output ends with: {output}")]
+    ExitedEarly {
+        process: &'static str,
+        status: ExitStatus,
+        output: String,
+    },
+    /// A process did not become ready in time.
+    #[error("{process} was not ready after {after:?}")]
+    NotReady {
+        process: &'static str,
+        after: Duration,
+    },
+    /// `terminate`/`release` stopped the start.
+    #[error("the start was stopped by terminate or release")]
+    Stopped,
+    /// Talking QMP failed.
+    #[error("QMP {command} failed")]
+    Qmp {
+        command: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    /// An OS call failed.
+    #[error("{operation} failed")]
+    Io {
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The supervisor thread ended without an answer (it panicked).
+    #[error("the supervisor thread of the VM ended unexpectedly")]
+    SupervisorLost,
+}
+
+impl QemuError {
+    /// The seam error for this failure of `operation`.
+    pub(crate) fn into_host(self, operation: &'static str) -> HostError {
+        match self {
+            QemuError::Spawn { source, .. } => HostError::Io { operation, source },
+            QemuError::Io { source, .. } => HostError::Io { operation, source },
+            QemuError::NotReady { after, .. } => HostError::Timeout { operation, after },
+            QemuError::Qmp {
+                source: QmpError::Closed,
+                ..
+            } => HostError::Gone,
+            other => HostError::Failed {
+                operation,
+                message: chain(&other),
+            },
+        }
+    }
+}
+
+/// An error and its sources joined with ": ".
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_to_the_seam_variants() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(matches!(
+            QemuError::Spawn {
+                program: "qemu".into(),
+                source: io
+            }
+            .into_host("start VM"),
+            HostError::Io {
+                operation: "start VM",
+                ..
+            }
+        ));
+        assert!(matches!(
+            QemuError::NotReady {
+                process: "qemu",
+                after: Duration::from_secs(1)
+            }
+            .into_host("start VM"),
+            HostError::Timeout { after, .. } if after == Duration::from_secs(1)
+        ));
+        assert!(matches!(
+            QemuError::Qmp {
+                command: "quit",
+                source: QmpError::Closed
+            }
+            .into_host("terminate VM"),
+            HostError::Gone
+        ));
+        let refused = QemuError::Qmp {
+            command: "balloon",
+            source: QmpError::Command {
+                command: "balloon",
+                class: "DeviceNotActive".into(),
+                desc: "No balloon device has been activated".into(),
+            },
+        }
+        .into_host("update memory");
+        assert!(
+            matches!(&refused, HostError::Failed { operation: "update memory", message }
+                if message.contains("No balloon device")),
+            "{refused:?}"
+        );
+    }
+}

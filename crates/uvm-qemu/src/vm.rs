@@ -1,0 +1,653 @@
+//! [`QemuBackend`] (the seam's `VmBackend`) and [`QemuVm`] (`VmLifetime` + `VmResources`): the
+//! runtime directory, the supervisor thread, QMP, and the operations the controller drives.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rustix::process::Signal;
+use uvm::seams::{
+    CpuLimits, GuestEndpoint, HostStats, HostVm, VmBackend, VmConfig, VmLifetime, VmResources,
+};
+use uvm::{HostError, VmExit};
+
+use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths};
+use crate::error::QemuError;
+use crate::qmp::{Balloon, QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
+use crate::stats;
+use crate::supervisor::{self, BootMarks, Launch, QemuState, Shared, Which};
+use crate::{AccelKind, QemuConfig};
+
+/// Smallest guest the backend creates (a Linux guest with an agent needs about this much).
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Most vCPUs the backend gives a guest.
+pub const MAX_CPUS: u32 = 64;
+/// The unit of memory updates. The balloon moves 4 KiB pages; whole MiB keep sizes in the unit
+/// `-m` uses and are far below anything a guest notices.
+pub const MEMORY_GRANULARITY: u64 = 1 << 20;
+/// Longest unix socket path (`sun_path` is 108 bytes with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Bound on QMP handshakes and commands other than `quit`.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed child may take to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Creates QEMU VMs.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    config: Arc<QemuConfig>,
+    accel: AccelKind,
+}
+
+impl QemuBackend {
+    /// A backend running VMs as `config` says; [`crate::Accel::Auto`] is resolved here, once.
+    pub fn new(config: QemuConfig) -> Self {
+        let accel = config.accel.resolve();
+        tracing::info!(accel = accel.as_str(), "QEMU backend ready");
+        QemuBackend {
+            config: Arc::new(config),
+            accel,
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The accelerator every VM of this backend uses.
+    pub fn accel(&self) -> AccelKind {
+        self.accel
+    }
+
+    /// [`VmBackend::create`] with the concrete type.
+    #[tracing::instrument(skip_all, fields(vm = %id, op = "create"))]
+    pub fn create_vm(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {
+        let c = &self.config;
+        let memory_bytes = validate(c, config)?;
+        let root = std::path::absolute(&c.runtime_root).map_err(|source| HostError::Io {
+            operation: "resolve the runtime root",
+            source,
+        })?;
+        if root.to_string_lossy().contains(',') {
+            return Err(invalid(
+                "runtime root",
+                format!(
+                    "{} contains a comma, which QEMU options cannot carry",
+                    root.display()
+                ),
+            ));
+        }
+        let prefix = format!("uvm-{}-", short_id(id));
+        let longest = RuntimePaths::longest_socket_path(&root.join(format!("{prefix}XXXXXX")));
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "runtime root",
+                format!(
+                    "{} is too long: socket paths such as {} exceed {MAX_SOCKET_PATH} bytes",
+                    root.display(),
+                    longest.display()
+                ),
+            ));
+        }
+        // On any error below, the TempDir's drop removes the directory: nothing is left behind.
+        let dir = tempfile::Builder::new()
+            .prefix(&prefix)
+            .rand_bytes(6)
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(&root)
+            .map_err(|source| HostError::Io {
+                operation: "create the runtime directory",
+                source,
+            })?;
+        let paths = RuntimePaths::new(dir.path());
+        let launch = Launch {
+            vsock_program: c.vhost_vsock.clone(),
+            vsock_args: vhost_vsock_command_line(&paths),
+            qemu_program: c.qemu.clone(),
+            qemu_args: qemu_command_line(&QemuCommand {
+                kernel: &c.kernel,
+                initramfs: &c.initramfs,
+                accel: self.accel,
+                memory_mib: config.memory_mib,
+                cpus: config.cpus,
+                paths: &paths,
+                extra_cmdline: &c.extra_cmdline,
+            }),
+        };
+        let runtime_dir = dir.keep();
+        tracing::info!(dir = %runtime_dir.display(), "VM created");
+        Ok(QemuVm {
+            id: id.to_owned(),
+            memory_bytes,
+            accel: self.accel,
+            grace: c.terminate_grace,
+            shared: Arc::new(Shared::new(paths)),
+            launch,
+            runtime_dir,
+            qmp: tokio::sync::Mutex::new(None),
+            supervisor: Mutex::new(None),
+        })
+    }
+}
+
+#[async_trait]
+impl VmBackend for QemuBackend {
+    async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
+        Ok(Arc::new(self.create_vm(id, config)?))
+    }
+}
+
+fn invalid(what: &'static str, message: String) -> HostError {
+    HostError::InvalidInput { what, message }
+}
+
+/// Check the request and the files it needs; the guest memory in bytes.
+fn validate(c: &QemuConfig, config: &VmConfig) -> Result<u64, HostError> {
+    if config.memory_mib < MIN_MEMORY_MIB {
+        return Err(invalid(
+            "memory size",
+            format!(
+                "{} MiB is below the minimum of {MIN_MEMORY_MIB} MiB",
+                config.memory_mib
+            ),
+        ));
+    }
+    let memory_bytes = config.memory_mib.checked_mul(1 << 20).ok_or_else(|| {
+        invalid(
+            "memory size",
+            format!("{} MiB is too large", config.memory_mib),
+        )
+    })?;
+    if !(1..=MAX_CPUS).contains(&config.cpus) {
+        return Err(invalid(
+            "CPU count",
+            format!("{} is outside 1..={MAX_CPUS}", config.cpus),
+        ));
+    }
+    for (what, path) in [("kernel", &c.kernel), ("initramfs", &c.initramfs)] {
+        if !path.is_file() {
+            return Err(invalid(
+                what,
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+    }
+    for (what, path) in [
+        ("QEMU binary", &c.qemu),
+        ("vhost-device-vsock binary", &c.vhost_vsock),
+    ] {
+        let executable = std::fs::metadata(path)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !executable {
+            return Err(invalid(
+                what,
+                format!("{} is not an executable file", path.display()),
+            ));
+        }
+    }
+    Ok(memory_bytes)
+}
+
+/// Up to 12 characters of `id` that are safe in a file name.
+fn short_id(id: &str) -> String {
+    let s: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(12)
+        .collect();
+    if s.is_empty() {
+        "vm".to_owned()
+    } else {
+        s
+    }
+}
+
+/// One QEMU VM: its runtime directory and, once started, its two processes.
+#[derive(Debug)]
+pub struct QemuVm {
+    id: String,
+    memory_bytes: u64,
+    accel: AccelKind,
+    grace: Duration,
+    shared: Arc<Shared>,
+    launch: Launch,
+    runtime_dir: PathBuf,
+    /// The negotiated QMP connection; (re)made on demand while QEMU runs.
+    qmp: tokio::sync::Mutex<Option<Arc<QmpClient>>>,
+    supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Records QEMU's SHUTDOWN reason for the exit status.
+struct ShutdownRecorder(Arc<Shared>);
+
+impl QmpObserver for ShutdownRecorder {
+    fn event(&self, event: &QmpEvent) {
+        if let Some(shutdown) = event.shutdown() {
+            tracing::info!(reason = %shutdown.reason, guest = shutdown.guest, "QEMU shutting down");
+            self.0.record_shutdown(shutdown.reason);
+        }
+    }
+}
+
+impl QemuVm {
+    /// QEMU's PID once spawned (it stays `Some` after QEMU exits and is reaped).
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.shared.lock().get(Which::Qemu).map(|p| p.pid)
+    }
+
+    /// vhost-device-vsock's PID once spawned (it stays `Some` after it exits and is reaped).
+    pub fn vsock_pid(&self) -> Option<u32> {
+        self.shared.lock().get(Which::Vsock).map(|p| p.pid)
+    }
+
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    /// The files of the runtime directory (sockets, console log, process logs).
+    pub fn paths(&self) -> &RuntimePaths {
+        &self.shared.paths
+    }
+
+    pub fn accel(&self) -> AccelKind {
+        self.accel
+    }
+
+    /// When each step of the start was reached.
+    pub fn boot_marks(&self) -> BootMarks {
+        self.shared.lock().marks
+    }
+
+    /// The guest's memory as the balloon device reports it (QMP `query-balloon`), in bytes.
+    /// It follows [`VmResources::update_memory`] only once the guest's balloon driver runs.
+    pub async fn balloon_actual(&self) -> Result<u64, HostError> {
+        let qmp = self.qmp().await?;
+        match tokio::time::timeout(QMP_TIMEOUT, qmp.execute(&QueryBalloon {})).await {
+            Ok(Ok(info)) => Ok(info.actual),
+            Ok(Err(source)) => Err(QemuError::Qmp {
+                command: "query-balloon",
+                source,
+            }
+            .into_host("query memory")),
+            Err(_) => Err(HostError::Timeout {
+                operation: "query memory",
+                after: QMP_TIMEOUT,
+            }),
+        }
+    }
+
+    /// The QMP connection, made now if there is none (e.g. `start` was cancelled after QEMU
+    /// came up). `Gone` once QEMU has exited.
+    async fn qmp(&self) -> Result<Arc<QmpClient>, HostError> {
+        let mut slot = self.qmp.lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        if self.shared.lock().qemu_state() != QemuState::Running {
+            return Err(HostError::Gone);
+        }
+        let stream = tokio::net::UnixStream::connect(&self.shared.paths.qmp_socket)
+            .await
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    HostError::Gone
+                }
+                _ => HostError::Io {
+                    operation: "connect to QMP",
+                    source,
+                },
+            })?;
+        let client = self.handshake(stream).await?;
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    async fn handshake(&self, stream: tokio::net::UnixStream) -> Result<Arc<QmpClient>, HostError> {
+        let connect = QmpClient::connect(
+            stream,
+            Arc::new(ShutdownRecorder(self.shared.clone())),
+            self.shared.qmp_reader(),
+        );
+        match tokio::time::timeout(QMP_TIMEOUT, connect).await {
+            Ok(Ok(client)) => Ok(Arc::new(client)),
+            Ok(Err(source)) => Err(QemuError::Qmp {
+                command: "qmp_capabilities",
+                source,
+            }
+            .into_host("connect to QMP")),
+            Err(_) => Err(HostError::Timeout {
+                operation: "connect to QMP",
+                after: QMP_TIMEOUT,
+            }),
+        }
+    }
+
+    async fn wait_exit_for(&self, limit: Duration) -> Option<VmExit> {
+        tokio::time::timeout(limit, self.wait()).await.ok()
+    }
+
+    async fn start_inner(&self) -> Result<(), HostError> {
+        const OP: &str = "start VM";
+        // Hold the QMP slot until QMP is negotiated, so that a concurrent terminate uses this
+        // connection instead of queueing a second one behind it.
+        let mut slot = self.qmp.lock().await;
+        // No await from marking the VM started to spawning its supervisor: `release` waits for
+        // a supervisor whenever `started` is set.
+        {
+            let mut procs = self.shared.lock();
+            if procs.stopping {
+                return Err(HostError::Failed {
+                    operation: OP,
+                    message: "the VM was terminated or released".to_owned(),
+                });
+            }
+            if procs.started {
+                return Err(HostError::Failed {
+                    operation: OP,
+                    message: "the VM was already started".to_owned(),
+                });
+            }
+            procs.started = true;
+        }
+        let (handle, answer) =
+            match supervisor::spawn(self.shared.clone(), self.launch.clone(), &self.id) {
+                Ok(spawned) => spawned,
+                Err(e) => {
+                    self.shared.publish(not_started());
+                    self.shared.mark_done_without_start();
+                    return Err(e.into_host(OP));
+                }
+            };
+        *self
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        let stream = answer
+            .await
+            .map_err(|_| QemuError::SupervisorLost.into_host(OP))?
+            .map_err(|e| e.into_host(OP))?;
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(stream))
+            .map_err(|source| HostError::Io {
+                operation: "connect to QMP",
+                source,
+            })?;
+        let client = self.handshake(stream).await?;
+        let marks = {
+            let mut procs = self.shared.lock();
+            procs.marks.qmp_ready = Some(Instant::now());
+            procs.marks
+        };
+        let greeting = client.greeting();
+        *slot = Some(client.clone());
+        tracing::info!(
+            qemu = %format!("{}.{}.{}", greeting.version.major, greeting.version.minor, greeting.version.micro),
+            accel = self.accel.as_str(),
+            qemu_pid = ?self.qemu_pid(),
+            vsock_ready_ms = ?since(marks.vsock_spawned, marks.vsock_ready),
+            qmp_ready_ms = ?since(marks.qemu_spawned, marks.qmp_ready),
+            "VM started"
+        );
+        Ok(())
+    }
+}
+
+fn since(from: Option<Instant>, to: Option<Instant>) -> Option<u128> {
+    Some(to?.saturating_duration_since(from?).as_millis())
+}
+
+fn not_started() -> VmExit {
+    VmExit {
+        code: None,
+        signal: None,
+        reason: Some("not-started".to_owned()),
+    }
+}
+
+#[async_trait]
+impl VmLifetime for QemuVm {
+    fn runtime_id(&self) -> String {
+        self.runtime_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn guest_endpoint(&self) -> GuestEndpoint {
+        GuestEndpoint::HybridVsock {
+            uds: self.shared.paths.vsock_socket.clone(),
+        }
+    }
+
+    /// Spawn vhost-device-vsock, wait until it listens, spawn QEMU, negotiate QMP. Cancel-safe:
+    /// if the future is dropped the processes keep starting, and `terminate`/`release` stop them.
+    #[tracing::instrument(skip_all, fields(vm = %self.id, op = "start"))]
+    async fn start(&self) -> Result<(), HostError> {
+        self.start_inner().await
+    }
+
+    /// How QEMU ended; `reason` is its SHUTDOWN event's when one was seen. A VM whose start
+    /// failed before QEMU was spawned, or that is released unstarted, ends with reason
+    /// `not-started`. Pends before `start`.
+    async fn wait(&self) -> VmExit {
+        let mut exit = self.shared.subscribe_exit();
+        let seen = exit.wait_for(Option::is_some).await;
+        // The sender lives in `shared`, which `self` holds: the channel cannot close.
+        seen.ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(not_started)
+    }
+
+    /// QMP `quit`, then SIGKILL if QEMU is still there after the grace period. Spawns nothing
+    /// more afterwards; harmless on a VM that never started or already ended.
+    #[tracing::instrument(skip_all, fields(vm = %self.id, op = "terminate"))]
+    async fn terminate(&self) -> Result<(), HostError> {
+        let state = {
+            let mut procs = self.shared.lock();
+            procs.stopping = true;
+            procs.qemu_state()
+        };
+        match state {
+            QemuState::Exited => return Ok(()),
+            QemuState::NotSpawned => {
+                // A start may be under way: it stops at its next step; end what it spawned.
+                self.shared.signal(Which::Vsock, Signal::KILL);
+                return Ok(());
+            }
+            QemuState::Running => {}
+        }
+        let deadline = Instant::now() + self.grace;
+        let quit = async {
+            let qmp = self.qmp().await?;
+            match qmp.execute(&Quit {}).await {
+                // QEMU may close the connection before its reply: the quit still happens.
+                Ok(_) | Err(QmpError::Closed) => Ok(()),
+                Err(source) => Err(QemuError::Qmp {
+                    command: "quit",
+                    source,
+                }
+                .into_host("terminate VM")),
+            }
+        };
+        match tokio::time::timeout(self.grace, quit).await {
+            Ok(Ok(())) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Some(exit) = self.wait_exit_for(left).await {
+                    tracing::info!(%exit, "QEMU quit");
+                    return Ok(());
+                }
+                tracing::warn!(grace = ?self.grace, "QEMU did not quit in time; killing it");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::error::chain(&e), "QMP quit failed; killing QEMU")
+            }
+            Err(_) => tracing::warn!(grace = ?self.grace, "QMP quit timed out; killing QEMU"),
+        }
+        self.shared.signal(Which::Qemu, Signal::KILL);
+        match self.wait_exit_for(KILL_WAIT).await {
+            Some(_) => Ok(()),
+            None => Err(HostError::Timeout {
+                operation: "terminate VM",
+                after: self.grace + KILL_WAIT,
+            }),
+        }
+    }
+
+    /// Kill and reap both processes, then remove the runtime directory. Idempotent.
+    #[tracing::instrument(skip_all, fields(vm = %self.id, op = "release"))]
+    async fn release(&self) -> Result<(), HostError> {
+        let started = {
+            let mut procs = self.shared.lock();
+            procs.stopping = true;
+            procs.started
+        };
+        self.shared.stop_and_kill();
+        if !started {
+            self.shared.publish(not_started());
+            self.shared.mark_done_without_start();
+        }
+        let mut done = self.shared.subscribe_done();
+        if tokio::time::timeout(KILL_WAIT, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            return Err(HostError::Timeout {
+                operation: "release VM",
+                after: KILL_WAIT,
+            });
+        }
+        let handle = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            // It has reaped everything and is returning; it never blocks after `done`.
+            if handle.join().is_err() {
+                tracing::error!("the supervisor thread panicked after reaping");
+            }
+        }
+        self.qmp.lock().await.take();
+        match tokio::fs::remove_dir_all(&self.runtime_dir).await {
+            Ok(()) => {
+                tracing::info!(dir = %self.runtime_dir.display(), "VM released");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HostError::Io {
+                operation: "remove the runtime directory",
+                source,
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl VmResources for QemuVm {
+    /// CPU time and RSS of QEMU and vhost-device-vsock together.
+    async fn stats(&self) -> Result<HostStats, HostError> {
+        let procs = self.shared.lock();
+        if procs.qemu_state() != QemuState::Running {
+            return Err(HostError::Gone);
+        }
+        // Read under the lock: the supervisor cannot reap (and the PID cannot be reused) meanwhile.
+        let mut total = HostStats::default();
+        for which in [Which::Qemu, Which::Vsock] {
+            let Some(p) = procs.get(which).filter(|p| !p.reaped) else {
+                continue;
+            };
+            match stats::process_stats(p.pid) {
+                Ok(s) => total = stats::add(total, s),
+                Err(procfs::ProcError::NotFound(_)) if which == Which::Vsock => {}
+                Err(procfs::ProcError::NotFound(_)) => return Err(HostError::Gone),
+                Err(e) => {
+                    return Err(HostError::Failed {
+                        operation: "read process statistics",
+                        message: format!("{} (pid {}): {e}", which.name(), p.pid),
+                    })
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn set_cpu_group(&self, _group_id: &str) -> Result<(), HostError> {
+        // Placing QEMU into a cgroup is future work.
+        Err(HostError::Unsupported {
+            backend: "qemu",
+            operation: "set_cpu_group",
+        })
+    }
+
+    async fn update_cpu_limits(&self, _limits: CpuLimits) -> Result<(), HostError> {
+        // CPU weights/caps need the cgroup placement above.
+        Err(HostError::Unsupported {
+            backend: "qemu",
+            operation: "update_cpu_limits",
+        })
+    }
+
+    /// Balloon the guest to `bytes` (at most the configured memory). The guest's balloon driver
+    /// does the work asynchronously: QEMU accepts the target at once.
+    #[tracing::instrument(skip_all, fields(vm = %self.id, op = "update_memory", bytes))]
+    async fn update_memory(&self, bytes: u64) -> Result<(), HostError> {
+        if bytes == 0 || bytes > self.memory_bytes {
+            return Err(invalid(
+                "memory size",
+                format!(
+                    "{bytes} bytes is outside 1..={} (the configured memory)",
+                    self.memory_bytes
+                ),
+            ));
+        }
+        if bytes % MEMORY_GRANULARITY != 0 {
+            return Err(invalid(
+                "memory size",
+                format!("{bytes} bytes is not a multiple of {MEMORY_GRANULARITY}"),
+            ));
+        }
+        let qmp = self.qmp().await?;
+        match tokio::time::timeout(QMP_TIMEOUT, qmp.execute(&Balloon { value: bytes })).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(QemuError::Qmp {
+                command: "balloon",
+                source,
+            }
+            .into_host("update memory")),
+            Err(_) => Err(HostError::Timeout {
+                operation: "update memory",
+                after: QMP_TIMEOUT,
+            }),
+        }
+    }
+
+    fn memory_granularity(&self) -> u64 {
+        MEMORY_GRANULARITY
+    }
+}
+
+impl Drop for QemuVm {
+    /// Children must not outlive their VM: kill them (the supervisor thread reaps them within
+    /// moments) and remove the runtime directory, if `release` did not.
+    fn drop(&mut self) {
+        let released = *self.shared.subscribe_done().borrow() && !self.runtime_dir.exists();
+        if released {
+            return;
+        }
+        self.shared.stop_and_kill();
+        match std::fs::remove_dir_all(&self.runtime_dir) {
+            Ok(()) => tracing::warn!(vm = %self.id, "VM dropped without release; cleaned up"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(vm = %self.id, error = %e, "removing the runtime directory failed")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "vm_tests.rs"]
+mod tests;

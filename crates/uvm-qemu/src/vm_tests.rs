@@ -1,0 +1,331 @@
+//! Create validation, operations on VMs that never ran, and start failures with stand-in programs
+//! (no QEMU needed: `/bin/false`, shell scripts).
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+struct Fixture {
+    root: tempfile::TempDir,
+    files: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let files = tempfile::tempdir().expect("tempdir");
+        std::fs::write(files.path().join("vmlinux"), b"kernel").expect("write");
+        std::fs::write(files.path().join("initramfs"), b"initramfs").expect("write");
+        Fixture {
+            root: tempfile::tempdir().expect("tempdir"),
+            files,
+        }
+    }
+
+    fn config(&self) -> QemuConfig {
+        QemuConfig {
+            qemu: "/bin/true".into(),
+            vhost_vsock: "/bin/true".into(),
+            kernel: self.files.path().join("vmlinux"),
+            initramfs: self.files.path().join("initramfs"),
+            accel: crate::Accel::Tcg,
+            runtime_root: self.root.path().to_path_buf(),
+            extra_cmdline: String::new(),
+            terminate_grace: Duration::from_secs(1),
+        }
+    }
+
+    /// An executable shell script in the files directory.
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.files.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    fn runtime_entries(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.root.path())
+            .expect("read root")
+            .map(|e| e.expect("entry").path())
+            .collect()
+    }
+}
+
+fn vm_config(memory_mib: u64, cpus: u32) -> VmConfig {
+    VmConfig {
+        memory_mib,
+        cpus,
+        security_policy: None,
+    }
+}
+
+#[test]
+fn create_refuses_too_little_memory() {
+    let f = Fixture::new();
+    let r = QemuBackend::new(f.config()).create_vm("a", &vm_config(63, 1));
+    assert!(
+        matches!(
+            r,
+            Err(HostError::InvalidInput {
+                what: "memory size",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[test]
+fn create_refuses_cpu_counts_outside_1_to_64() {
+    let f = Fixture::new();
+    let backend = QemuBackend::new(f.config());
+    for cpus in [0, 65] {
+        let r = backend.create_vm("a", &vm_config(256, cpus));
+        assert!(
+            matches!(
+                r,
+                Err(HostError::InvalidInput {
+                    what: "CPU count",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[test]
+fn create_refuses_missing_boot_files_and_binaries() {
+    let f = Fixture::new();
+    type Breaks = fn(&mut QemuConfig);
+    let cases: [(&str, Breaks); 4] = [
+        ("kernel", |c| c.kernel = "/nonexistent/vmlinux".into()),
+        ("initramfs", |c| c.initramfs = "/nonexistent/initrd".into()),
+        ("QEMU binary", |c| c.qemu = "/nonexistent/qemu".into()),
+        // A file, but not executable.
+        ("vhost-device-vsock binary", |c| {
+            c.vhost_vsock = c.kernel.clone()
+        }),
+    ];
+    for (expected, breaks) in cases {
+        let mut config = f.config();
+        breaks(&mut config);
+        let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
+        assert!(
+            matches!(&r, Err(HostError::InvalidInput { what, .. }) if *what == expected),
+            "{expected}: {r:?}"
+        );
+    }
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[test]
+fn create_refuses_runtime_roots_unfit_for_sockets_or_qemu_options() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.runtime_root = f.root.path().join("x".repeat(90));
+    let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
+    assert!(
+        matches!(
+            r,
+            Err(HostError::InvalidInput {
+                what: "runtime root",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let mut config = f.config();
+    config.runtime_root = f.root.path().join("a,b");
+    let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
+    assert!(
+        matches!(
+            r,
+            Err(HostError::InvalidInput {
+                what: "runtime root",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[test]
+fn create_failing_on_the_directory_leaves_nothing() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.runtime_root = f.root.path().join("missing");
+    let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
+    assert!(
+        matches!(
+            r,
+            Err(HostError::Io {
+                operation: "create the runtime directory",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[tokio::test]
+async fn create_makes_a_private_runtime_dir_named_after_the_vm() {
+    let f = Fixture::new();
+    let vm = QemuBackend::new(f.config())
+        .create_vm("My VM/42!", &vm_config(256, 2))
+        .expect("create");
+    let dir = vm.runtime_dir().to_path_buf();
+    assert_eq!(dir.parent(), Some(f.root.path()));
+    let name = vm.runtime_id();
+    assert!(name.starts_with("uvm-MyVM42-"), "{name}");
+    assert_eq!(
+        dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+        Some(name)
+    );
+    let mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(
+        vm.guest_endpoint(),
+        GuestEndpoint::HybridVsock {
+            uds: dir.join("vsock.sock")
+        }
+    );
+    assert_eq!(vm.qemu_pid(), None);
+    assert_eq!(vm.boot_marks(), BootMarks::default());
+    vm.release().await.expect("release");
+    assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn resources_are_typed_unsupported_or_checked() {
+    let f = Fixture::new();
+    let vm = QemuBackend::new(f.config())
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    assert!(matches!(
+        vm.set_cpu_group("group").await,
+        Err(HostError::Unsupported {
+            backend: "qemu",
+            operation: "set_cpu_group"
+        })
+    ));
+    assert!(matches!(
+        vm.update_cpu_limits(CpuLimits::default()).await,
+        Err(HostError::Unsupported {
+            backend: "qemu",
+            operation: "update_cpu_limits"
+        })
+    ));
+    assert_eq!(vm.memory_granularity(), 1 << 20);
+    for bytes in [0, 257 << 20, (128 << 20) + 4096] {
+        assert!(
+            matches!(
+                vm.update_memory(bytes).await,
+                Err(HostError::InvalidInput {
+                    what: "memory size",
+                    ..
+                })
+            ),
+            "{bytes}"
+        );
+    }
+    // Valid size, but no VM process.
+    assert!(matches!(
+        vm.update_memory(128 << 20).await,
+        Err(HostError::Gone)
+    ));
+    assert!(matches!(vm.stats().await, Err(HostError::Gone)));
+    vm.release().await.expect("release");
+}
+
+#[tokio::test]
+async fn a_never_started_vm_terminates_and_releases_cleanly() {
+    let f = Fixture::new();
+    let vm = QemuBackend::new(f.config())
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    vm.terminate().await.expect("terminate");
+    vm.release().await.expect("release");
+    vm.release().await.expect("release is idempotent");
+    let exit = vm.wait().await;
+    assert_eq!(exit.reason.as_deref(), Some("not-started"));
+    assert!(f.runtime_entries().is_empty());
+    assert!(matches!(
+        vm.start().await,
+        Err(HostError::Failed {
+            operation: "start VM",
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn dropping_an_unreleased_vm_removes_its_directory() {
+    let f = Fixture::new();
+    let vm = QemuBackend::new(f.config())
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    assert_eq!(f.runtime_entries().len(), 1);
+    drop(vm);
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[tokio::test]
+async fn a_vsock_device_that_exits_fails_start_fast_with_its_output() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.vhost_vsock = f.script("vsock", "echo 'no such device' >&2; exit 3");
+    let vm = QemuBackend::new(config)
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    let r = tokio::time::timeout(Duration::from_secs(5), vm.start())
+        .await
+        .expect("start fails fast");
+    assert!(
+        matches!(&r, Err(HostError::Failed { operation: "start VM", message })
+            if message.contains("vhost-device-vsock exited") && message.contains("no such device")),
+        "{r:?}"
+    );
+    assert_eq!(vm.wait().await.reason.as_deref(), Some("not-started"));
+    assert!(vm.vsock_pid().is_some());
+    assert_eq!(vm.qemu_pid(), None);
+    vm.release().await.expect("release");
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[tokio::test]
+async fn terminate_stops_a_start_that_is_waiting_for_the_vsock_device() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    // Never creates its socket.
+    config.vhost_vsock = f.script("vsock", "exec sleep 30");
+    let vm = Arc::new(
+        QemuBackend::new(config)
+            .create_vm("a", &vm_config(256, 1))
+            .expect("create"),
+    );
+    let starting = tokio::spawn({
+        let vm = vm.clone();
+        async move { vm.start().await }
+    });
+    // Wait until the device process exists.
+    while vm.vsock_pid().is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = vm.vsock_pid().expect("spawned");
+    vm.terminate().await.expect("terminate");
+    let r = tokio::time::timeout(Duration::from_secs(5), starting)
+        .await
+        .expect("start ends promptly")
+        .expect("task ran");
+    assert!(
+        matches!(&r, Err(HostError::Failed { operation: "start VM", message }) if message.contains("stopped")),
+        "{r:?}"
+    );
+    vm.release().await.expect("release");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(f.runtime_entries().is_empty());
+}

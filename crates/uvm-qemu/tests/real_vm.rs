@@ -1,0 +1,371 @@
+//! Real-process tests: they spawn `vhost-device-vsock` and boot `qemu-system-x86_64` (TCG unless
+//! the CPU has vmx/svm). Every test is named `real_vm_*` so the group can be selected
+//! (`cargo test -p uvm-qemu --test real_vm`) or skipped (`--skip real_vm_`), and run with bounded
+//! parallelism (`-- --test-threads=N`). None needs the guest agent: the guest is only booted.
+//!
+//! Boot files: `UVM_KERNEL` + `UVM_INITRAMFS`, else the newest `~/.cache/uvmctl/images/*/`
+//! holding `vmlinux` and `initramfs.cpio.gz` (made by uvm-image). Without them (or without the
+//! binaries) a test prints why and passes without running.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use uvm::seams::{VmConfig, VmLifetime, VmResources};
+use uvm::testing::{FakeGuest, Script};
+use uvm::{Controller, Reason, State, Timeouts};
+use uvm_qemu::{find_binary, QemuBackend, QemuConfig, QemuVm};
+
+/// Keeps the guest alive whatever its `/init` does: a panicking kernel halts instead of
+/// rebooting (later `panic=` wins over the base command line's `panic=-1`).
+const HALT_ON_PANIC: &str = "panic=0";
+
+fn boot_files() -> Result<(PathBuf, PathBuf), String> {
+    if let (Some(k), Some(i)) = (
+        std::env::var_os("UVM_KERNEL"),
+        std::env::var_os("UVM_INITRAMFS"),
+    ) {
+        return Ok((k.into(), i.into()));
+    }
+    let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
+    let images = Path::new(&home).join(".cache/uvmctl/images");
+    let entries = std::fs::read_dir(&images)
+        .map_err(|e| format!("no image cache at {}: {e}", images.display()))?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|d| d.join("vmlinux").is_file() && d.join("initramfs.cpio.gz").is_file())
+        .max_by_key(|d| {
+            std::fs::metadata(d.join("vmlinux"))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .map(|d| (d.join("vmlinux"), d.join("initramfs.cpio.gz")))
+        .ok_or_else(|| format!("no vmlinux + initramfs.cpio.gz under {}", images.display()))
+}
+
+fn binaries_present() -> Result<(), String> {
+    for name in ["qemu-system-x86_64", "vhost-device-vsock"] {
+        if !find_binary(name).is_absolute() {
+            return Err(format!("{name} is not installed"));
+        }
+    }
+    Ok(())
+}
+
+/// A config for a real boot, or the reason there cannot be one.
+fn real_config(root: &Path) -> Result<QemuConfig, String> {
+    binaries_present()?;
+    let (kernel, initramfs) = boot_files()?;
+    let mut config = QemuConfig::new(kernel, initramfs);
+    config.runtime_root = root.to_path_buf();
+    config.extra_cmdline = HALT_ON_PANIC.to_owned();
+    config.terminate_grace = Duration::from_secs(3);
+    Ok(config)
+}
+
+macro_rules! config_or_skip {
+    ($root:expr) => {
+        match real_config($root) {
+            Ok(c) => c,
+            Err(why) => {
+                eprintln!("SKIPPED: {why}");
+                return;
+            }
+        }
+    };
+}
+
+fn short_root() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("uvmq")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+fn small_vm() -> VmConfig {
+    VmConfig {
+        memory_mib: 256,
+        cpus: 1,
+        security_policy: None,
+    }
+}
+
+/// Whether `pid` is (still) a child of this test process — running or a zombie.
+fn is_our_child(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the `(comm)`: state ppid ...
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ppid = after_comm.split_whitespace().nth(1);
+    ppid == Some(std::process::id().to_string().as_str())
+}
+
+fn assert_gone(vm: &QemuVm, pids: &[u32], dir: &Path) {
+    for &pid in pids {
+        assert!(
+            !is_our_child(pid),
+            "process {pid} is still our child (running or zombie)"
+        );
+    }
+    assert!(!dir.exists(), "runtime dir {} remains", dir.display());
+    assert!(vm.qemu_pid().is_some());
+}
+
+async fn started(config: QemuConfig, id: &str) -> QemuVm {
+    let vm = QemuBackend::new(config)
+        .create_vm(id, &small_vm())
+        .expect("create");
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), vm.start())
+        .await
+        .expect("start within 60 s")
+        .expect("start");
+    let m = vm.boot_marks();
+    let ms = |a: Option<Instant>, b: Option<Instant>| {
+        b.zip(a)
+            .map(|(b, a)| b.duration_since(a).as_secs_f64() * 1e3)
+    };
+    eprintln!(
+        "{id}: start() {:.1} ms; vsock spawn→listening {:.1?} ms; qemu spawn→QMP ready {:.1?} ms",
+        t0.elapsed().as_secs_f64() * 1e3,
+        ms(m.vsock_spawned, m.vsock_ready),
+        ms(m.qemu_spawned, m.qmp_ready),
+    );
+    vm
+}
+
+fn console_tail(vm: &QemuVm) -> String {
+    let text = std::fs::read_to_string(&vm.paths().console_log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_boot_stats_quit_release() {
+    let root = short_root();
+    let config = config_or_skip!(root.path());
+    let vm = started(config, "quit").await;
+    let qemu = vm.qemu_pid().expect("qemu spawned");
+    let vsock = vm.vsock_pid().expect("vsock spawned");
+    assert!(is_our_child(qemu) && is_our_child(vsock));
+    // (vhost.sock is gone already: vhost-device-vsock unlinks it once QEMU has connected.)
+    for f in ["vsock.sock", "qmp.sock", "console.log"] {
+        assert!(vm.runtime_dir().join(f).exists(), "{f} missing");
+    }
+
+    // TCG is busy booting: CPU time shows up within a few clock ticks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let s = vm.stats().await.expect("stats");
+        if !s.cpu_time.is_zero() || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("stats: {stats:?}");
+    assert!(!stats.cpu_time.is_zero());
+    assert!(stats.rss_bytes > 1 << 20);
+
+    // QEMU takes the balloon target whether or not the guest's driver is loaded yet.
+    vm.update_memory(128 << 20).await.expect("balloon");
+    assert!(vm.balloon_actual().await.expect("query-balloon") > 0);
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    eprintln!("console:\n{}", console_tail(&vm));
+    vm.terminate().await.expect("terminate");
+    let exit = tokio::time::timeout(Duration::from_secs(5), vm.wait())
+        .await
+        .expect("wait resolves after terminate");
+    assert_eq!(exit.reason.as_deref(), Some("host-qmp-quit"), "{exit:?}");
+    assert_eq!(exit.code, Some(0));
+    assert_eq!(exit.signal, None);
+    // wait() may be called again and concurrently.
+    let (a, b) = tokio::join!(vm.wait(), vm.wait());
+    assert_eq!((&a, &b), (&exit, &exit));
+    // terminate on an ended VM is harmless; stats says it is gone.
+    vm.terminate().await.expect("terminate again");
+    assert!(matches!(vm.stats().await, Err(uvm::HostError::Gone)));
+
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.release().await.expect("release");
+    assert_gone(&vm, &[qemu, vsock], &dir);
+    vm.release().await.expect("release is idempotent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_killed_from_outside_reports_the_signal() {
+    let root = short_root();
+    let config = config_or_skip!(root.path());
+    let vm = started(config, "killed").await;
+    let qemu = vm.qemu_pid().expect("qemu spawned");
+    let vsock = vm.vsock_pid().expect("vsock spawned");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(qemu).expect("pid fits")).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill qemu");
+    let exit = tokio::time::timeout(Duration::from_secs(5), vm.wait())
+        .await
+        .expect("wait resolves after SIGKILL");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert_eq!(exit.code, None);
+    assert_eq!(exit.reason, None);
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.release().await.expect("release");
+    assert_gone(&vm, &[qemu, vsock], &dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_terminate_kills_a_qemu_that_does_not_answer() {
+    let root = short_root();
+    let mut config = config_or_skip!(root.path());
+    config.terminate_grace = Duration::from_millis(500);
+    let vm = started(config, "stopped").await;
+    let qemu = vm.qemu_pid().expect("qemu spawned");
+    let vsock = vm.vsock_pid().expect("vsock spawned");
+    // A stopped QEMU cannot answer QMP: terminate must escalate to SIGKILL after the grace.
+    let pid = rustix::process::Pid::from_raw(i32::try_from(qemu).expect("pid fits")).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("stop qemu");
+    let t0 = Instant::now();
+    vm.terminate().await.expect("terminate");
+    eprintln!("terminate took {:?}", t0.elapsed());
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+    assert_eq!(vm.wait().await.signal, Some(9));
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.release().await.expect("release");
+    assert_gone(&vm, &[qemu, vsock], &dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_dropping_the_vm_kills_and_reaps_its_processes() {
+    let root = short_root();
+    let config = config_or_skip!(root.path());
+    let vm = started(config, "dropped").await;
+    let pids = [
+        vm.qemu_pid().expect("qemu spawned"),
+        vm.vsock_pid().expect("vsock spawned"),
+    ];
+    let dir = vm.runtime_dir().to_path_buf();
+    drop(vm);
+    assert!(!dir.exists());
+    // The supervisor thread reaps them right after the kill.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| is_our_child(p)) {
+        assert!(Instant::now() < deadline, "children not reaped after drop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_qemu_exiting_at_once_fails_start_and_ends_the_vsock_device() {
+    if let Err(why) = binaries_present() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let root = short_root();
+    let files = tempfile::tempdir().expect("tempdir");
+    let fake_qemu = files.path().join("qemu");
+    std::fs::write(
+        &fake_qemu,
+        "#!/bin/sh\necho 'qemu: bad option' >&2\nexit 1\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(
+        &fake_qemu,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::fs::write(files.path().join("k"), b"k").expect("write");
+    let mut config = QemuConfig::new(files.path().join("k"), files.path().join("k"));
+    config.qemu = fake_qemu;
+    config.runtime_root = root.path().to_path_buf();
+    let vm = QemuBackend::new(config)
+        .create_vm("bad", &small_vm())
+        .expect("create");
+    let r = tokio::time::timeout(Duration::from_secs(10), vm.start())
+        .await
+        .expect("start fails fast");
+    assert!(
+        matches!(&r, Err(uvm::HostError::Failed { operation: "start VM", message })
+            if message.contains("qemu exited") && message.contains("bad option")),
+        "{r:?}"
+    );
+    let exit = vm.wait().await;
+    assert_eq!((exit.code, exit.reason.as_deref()), (Some(1), None));
+    let pids = [
+        vm.qemu_pid().expect("spawned"),
+        vm.vsock_pid().expect("spawned"),
+    ];
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.release().await.expect("release");
+    assert_gone(&vm, &pids, &dir);
+}
+
+fn controller(config: QemuConfig, id: &str) -> Controller {
+    let guest = Arc::new(FakeGuest::new(Script::default()));
+    Controller::new(
+        id,
+        Arc::new(QemuBackend::new(config)),
+        guest,
+        Timeouts::default(),
+    )
+}
+
+fn runtime_dirs(root: &Path) -> usize {
+    std::fs::read_dir(root).map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_controller_starts_and_terminates_a_qemu_vm() {
+    let root = short_root();
+    let config = config_or_skip!(root.path());
+    let c = controller(config, "ctl-quit");
+    c.create_vm(small_vm()).await.expect("create_vm");
+    assert_eq!(runtime_dirs(root.path()), 1);
+    c.start_vm().await.expect("start_vm");
+    assert_eq!(c.state(), State::Running);
+    let stats = c.stats().await.expect("stats");
+    assert!(stats.rss_bytes > 0);
+    assert_eq!(
+        c.update_memory(100 << 20).await.expect("update_memory"),
+        100 << 20
+    );
+    assert!(matches!(
+        c.update_cpu_group("g").await,
+        Err(uvm::ControllerError::Host {
+            source: uvm::HostError::Unsupported { .. },
+            ..
+        })
+    ));
+    c.terminate_vm().await.expect("terminate_vm");
+    assert_eq!(c.state(), State::Terminated);
+    let status = c.exit_status().expect("exit status");
+    let exit = status.exit.expect("the VM ran");
+    assert_eq!(exit.reason.as_deref(), Some("host-qmp-quit"), "{exit:?}");
+    assert_eq!(runtime_dirs(root.path()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_controller_sees_a_guest_that_ends_by_itself() {
+    let root = short_root();
+    let mut config = config_or_skip!(root.path());
+    // No init anywhere: the kernel panics and reboots (panic=-1), which -no-reboot makes an exit.
+    config.extra_cmdline = "rdinit=/nonexistent root=/dev/nonexistent".to_owned();
+    let c = controller(config, "ctl-reset");
+    c.create_vm(small_vm()).await.expect("create_vm");
+    c.start_vm().await.expect("start_vm");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.state() == State::Running {
+        assert!(Instant::now() < deadline, "the guest never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.state(), State::Terminated);
+    let status = c.exit_status().expect("exit status");
+    let Reason::Exited(exit) = &status.reason else {
+        panic!("not an exit: {:?}", status.reason);
+    };
+    assert_eq!(exit.reason.as_deref(), Some("guest-reset"), "{exit:?}");
+    assert_eq!(exit.code, Some(0));
+    // The controller released the VM after its exit: nothing of it remains.
+    assert_eq!(runtime_dirs(root.path()), 0);
+}

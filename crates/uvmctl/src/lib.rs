@@ -1,0 +1,156 @@
+//! uvmctl as a library: wiring the controller to the QEMU backend, the vsock guest link and the
+//! guest image — shared by the CLI, the benchmarks and the real-VM tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use uvm::seams::VmConfig;
+use uvm::{Controller, ControllerError, Timeouts};
+use uvm_guest::{GuestLinkConfig, VsockGuest};
+use uvm_image::{Image, ImageError, ImageSpec};
+use uvm_qemu::{Accel, QemuBackend, QemuConfig};
+
+/// What can go wrong around the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum UvmctlError {
+    #[error("preparing the guest image failed")]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
+}
+
+/// How to make a VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub timeouts: Timeouts,
+    /// Where runtime directories go (default: the system temp dir).
+    pub runtime_root: Option<PathBuf>,
+    /// Appended to the guest kernel command line.
+    pub extra_cmdline: String,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            memory_mib: 256,
+            cpus: 1,
+            accel: Accel::Auto,
+            timeouts: Timeouts::default(),
+            runtime_root: None,
+            extra_cmdline: String::new(),
+        }
+    }
+}
+
+/// The default guest image, built on first use and cached by content.
+pub fn default_image() -> Result<Image, UvmctlError> {
+    let spec = ImageSpec::from_env()?;
+    Ok(uvm_image::ensure_image(&spec)?)
+}
+
+/// One utility VM: its controller and the concrete pieces under it.
+#[derive(Debug)]
+pub struct Vm {
+    pub id: String,
+    pub controller: Controller,
+    pub guest: VsockGuest,
+    pub options: VmOptions,
+}
+
+/// Host-clock marks of one boot, for `--timings` and the benchmark.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimings {
+    /// create_vm (runtime dir, validation).
+    pub create: Duration,
+    /// start_vm called → guest announce listener bound.
+    pub prepare: Duration,
+    /// listener bound → the guest announced itself (QEMU spawn + firmware + kernel + agent init).
+    pub to_announce: Duration,
+    /// Guest's own clock: kernel start → agent (`/init`) start.
+    pub guest_kernel_to_init: Duration,
+    /// Guest's own clock: agent start → announce.
+    pub guest_init_to_ready: Duration,
+    /// announce → handshake done.
+    pub handshake: Duration,
+    /// start_vm called → Running.
+    pub start: Duration,
+}
+
+impl Vm {
+    /// A NotCreated VM with a fresh id, over the QEMU backend and the vsock guest link.
+    pub fn new(image: &Image, options: VmOptions) -> Vm {
+        let id = new_vm_id();
+        let mut qemu = QemuConfig::new(image.kernel.clone(), image.initramfs.clone());
+        qemu.accel = options.accel;
+        qemu.extra_cmdline = options.extra_cmdline.clone();
+        if let Some(root) = &options.runtime_root {
+            qemu.runtime_root = root.clone();
+        }
+        let backend = Arc::new(QemuBackend::new(qemu));
+        let mut link = GuestLinkConfig::new(id.clone());
+        link.call_timeout = options.timeouts.guest_call;
+        let guest = VsockGuest::new(link);
+        let controller = Controller::new(
+            id.clone(),
+            backend,
+            Arc::new(guest.clone()),
+            options.timeouts,
+        );
+        Vm {
+            id,
+            controller,
+            guest,
+            options,
+        }
+    }
+
+    /// create_vm + start_vm, with the boot's phase marks.
+    pub async fn boot(&self) -> Result<BootTimings, ControllerError> {
+        let t0 = Instant::now();
+        self.controller
+            .create_vm(VmConfig {
+                memory_mib: self.options.memory_mib,
+                cpus: self.options.cpus,
+                security_policy: None,
+            })
+            .await?;
+        let t1 = Instant::now();
+        self.controller.start_vm().await?;
+        let t2 = Instant::now();
+        let marks = self.guest.marks();
+        let info = self.controller.guest_info().unwrap_or_default();
+        let since = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a),
+            _ => Duration::ZERO,
+        };
+        Ok(BootTimings {
+            create: t1 - t0,
+            prepare: since(Some(t1), marks.prepared),
+            to_announce: since(marks.prepared, marks.announced),
+            guest_kernel_to_init: info.kernel_to_init,
+            guest_init_to_ready: info.init_to_ready,
+            handshake: since(marks.announced, marks.handshaken),
+            start: t2 - t1,
+        })
+    }
+}
+
+/// A short unique VM id: time-derived and process-derived, no randomness source needed.
+pub fn new_vm_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:x}{:04x}{:x}",
+        std::process::id() & 0xffff,
+        nanos >> 16,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}

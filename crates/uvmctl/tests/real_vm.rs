@@ -1,0 +1,294 @@
+//! Real-VM tests: they boot QEMU (TCG here) with our kernel/initramfs and agent. Every test is
+//! named `real_vm_*` so nextest runs at most a few at once (`.config/nextest.toml`), and every test
+//! checks at its end that no process of its VM remains and its runtime directory is gone.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use uvm::seams::ExecRequest;
+use uvm::{ControllerError, GuestError, Reason, SeamError, StartStep, State, Timeouts};
+use uvmctl::{default_image, Vm, VmOptions};
+
+/// A VM under test with its own runtime root, so leaks can be found by path.
+struct TestVm {
+    vm: Vm,
+    root: tempfile::TempDir,
+}
+
+fn options(root: &Path) -> VmOptions {
+    VmOptions {
+        runtime_root: Some(root.to_path_buf()),
+        timeouts: Timeouts {
+            guest_connect: Duration::from_secs(90),
+            ..Timeouts::default()
+        },
+        ..VmOptions::default()
+    }
+}
+
+fn new_vm_with(f: impl FnOnce(&mut VmOptions)) -> TestVm {
+    let image = default_image().expect("guest image (run `make agent` and scripts/setup.sh)");
+    let root = tempfile::Builder::new()
+        .prefix("uvmt")
+        .tempdir_in("/tmp")
+        .expect("runtime root");
+    let mut opts = options(root.path());
+    f(&mut opts);
+    TestVm {
+        vm: Vm::new(&image, opts),
+        root,
+    }
+}
+
+async fn booted() -> TestVm {
+    let t = new_vm_with(|_| {});
+    t.vm.boot().await.expect("boot");
+    assert_eq!(t.vm.controller.state(), State::Running);
+    t
+}
+
+/// PIDs of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if cmdline.windows(needle.len()).any(|w| w == needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+impl TestVm {
+    /// Terminates the VM and asserts nothing of it is left: no process, no runtime directory.
+    async fn finish(self) {
+        self.vm.controller.terminate_vm().await.expect("terminate");
+        assert_eq!(self.vm.controller.state(), State::Terminated);
+        self.assert_clean();
+    }
+
+    fn assert_clean(&self) {
+        let root = self.root.path();
+        let left = processes_mentioning(root);
+        assert!(left.is_empty(), "processes of the VM remain: {left:?}");
+        let entries: Vec<PathBuf> = std::fs::read_dir(root)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(entries.is_empty(), "runtime files remain: {entries:?}");
+    }
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Sink {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("sink")).into_owned()
+    }
+}
+
+impl tokio::io::AsyncWrite for Sink {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.lock().expect("sink").extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+async fn exec(vm: &Vm, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
+    let (out, err) = (Sink::default(), Sink::default());
+    let mut req = ExecRequest::new(args.iter().copied());
+    req.stdout = Some(Box::new(out.clone()));
+    req.stderr = Some(Box::new(err.clone()));
+    if let Some(input) = stdin {
+        req.stdin = Some(Box::new(std::io::Cursor::new(input.to_vec())));
+    }
+    let code = vm.controller.exec_into_host(req).await.expect("exec");
+    (code, out.text(), err.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_boots_and_exec_of_uname_prints_linux() {
+    let t = booted().await;
+    let (code, out, _) = exec(&t.vm, &["uname", "-a"], None).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("Linux "), "{out:?}");
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_a_non_zero_exit_code_and_stderr_propagate() {
+    let t = booted().await;
+    let (code, out, err) = exec(&t.vm, &["sh", "-c", "echo oops >&2; exit 7"], None).await;
+    assert_eq!((code, out.as_str(), err.as_str()), (7, "", "oops\n"));
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_stdin_round_trips_through_the_guest() {
+    let t = booted().await;
+    let input: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    let (code, out, _) = exec(&t.vm, &["cat"], Some(&input)).await;
+    assert_eq!(code, 0);
+    assert_eq!(out.as_bytes(), &input[..], "stdin came back byte for byte");
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_dump_stacks_and_stats_answer() {
+    let t = booted().await;
+    let stacks = t.vm.controller.dump_stacks().await.expect("dump stacks");
+    assert!(!stacks.trim().is_empty());
+    let host = t.vm.controller.stats().await.expect("host stats");
+    assert!(
+        host.rss_bytes > 0 && host.cpu_time > Duration::ZERO,
+        "{host:?}"
+    );
+    let guest = t.vm.controller.guest_stats().await.expect("guest stats");
+    assert!(
+        guest.mem_total_bytes > 0 && guest.uptime > Duration::ZERO,
+        "{guest:?}"
+    );
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_terminate_ends_terminated_with_an_exit_status() {
+    let t = booted().await;
+    t.vm.controller.terminate_vm().await.expect("terminate");
+    let status = t.vm.controller.exit_status().expect("terminated");
+    assert_eq!(status.reason, Reason::TerminateRequested);
+    assert!(status.exit.is_some(), "the VM process's exit was recorded");
+    t.vm.controller
+        .wait(&CancellationToken::new())
+        .await
+        .expect("wait returns after terminate");
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_qemu_killed_from_outside_ends_terminated_and_releases_pending_calls() {
+    let t = booted().await;
+    let root = t.root.path().to_path_buf();
+    let controller = t.vm.controller.clone();
+    let pending = tokio::spawn(async move {
+        controller
+            .exec_into_host(ExecRequest::new(["sleep", "600"]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let qemu: Vec<u32> = processes_mentioning(&root)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().starts_with("qemu"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert_eq!(qemu.len(), 1, "exactly one QEMU for this VM: {qemu:?}");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(qemu[0]).expect("pid fits"))
+        .expect("non-zero pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill QEMU");
+
+    let err = tokio::time::timeout(Duration::from_secs(30), pending)
+        .await
+        .expect("the pending exec is released")
+        .expect("join")
+        .expect_err("the VM died");
+    assert!(
+        matches!(
+            err,
+            ControllerError::Guest {
+                source: GuestError::ConnectionLost,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        t.vm.controller.wait(&CancellationToken::new()),
+    )
+    .await
+    .expect("wait returns")
+    .expect("wait");
+    assert_eq!(t.vm.controller.state(), State::Terminated);
+    let status = t.vm.controller.exit_status().expect("terminated");
+    assert!(
+        matches!(status.reason, Reason::Exited(ref e) if e.signal == Some(9)),
+        "{status:?}"
+    );
+    // The waiter released the VM: nothing left even before anyone calls terminate.
+    t.assert_clean();
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_an_agent_that_never_connects_fails_start_at_its_deadline() {
+    // rdinit=/bin/sh: the guest boots into a shell instead of our agent and never announces.
+    let t = new_vm_with(|o| {
+        o.timeouts.guest_connect = Duration::from_secs(8);
+        o.extra_cmdline = "rdinit=/bin/sh".into();
+    });
+    let err = t.vm.boot().await.expect_err("no agent");
+    assert!(
+        matches!(
+            err,
+            ControllerError::StartFailed {
+                step: StartStep::ConnectGuest,
+                source: SeamError::Guest(GuestError::Timeout { .. }),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(t.vm.controller.state(), State::Invalid);
+    t.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_terminate_during_boot_cancels_the_start_and_cleans_up() {
+    let t = new_vm_with(|_| {});
+    let controller = t.vm.controller.clone();
+    let vm_boot = async { t.vm.boot().await };
+    let terminate = async {
+        // Let QEMU get going, then pull the plug while the guest is still booting.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        controller.terminate_vm().await
+    };
+    let (booted, terminated) = tokio::join!(vm_boot, terminate);
+    terminated.expect("terminate");
+    assert!(
+        matches!(booted, Err(ControllerError::StartCancelled { .. })),
+        "{booted:?}"
+    );
+    assert_eq!(t.vm.controller.state(), State::Terminated);
+    t.finish().await;
+}
