@@ -3,7 +3,7 @@
 //! announcing itself — plus a hostile guest sending garbage.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -11,6 +11,7 @@ use tokio::net::{UnixListener, UnixStream};
 use uvm::seams::{
     ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, LinkHealth,
 };
+use uvm::testing::Capture;
 use uvm::GuestError;
 use uvm_agent::clock::{self, BootTimes};
 use uvm_agent::power::ShutdownAction;
@@ -134,38 +135,6 @@ fn ready(log: &[&str]) -> Vec<u8> {
     v
 }
 
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Sink {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("sink")).into_owned()
-    }
-}
-
-impl tokio::io::AsyncWrite for Sink {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.lock().expect("sink").extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 const CALL: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,7 +150,7 @@ async fn connect_after_the_announcement_then_exec_streams_output_and_exit_code()
         "the announce listener is gone once the guest connected"
     );
 
-    let (out, err) = (Sink::default(), Sink::default());
+    let (out, err) = (Capture::default(), Capture::default());
     let mut req = ExecRequest::new(["sh", "-c", "echo out; echo err >&2; exit 3"]);
     req.stdout = Some(Box::new(out.clone()));
     req.stderr = Some(Box::new(err.clone()));
@@ -190,7 +159,7 @@ async fn connect_after_the_announcement_then_exec_streams_output_and_exit_code()
     assert_eq!(out.text(), "out\n");
     assert_eq!(err.text(), "err\n");
 
-    let out = Sink::default();
+    let out = Capture::default();
     let mut req = ExecRequest::new(["cat"]);
     req.stdin = Some(Box::new(std::io::Cursor::new(b"round trip\n".to_vec())));
     req.stdout = Some(Box::new(out.clone()));

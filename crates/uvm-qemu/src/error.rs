@@ -72,17 +72,7 @@ impl QemuError {
     }
 }
 
-/// An error and its sources joined with ": ".
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
+pub(crate) use uvm::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{lock, with_deadline, CleanupOwner, Controller, Inner};
-use crate::error::{ControllerError, HostError, SeamError};
+use crate::error::{error_chain, ControllerError, HostError, SeamError};
 use crate::seams::HostVm;
 use crate::state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};
 
@@ -336,16 +336,4 @@ async fn close_and_release(inner: &Inner, vm: Option<&dyn HostVm>) -> Result<(),
             after: t.release,
         }),
     }
-}
-
-/// An error and its sources, joined with ": ", for logs and reasons.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }

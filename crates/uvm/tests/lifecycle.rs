@@ -2,11 +2,9 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use tokio_util::sync::CancellationToken;
 use uvm::seams::{ExecRequest, SecurityPolicy, VmConfig};
-use uvm::testing::{Call, Fakes};
+use uvm::testing::{Call, Capture, Fakes};
 use uvm::{ControllerError, Operation, Reason, State, VmExit};
 
 #[tokio::test]
@@ -91,43 +89,16 @@ async fn terminate_vm_on_not_created_is_a_noop() {
 
 // --- API delegation (4) ---
 
-/// An `AsyncWrite` that appends into a shared buffer.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl tokio::io::AsyncWrite for Sink {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.lock().expect("sink lock").extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 #[tokio::test]
 async fn exec_into_host_forwards_the_guest_exit_code_and_output() {
     let f = common::running().await;
     f.guest.set_exec_result(b"hello\n", 42);
-    let sink = Sink::default();
+    let sink = Capture::default();
     let mut request = ExecRequest::new(["echo", "hello"]);
     request.stdout = Some(Box::new(sink.clone()));
     let code = f.controller.exec_into_host(request).await.expect("exec");
     assert_eq!(code, 42);
-    assert_eq!(&*sink.0.lock().expect("lock"), b"hello\n");
+    assert_eq!(sink.bytes(), b"hello\n");
     assert_eq!(f.script.calls(), vec![Call::Exec]);
 }
 
