@@ -411,6 +411,8 @@ async fn read_loop<R: AsyncBufRead + Unpin, G>(
         match read_line(&mut read, &mut line).await {
             Ok(true) => {}
             Ok(false) => break,
+            // A reset is how QEMU's exit often looks from here: the end, not a failure.
+            Err(QmpError::Closed) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "QMP connection failed");
                 break;
