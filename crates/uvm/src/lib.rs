@@ -3,7 +3,7 @@
 //! The Rust counterpart of hcsshim's VM controller (`internal/controller/vm`): one [`Controller`]
 //! per utility VM drives a host backend ([`seams::VmBackend`] / [`seams::HostVm`]) and a guest link
 //! ([`seams::Guest`]) through the lifecycle below. This crate does no I/O of its own: every
-//! failure path is testable with the recording fakes in [`testing`] (feature `testing`).
+//! failure path is testable with the recording fakes in `uvm::testing` (feature `testing`).
 //!
 //! ```text
 //!                 create_vm ok            start_vm ok
