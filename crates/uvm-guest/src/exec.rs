@@ -1,6 +1,8 @@
 //! Exec over the agent's long-poll API: start the process, pump stdin/stdout/stderr as separate
 //! concurrent RPC streams, wait for the exit code.
 
+use std::time::Duration;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uvm::seams::ExecRequest;
 use uvm::GuestError;
@@ -11,6 +13,9 @@ use uvm_agent_proto::{MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK};
 
 use crate::link::VsockGuest;
 
+/// How long output may still flow after the exit status arrived; longer than the agent's own
+/// linger (2 s), after which it ends the streams.
+const OUTPUT_GRACE: Duration = Duration::from_secs(5);
 /// Size of one stdin write.
 const STDIN_CHUNK: usize = 64 << 10;
 
@@ -102,26 +107,42 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         }
     };
     let outputs = async { tokio::try_join!(out, err) };
+    tokio::pin!(outputs);
 
-    // Output first, then the exit status: the agent forgets a process once it was waited for, so
-    // the output must have reached EOF by then. The process may run as long as it likes: no
-    // deadline here; closing the link (VM exit, terminate) releases everything.
-    let outputs = outputs.await;
-    if let Some(p) = stdin_pump {
-        p.abort();
-    }
-    outputs?;
+    // Output and exit status concurrently: the agent keeps a waited-for process readable until
+    // its output was taken (or, with a background child holding the pipes, `OUTPUT_LINGER` after
+    // the exit, when it ends the streams). The process may run as long as it likes: no deadline
+    // on the wait; closing the link (VM exit, terminate) releases everything.
     let wait_req = ProcessRef {
         exec_id: exec_id.clone(),
         ..ProcessRef::default()
     };
-    let status = link
-        .call(
-            "wait for the process",
-            None,
-            client.wait_process(VsockGuest::ctx(None), &wait_req),
-        )
-        .await?;
+    let waited = link.call(
+        "wait for the process",
+        None,
+        client.wait_process(VsockGuest::ctx(None), &wait_req),
+    );
+    tokio::pin!(waited);
+    let mut outputs_done = false;
+    let status = loop {
+        tokio::select! {
+            r = &mut waited => break r,
+            r = &mut outputs, if !outputs_done => {
+                r?;
+                outputs_done = true;
+            }
+        }
+    };
+    if let Some(p) = stdin_pump {
+        p.abort();
+    }
+    let status = status?;
+    if !outputs_done {
+        match tokio::time::timeout(OUTPUT_GRACE, &mut outputs).await {
+            Ok(r) => drop(r?),
+            Err(_) => tracing::warn!(exec_id, "exec output did not end after the process exited"),
+        }
+    }
     Ok(status.exit_code)
 }
 
@@ -141,13 +162,21 @@ async fn pump(
         ..ReadOutputRequest::default()
     };
     loop {
-        let chunk = link
+        let chunk = match link
             .call(
                 "read output",
                 None,
                 client.read_output(VsockGuest::ctx(None), &req),
             )
-            .await?;
+            .await
+        {
+            Ok(chunk) => chunk,
+            // The agent forgot the process after its exit and linger: its output is over.
+            Err(GuestError::Rejected { message, .. }) if message.starts_with("NOT_FOUND") => {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(sink) = sink.as_mut() {
             if !chunk.data.is_empty() {
                 sink.write_all(&chunk.data)

@@ -284,3 +284,22 @@ async fn close_before_connect_releases_a_waiting_connect_and_log_wait() {
         .await
         .expect("nothing to drain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_whose_background_child_keeps_the_pipes_open_still_returns() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    let out = Capture::default();
+    let mut req = ExecRequest::new(["sh", "-c", "sleep 60 & echo $!; exit 4"]);
+    req.stdout = Some(out.writer());
+    // Without the agent's linger this would last as long as the background sleep.
+    let code = tokio::time::timeout(Duration::from_secs(30), h.link.exec(req))
+        .await
+        .expect("the exec returns while its background child still runs")
+        .expect("exec");
+    assert_eq!(code, 4);
+    let pid: i32 = out.text().trim().parse().expect("the background pid");
+    let pid = rustix::process::Pid::from_raw(pid).expect("non-zero");
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+}

@@ -26,6 +26,9 @@ pub use spawn::{ExecSpec, DEFAULT_PATH};
 pub use stdin::Stdin;
 
 use crate::error::ApiError;
+
+/// How long a waited-for process stays readable for output still in its pipes.
+pub const OUTPUT_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::{error, warn};
 
 /// How a process ended, as a shell reports it.
@@ -96,8 +99,8 @@ pub struct Proc {
     /// Its stderr (at EOF from the start on a terminal).
     pub stderr: Arc<OutputBuf>,
     exit: watch::Sender<Option<Exit>>,
-    /// Dropped with the process: ends its output pumps.
-    _stop_pumps: watch::Sender<()>,
+    /// Dropped with the process, or fired by [`Processes::wait`]: ends its output pumps.
+    stop_pumps: watch::Sender<()>,
 }
 
 impl Proc {
@@ -197,7 +200,7 @@ impl Processes {
             stdout,
             stderr,
             exit: watch::channel(None).0,
-            _stop_pumps: stop_tx,
+            stop_pumps: stop_tx,
         });
         table.by_id.insert(exec_id, proc.clone());
         table.by_pid.insert(pid_i32(spawned.pid), proc.clone());
@@ -218,7 +221,11 @@ impl Processes {
             })
     }
 
-    /// Waits until `exec_id` exited, then forgets it.
+    /// Waits until `exec_id` exited, then forgets it — once its output was read to the end, or
+    /// [`OUTPUT_LINGER`] after the exit, whichever comes first. The linger lets the host read
+    /// concurrently with the wait; its bound keeps a background child that holds the pipes open
+    /// (`sh -c 'daemon &'`) from keeping the exec alive: its output pumps are stopped then and
+    /// pending reads see EOF.
     pub async fn wait(&self, exec_id: &str) -> Result<Exit, ApiError> {
         let proc = self.get(exec_id)?;
         let mut rx = proc.exit.subscribe();
@@ -230,6 +237,11 @@ impl Processes {
             .ok_or_else(|| ApiError::UnknownExecId {
                 exec_id: exec_id.to_owned(),
             })?;
+        let drained =
+            async { tokio::join!(proc.stdout.until_drained(), proc.stderr.until_drained()) };
+        if tokio::time::timeout(OUTPUT_LINGER, drained).await.is_err() {
+            proc.stop_pumps.send_replace(());
+        }
         let mut table = self.lock();
         if table
             .by_id

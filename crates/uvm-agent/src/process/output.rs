@@ -88,6 +88,27 @@ impl OutputBuf {
         }
     }
 
+    /// Waits until the stream ended and every byte was taken by a reader.
+    pub async fn until_drained(&self) {
+        loop {
+            let changed = self.changed.notified();
+            let drained = self.drained.notified();
+            tokio::pin!(changed, drained);
+            changed.as_mut().enable();
+            drained.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.eof && state.data.is_empty() {
+                    return;
+                }
+            }
+            tokio::select! {
+                () = changed => {}
+                () = drained => {}
+            }
+        }
+    }
+
     /// Bytes currently buffered (for diagnostics).
     pub fn buffered(&self) -> usize {
         self.lock().data.len()
