@@ -4,6 +4,7 @@
 #     backported qemu-utils these machines carry;
 #   - busybox-static (guest userland), xz-utils and cpio (inspecting images by hand);
 #   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
+#   - linux-source-6.1 and the kernel build tools (for scripts/build-kernel.sh);
 #   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
 #   - cargo-nextest.
 # Idempotent: a second run only checks and takes seconds. Needs root (or sudo) for apt.
@@ -235,12 +236,29 @@ setup_nextest() {
     cargo install --locked --quiet cargo-nextest </dev/null
 }
 
+# ---------------------------------------------------------------- kernel sources
+# scripts/build-kernel.sh builds our own guest kernel (kernel/uvm.config) from Debian's kernel
+# source package; these are the source tarball and what `make vmlinux` needs.
+setup_kernel_source() {
+    local missing=() p
+    for p in linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    else
+        say "linux-source-6.1 and the kernel build dependencies present"
+    fi
+    compgen -G "/usr/src/linux-source-6.1.tar.*" >/dev/null || die "no /usr/src/linux-source-6.1.tar.* after installing linux-source-6.1"
+}
+
 main() {
     local start=$SECONDS
     setup_qemu
     setup_debs
     [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
     setup_kernel
+    setup_kernel_source
     setup_vhost_vsock
     setup_nextest
     say "done in $((SECONDS - start)) s"

@@ -1,5 +1,6 @@
 //! The image cache: content-addressed image directories, built beside their final place and
-//! renamed into it.
+//! renamed into it. The id covers the kernel flavour and the kernel's bytes, so images of our
+//! kernel and of Debian's never share a cache entry.
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -9,9 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
+use crate::flavor::check_our_vmlinux;
 use crate::initramfs::{write_initramfs, Contents};
 use crate::modules::{read_module_decompressed, KernelTree, ModuleFile};
-use crate::{check_static, kernel, Image, ImageError, ImageSpec, GUEST_MODULES};
+use crate::{check_static, kernel, Image, ImageError, ImageSpec, KernelFlavor, GUEST_MODULES};
 
 /// Bumped whenever the layout or contents of an image change for the same inputs, so that old
 /// cached images are not reused by a newer builder.
@@ -61,14 +63,24 @@ fn read(path: &Path) -> Result<Vec<u8>, ImageError> {
 /// Every input of an image, read once: hashed for the id and, on a miss, built from.
 struct Inputs {
     id: String,
-    /// SHA-256 (hex) over the vmlinuz alone: names the shared `kernels/<kernel_id>.vmlinux`.
+    /// SHA-256 (hex) over the kernel alone: names the shared `kernels/<kernel_id>.vmlinux`.
     kernel_id: String,
     agent: Vec<u8>,
     busybox: Vec<u8>,
-    vmlinuz_path: PathBuf,
-    vmlinuz: Vec<u8>,
-    /// The module files in load order with their bytes as stored on the host.
-    modules: Vec<(ModuleFile, Vec<u8>)>,
+    kernel: KernelInput,
+}
+
+/// The kernel side of the inputs, per flavour.
+enum KernelInput {
+    /// Debian's: the bzImage to extract the vmlinux from, and the modules the guest loads.
+    Debian {
+        vmlinuz_path: PathBuf,
+        vmlinuz: Vec<u8>,
+        /// The module files in load order with their bytes as stored on the host.
+        modules: Vec<(ModuleFile, Vec<u8>)>,
+    },
+    /// Ours: the ELF vmlinux itself (already checked), and no modules.
+    Ours { vmlinux: Vec<u8> },
 }
 
 impl Inputs {
@@ -78,24 +90,52 @@ impl Inputs {
         check_static(&spec.agent, &agent)?;
         let busybox = read(&spec.busybox)?;
         check_static(&spec.busybox, &busybox)?;
-        let tree = KernelTree::locate(&spec.kernel_root)?;
-        let vmlinuz = read(&tree.vmlinuz)?;
-        let modules = tree
-            .load_order(GUEST_MODULES)?
-            .into_iter()
-            .map(|m| read(&m.path).map(|bytes| (m, bytes)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let kernel = match spec.kernel {
+            KernelFlavor::Debian => {
+                let tree = KernelTree::locate(&spec.kernel_root)?;
+                let vmlinuz = read(&tree.vmlinuz)?;
+                let modules = tree
+                    .load_order(GUEST_MODULES)?
+                    .into_iter()
+                    .map(|m| read(&m.path).map(|bytes| (m, bytes)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                KernelInput::Debian {
+                    vmlinuz_path: tree.vmlinuz,
+                    vmlinuz,
+                    modules,
+                }
+            }
+            KernelFlavor::Ours => {
+                let vmlinux = read(&spec.our_vmlinux)?;
+                check_our_vmlinux(&spec.our_vmlinux, &vmlinux)?;
+                KernelInput::Ours { vmlinux }
+            }
+        };
 
-        let kernel_id = hash(&[("format", FORMAT_VERSION.as_bytes()), ("vmlinuz", &vmlinuz)]);
+        let flavor = spec.kernel.name().as_bytes();
+        let kernel_id = match &kernel {
+            // Unchanged from before flavours existed, so that the extracted kernel is reused.
+            KernelInput::Debian { vmlinuz, .. } => {
+                hash(&[("format", FORMAT_VERSION.as_bytes()), ("vmlinuz", vmlinuz)])
+            }
+            KernelInput::Ours { vmlinux } => hash(&[
+                ("format", FORMAT_VERSION.as_bytes()),
+                ("flavor", flavor),
+                ("vmlinux", vmlinux),
+            ]),
+        };
         let mut fields = vec![
             ("format", FORMAT_VERSION.as_bytes()),
             ("agent", &agent),
             ("busybox", &busybox),
+            ("flavor", flavor),
             ("kernel", kernel_id.as_bytes()),
         ];
-        for (m, bytes) in &modules {
-            fields.push(("module", m.rel.as_bytes()));
-            fields.push(("bytes", bytes));
+        if let KernelInput::Debian { modules, .. } = &kernel {
+            for (m, bytes) in modules {
+                fields.push(("module", m.rel.as_bytes()));
+                fields.push(("bytes", bytes));
+            }
         }
         let id = hash(&fields);
         Ok(Inputs {
@@ -103,9 +143,7 @@ impl Inputs {
             kernel_id,
             agent,
             busybox,
-            vmlinuz_path: tree.vmlinuz,
-            vmlinuz,
-            modules,
+            kernel,
         })
     }
 }
@@ -143,16 +181,22 @@ fn build(spec: &ImageSpec, inputs: &Inputs, force: bool) -> Result<Image, ImageE
     place_vmlinux(spec, inputs, &tmp.path().join(VMLINUX), force)?;
 
     let applets = busybox_applets(&spec.busybox)?;
-    let modules = inputs
-        .modules
-        .iter()
-        .map(|(m, _)| read_module_decompressed(&m.path).map(|bytes| (m.guest_name(), bytes)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let modules = match &inputs.kernel {
+        KernelInput::Debian { modules, .. } => Some(
+            modules
+                .iter()
+                .map(|(m, _)| {
+                    read_module_decompressed(&m.path).map(|bytes| (m.guest_name(), bytes))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        KernelInput::Ours { .. } => None,
+    };
     let contents = Contents {
         agent: &inputs.agent,
         busybox: &inputs.busybox,
         applets: &applets,
-        modules: &modules,
+        modules: modules.as_deref(),
     };
     let initramfs = tmp.path().join(INITRAMFS);
     write_synced(&initramfs, |w| write_initramfs(&contents, w).map(drop))?;
@@ -201,7 +245,9 @@ fn build(spec: &ImageSpec, inputs: &Inputs, force: bool) -> Result<Image, ImageE
 /// Puts the vmlinux at `dest`. The extracted kernel (~65 MB for Debian's) depends on the
 /// vmlinuz only, so images share one copy per kernel, `kernels/<kernel_id>.vmlinux`, through
 /// hard links: a rebuilt agent then costs a new initramfs, not another kernel. `force`
-/// re-extracts it (images already linked to the old copy keep it).
+/// re-extracts it (images already linked to the old copy keep it). Our kernel goes the same
+/// way, written from the very bytes that were hashed (not linked to the build's output, which
+/// a rebuild may replace meanwhile).
 fn place_vmlinux(
     spec: &ImageSpec,
     inputs: &Inputs,
@@ -211,7 +257,18 @@ fn place_vmlinux(
     let kernels = spec.cache_dir.join("kernels");
     let shared = kernels.join(format!("{}.vmlinux", inputs.kernel_id));
     if force || !shared.is_file() {
-        let vmlinux = kernel::extract_vmlinux(&inputs.vmlinuz_path, &inputs.vmlinuz)?;
+        let extracted;
+        let vmlinux: &[u8] = match &inputs.kernel {
+            KernelInput::Debian {
+                vmlinuz_path,
+                vmlinuz,
+                ..
+            } => {
+                extracted = kernel::extract_vmlinux(vmlinuz_path, vmlinuz)?;
+                &extracted
+            }
+            KernelInput::Ours { vmlinux } => vmlinux,
+        };
         fs::create_dir_all(&kernels).map_err(|source| ImageError::Write {
             path: kernels.clone(),
             source,
@@ -223,7 +280,7 @@ fn place_vmlinux(
                 path: kernels.clone(),
                 source,
             })?;
-        write_file_synced(tmp.as_file(), tmp.path(), |w| w.write_all(&vmlinux))?;
+        write_file_synced(tmp.as_file(), tmp.path(), |w| w.write_all(vmlinux))?;
         // Temporary files are created 0600; the kernel is no secret (and QEMU may run as
         // another user).
         set_mode(tmp.path(), 0o644)?;

@@ -100,6 +100,26 @@ pub enum ImageError {
     #[error("the kernel decompressed from {path} is not an ELF vmlinux")]
     NotElf { path: PathBuf },
 
+    /// `UVM_KERNEL` names no kernel flavour.
+    #[error("UVM_KERNEL={value:?} is neither `ours` nor `debian`")]
+    UnknownKernelFlavor { value: String },
+
+    /// Our kernel (`KernelFlavor::Ours`) has not been built.
+    #[error("our guest kernel {path} does not exist; build it with scripts/build-kernel.sh (or set UVM_KERNEL=debian)")]
+    OurKernelMissing { path: PathBuf },
+
+    /// Our kernel is not a 64-bit little-endian ELF file.
+    #[error("{path} is not an x86-64 ELF vmlinux; rebuild it with scripts/build-kernel.sh")]
+    OurKernelNotElf { path: PathBuf },
+
+    /// The ELF kernel has no PVH entry note, so QEMU cannot boot it directly.
+    #[error("{path} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), so QEMU cannot boot it as an ELF; it needs CONFIG_PVH=y")]
+    NoPvhEntry { path: PathBuf },
+
+    /// The host's TSC frequency could not be measured.
+    #[error("cannot measure the host TSC frequency: {reason}")]
+    TscUnmeasurable { reason: String },
+
     /// A wanted module is neither a module in `modules.dep` nor built into the kernel.
     #[error("kernel module {name} is neither listed in {modules_dep} nor built in")]
     ModuleNotFound { name: String, modules_dep: PathBuf },

@@ -8,9 +8,11 @@
 //! /sbin -> bin, /usr/bin -> ../bin, /usr/sbin -> ../bin   so `#!/usr/bin/env` and friends work
 //! /dev/console               char 5:1: the kernel opens it for init's stdio before /dev is mounted
 //! /proc /sys /dev /tmp /run /etc /root   mount points and the usual empty directories
-//! /lib/modules/uvm/*.ko      the modules, uncompressed
-//! /lib/modules/uvm/load-order   one file name per line, dependencies first
+//! /lib/modules/uvm/*.ko      the modules, uncompressed        (Debian's kernel only)
+//! /lib/modules/uvm/load-order   one file name per line, dependencies first   (idem)
 //! ```
+//! With our kernel (every driver built in) there is no `/lib/modules` at all: the agent reads
+//! a missing load order as "nothing to load".
 
 use std::io::{self, Write};
 
@@ -20,8 +22,9 @@ pub(crate) struct Contents<'a> {
     pub(crate) agent: &'a [u8],
     pub(crate) busybox: &'a [u8],
     pub(crate) applets: &'a [String],
-    /// (file name in `/lib/modules/uvm`, uncompressed bytes), in load order.
-    pub(crate) modules: &'a [(String, Vec<u8>)],
+    /// (file name in `/lib/modules/uvm`, uncompressed bytes), in load order; `None` for a
+    /// kernel without modules: then no module directory and no load-order file.
+    pub(crate) modules: Option<&'a [(String, Vec<u8>)]>,
 }
 
 /// Where the guest finds its modules and their load order.
@@ -92,6 +95,7 @@ impl<W: Write> Archive<W> {
 pub(crate) fn write_cpio<W: Write>(contents: &Contents<'_>, out: W) -> io::Result<W> {
     let mut a = Archive { out, next_ino: 0 };
     // Parents before children: the kernel's unpacker does not create missing directories.
+    let with_modules = contents.modules.is_some();
     for dir in [
         "bin",
         "dev",
@@ -105,9 +109,14 @@ pub(crate) fn write_cpio<W: Write>(contents: &Contents<'_>, out: W) -> io::Resul
         "tmp",
         "usr",
     ] {
-        a.dir(dir)?;
+        if with_modules || dir != "lib/modules" {
+            a.dir(dir)?;
+        }
     }
-    a.dir(GUEST_MODULE_DIR.trim_start_matches('/'))?;
+    let module_dir = GUEST_MODULE_DIR.trim_start_matches('/');
+    if with_modules {
+        a.dir(module_dir)?;
+    }
     a.symlink("sbin", "bin")?;
     a.symlink("usr/bin", "../bin")?;
     a.symlink("usr/sbin", "../bin")?;
@@ -120,14 +129,19 @@ pub(crate) fn write_cpio<W: Write>(contents: &Contents<'_>, out: W) -> io::Resul
         }
         a.symlink(&format!("bin/{applet}"), "busybox")?;
     }
-    let dir = GUEST_MODULE_DIR.trim_start_matches('/');
-    let mut order = String::new();
-    for (name, bytes) in contents.modules {
-        a.file(&format!("{dir}/{name}"), 0o644, bytes)?;
-        order.push_str(name);
-        order.push('\n');
+    if let Some(modules) = contents.modules {
+        let mut order = String::new();
+        for (name, bytes) in modules {
+            a.file(&format!("{module_dir}/{name}"), 0o644, bytes)?;
+            order.push_str(name);
+            order.push('\n');
+        }
+        a.file(
+            &format!("{module_dir}/{LOAD_ORDER_FILE}"),
+            0o644,
+            order.as_bytes(),
+        )?;
     }
-    a.file(&format!("{dir}/{LOAD_ORDER_FILE}"), 0o644, order.as_bytes())?;
     a.finish()
 }
 
@@ -192,7 +206,7 @@ pub(crate) mod tests {
             agent: b"\x7fELF agent",
             busybox: b"\x7fELF busybox",
             applets: &applets,
-            modules: &modules,
+            modules: Some(&modules),
         };
         let gz = write_initramfs(&contents, Vec::new()).unwrap();
         let (names, map) = parse(&gunzip(&gz));
@@ -231,5 +245,23 @@ pub(crate) mod tests {
                 assert!(p.is_some_and(|p| p < i), "{parent} not before {name}");
             }
         }
+    }
+
+    #[test]
+    fn no_modules_means_no_module_directory() {
+        let applets = vec!["sh".to_owned()];
+        let contents = Contents {
+            agent: b"\x7fELF agent",
+            busybox: b"\x7fELF busybox",
+            applets: &applets,
+            modules: None,
+        };
+        let (names, map) = parse(&gunzip(&write_initramfs(&contents, Vec::new()).unwrap()));
+        assert_eq!(map["init"].data, b"\x7fELF agent");
+        assert!(map.contains_key("lib"));
+        assert!(
+            !names.iter().any(|n| n.starts_with("lib/modules")),
+            "{names:?}"
+        );
     }
 }

@@ -162,6 +162,85 @@ pub(crate) fn extract_vmlinux(path: &Path, bzimage: &[u8]) -> Result<Vec<u8>, Im
     Ok(vmlinux)
 }
 
+fn u16_at(data: &[u8], at: usize) -> Option<u16> {
+    let bytes = data.get(at..at.checked_add(2)?)?;
+    Some(u16::from_le_bytes([bytes[0], bytes[1]]))
+}
+
+fn u64_at(data: &[u8], at: usize) -> Option<u64> {
+    let bytes = data.get(at..at.checked_add(8)?)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(bytes);
+    Some(u64::from_le_bytes(a))
+}
+
+/// Whether `data` starts like a 64-bit little-endian x86-64 ELF file (`e_machine` 62).
+pub(crate) fn is_x86_64_elf(data: &[u8]) -> bool {
+    const EM_X86_64: u16 = 62;
+    data.starts_with(b"\x7fELF\x02\x01") && u16_at(data, 0x12) == Some(EM_X86_64)
+}
+
+/// Whether the ELF file in `data` has the note QEMU boots a `vmlinux` through: name `Xen`,
+/// type `XEN_ELFNOTE_PHYS32_ENTRY` (18), in a `PT_NOTE` segment (CONFIG_PVH writes it).
+pub(crate) fn has_pvh_note(data: &[u8]) -> bool {
+    const PT_NOTE: u32 = 4;
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (u64_at(data, 0x20), u16_at(data, 0x36), u16_at(data, 0x38))
+    else {
+        return false;
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
+    (0..usize::from(phnum)).any(|i| {
+        let Some(ph) = phoff.checked_add(i * usize::from(phentsize)) else {
+            return false;
+        };
+        if u32_at(data, ph) != Some(PT_NOTE) {
+            return false;
+        }
+        // p_offset at +8, p_filesz at +32 in an Elf64_Phdr.
+        let segment = u64_at(data, ph + 8)
+            .zip(u64_at(data, ph + 32))
+            .and_then(|(off, len)| {
+                let off = usize::try_from(off).ok()?;
+                data.get(off..off.checked_add(usize::try_from(len).ok()?)?)
+            });
+        segment.is_some_and(|notes| has_note(notes, b"Xen", XEN_ELFNOTE_PHYS32_ENTRY))
+    })
+}
+
+/// Walks the ELF notes in `notes` (each: namesz, descsz, type, then name and descriptor, both
+/// padded to 4 bytes) looking for one with `name` and `ty`.
+fn has_note(mut notes: &[u8], name: &[u8], ty: u32) -> bool {
+    let align4 = |n: usize| n.checked_add(3).map(|n| n & !3);
+    while let (Some(namesz), Some(descsz), Some(note_ty)) =
+        (u32_at(notes, 0), u32_at(notes, 4), u32_at(notes, 8))
+    {
+        let (Ok(namesz), Ok(descsz)) = (usize::try_from(namesz), usize::try_from(descsz)) else {
+            return false;
+        };
+        let Some(name_end) = namesz.checked_add(12) else {
+            return false;
+        };
+        let Some(note_name) = notes.get(12..name_end) else {
+            return false;
+        };
+        if note_ty == ty && note_name.strip_suffix(b"\0").unwrap_or(note_name) == name {
+            return true;
+        }
+        let next = align4(name_end)
+            .and_then(|d| d.checked_add(descsz))
+            .and_then(align4);
+        match next.and_then(|n| notes.get(n..)) {
+            Some(rest) => notes = rest,
+            None => return false,
+        }
+    }
+    false
+}
+
 /// Whether `data` is an ELF executable that needs a dynamic loader (has a `PT_INTERP` program
 /// header). Anything that is not a 64-bit little-endian ELF (a `#!` script, say) is not.
 pub(crate) fn is_dynamic_elf(data: &[u8]) -> bool {
@@ -222,6 +301,46 @@ pub(crate) mod tests {
         img
     }
 
+    /// The PVH entry note: (name, type, descriptor).
+    pub(crate) const PVH_NOTE: (&str, u32, &[u8]) = ("Xen", 18, &[0, 0, 0, 1, 0, 0, 0, 0]);
+
+    /// A minimal x86-64 ELF file with one `PT_LOAD` header and one `PT_NOTE` segment holding
+    /// `notes` (after an unrelated GNU note, as in a real vmlinux).
+    pub(crate) fn fake_elf(notes: &[(&str, u32, &[u8])]) -> Vec<u8> {
+        fn note(out: &mut Vec<u8>, name: &str, ty: u32, desc: &[u8]) {
+            let mut name = name.as_bytes().to_vec();
+            name.push(0);
+            out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&name);
+            out.resize(out.len().next_multiple_of(4), 0);
+            out.extend_from_slice(desc);
+            out.resize(out.len().next_multiple_of(4), 0);
+        }
+        let mut segment = Vec::new();
+        note(&mut segment, "GNU", 3, b"build-id-bytes..");
+        for (name, ty, desc) in notes {
+            note(&mut segment, name, *ty, desc);
+        }
+        let (phoff, phentsize, phnum) = (0x40usize, 56usize, 2usize);
+        let notes_at = phoff + phentsize * phnum;
+        let mut elf = vec![0u8; notes_at];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[0x12..0x14].copy_from_slice(&62u16.to_le_bytes());
+        elf[0x20..0x28].copy_from_slice(&(phoff as u64).to_le_bytes());
+        elf[0x36..0x38].copy_from_slice(&(phentsize as u16).to_le_bytes());
+        elf[0x38..0x3a].copy_from_slice(&(phnum as u16).to_le_bytes());
+        elf[phoff..phoff + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        let note_ph = phoff + phentsize;
+        elf[note_ph..note_ph + 4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        elf[note_ph + 8..note_ph + 16].copy_from_slice(&(notes_at as u64).to_le_bytes());
+        elf[note_ph + 32..note_ph + 40].copy_from_slice(&(segment.len() as u64).to_le_bytes());
+        elf.extend_from_slice(&segment);
+        elf.extend_from_slice(b"pretend kernel text");
+        elf
+    }
+
     pub(crate) fn xz(data: &[u8]) -> Vec<u8> {
         let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
         enc.write_all(data).unwrap();
@@ -268,6 +387,20 @@ pub(crate) mod tests {
         assert!(matches!(err, ImageError::NotBzImage { .. }), "{err:?}");
         let err = extract_vmlinux(Path::new("x"), b"short").unwrap_err();
         assert!(matches!(err, ImageError::NotBzImage { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn finds_the_pvh_note() {
+        assert!(is_x86_64_elf(&fake_elf(&[])));
+        assert!(!has_pvh_note(&fake_elf(&[])));
+        assert!(has_pvh_note(&fake_elf(&[PVH_NOTE])));
+        // Same type, other owner: not the PVH entry.
+        assert!(!has_pvh_note(&fake_elf(&[("Linux", 18, &[1, 2, 3, 4])])));
+        // A truncated file (the note segment past its end) has no note, and does not panic.
+        let elf = fake_elf(&[PVH_NOTE]);
+        assert!(!has_pvh_note(&elf[..elf.len() - 30]));
+        assert!(!has_pvh_note(b"\x7fELF\x02\x01"));
+        assert!(!is_x86_64_elf(b"#!/bin/sh"));
     }
 
     #[test]

@@ -1,31 +1,40 @@
-//! Builds the utility VM's boot files: an uncompressed `vmlinux` from Debian's kernel package and
-//! a gzip newc initramfs holding the agent as `/init`, busybox-static and the kernel modules the
-//! guest needs, with their load order.
+//! Builds the utility VM's boot files: an uncompressed ELF `vmlinux` and a gzip newc initramfs
+//! holding the agent as `/init` and busybox-static. The kernel is one of two flavours
+//! ([`KernelFlavor`]): ours, built by `scripts/build-kernel.sh` with every driver built in
+//! (the initramfs then carries no modules), or Debian's package, whose `vmlinux` is extracted
+//! from its `vmlinuz` and whose drivers go into the initramfs as modules, with their load order.
 //!
 //! Images are content-addressed: `$cache/images/<id>/{vmlinux,initramfs.cpio.gz}` where `<id>`
-//! is a SHA-256 over every input (agent, busybox, vmlinuz, module files, format version), so a
-//! rebuilt agent yields a new image and an unchanged one is reused. Images are built in a
+//! is a SHA-256 over every input (flavour, kernel bytes, agent, busybox, module files, format
+//! version), so a rebuilt agent or kernel yields a new image and an unchanged one is reused. Images are built in a
 //! temporary directory beside their final place and renamed into it, so a crash never leaves a
 //! half-written image behind.
 //!
-//! Where the inputs come from: `scripts/setup.sh` downloads and unpacks the kernel package and
-//! installs busybox-static; `make agent` builds the agent.
+//! Where the inputs come from: `scripts/setup.sh` downloads and unpacks Debian's kernel package
+//! and installs busybox-static; `scripts/build-kernel.sh` builds our kernel; `make agent` builds
+//! the agent. [`host_tsc_khz`] measures what microvm guests need on their command line
+//! (`tsc_early_khz=`); [`tcg_kernel_args`] is the whole clock advice for guests under TCG.
 
 mod cache;
 mod error;
+mod flavor;
 mod initramfs;
 mod kernel;
 mod modules;
+mod tsc;
 
 use std::env;
 use std::path::{Path, PathBuf};
 
 pub use cache::{build_image, ensure_image};
 pub use error::ImageError;
+pub use flavor::{our_vmlinux, KernelFlavor, KERNEL_ENV, OUR_KERNEL_CURRENT};
 pub use initramfs::{GUEST_MODULE_DIR, LOAD_ORDER_FILE};
+pub use tsc::{host_tsc_khz, tcg_kernel_args};
 
-/// The kernel modules the guest loads at boot (with their dependencies, resolved from
-/// `modules.dep`). Debian builds all of these as modules; any that a kernel builds in is skipped.
+/// The kernel modules the guest loads at boot with Debian's kernel (with their dependencies,
+/// resolved from `modules.dep`). Debian builds all of these as modules; any that a kernel builds
+/// in is skipped. Our kernel builds them all in (`kernel/uvm.config`) and gets none.
 pub const GUEST_MODULES: &[&str] = &[
     // The PCI transport of every virtio device on q35: without it no virtio device appears.
     "virtio_pci",
@@ -60,9 +69,14 @@ pub const GUEST_MODULES: &[&str] = &[
 /// Where an image's inputs are and where images are cached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
-    /// The root of the unpacked kernel package (`dpkg -x`): holds `boot/vmlinuz-<ver>` and
-    /// `lib/modules/<ver>/`.
+    /// Which kernel the image boots.
+    pub kernel: KernelFlavor,
+    /// [`KernelFlavor::Debian`]: the root of the unpacked kernel package (`dpkg -x`): holds
+    /// `boot/vmlinuz-<ver>` and `lib/modules/<ver>/`.
     pub kernel_root: PathBuf,
+    /// [`KernelFlavor::Ours`]: the ELF `vmlinux` built by `scripts/build-kernel.sh`
+    /// (by default `<cache>/kernel/ours/current/vmlinux`, see [`our_vmlinux`]).
+    pub our_vmlinux: PathBuf,
     /// The agent binary, installed as `/init`. Must be static.
     pub agent: PathBuf,
     /// busybox, installed as `/bin/busybox` with one symlink per applet. Must be static.
@@ -87,11 +101,15 @@ const AGENT_IN_TARGET: &str = "x86_64-unknown-linux-gnu/release/uvm-agent";
 
 impl ImageSpec {
     /// The default spec, checked: cache `$UVMCTL_CACHE`, else `$XDG_CACHE_HOME/uvmctl`, else
-    /// `$HOME/.cache/uvmctl`; kernel `<cache>/kernel/debian`; busybox `/bin/busybox`; agent
-    /// `$UVM_AGENT`, else `target/x86_64-unknown-linux-gnu/release/uvm-agent` in the nearest
-    /// `target` directory above the running executable.
+    /// `$HOME/.cache/uvmctl`; kernel: `$UVM_KERNEL` (`ours` or `debian`) if set, else ours
+    /// when `<cache>/kernel/ours/current/vmlinux` exists, else Debian's from
+    /// `<cache>/kernel/debian`; busybox `/bin/busybox`; agent `$UVM_AGENT`, else
+    /// `target/x86_64-unknown-linux-gnu/release/uvm-agent` in the nearest `target` directory
+    /// above the running executable.
     pub fn from_env() -> Result<ImageSpec, ImageError> {
         let cache_dir = default_cache_dir(|k| env::var_os(k))?;
+        let our_vmlinux = flavor::our_vmlinux(&cache_dir);
+        let kernel = flavor::choose(env::var_os(KERNEL_ENV).as_deref(), &our_vmlinux)?;
         let agent = match env::var_os("UVM_AGENT").filter(|v| !v.is_empty()) {
             Some(path) => PathBuf::from(path),
             None => {
@@ -100,7 +118,9 @@ impl ImageSpec {
             }
         };
         let spec = ImageSpec {
+            kernel,
             kernel_root: cache_dir.join("kernel/debian"),
+            our_vmlinux,
             agent,
             busybox: PathBuf::from("/bin/busybox"),
             cache_dir,
@@ -126,7 +146,25 @@ impl ImageSpec {
         for path in [&self.agent, &self.busybox] {
             check_static(path, &read_prefix(path, 64 * 1024)?)?;
         }
-        modules::KernelTree::locate(&self.kernel_root)?;
+        match self.kernel {
+            KernelFlavor::Debian => {
+                modules::KernelTree::locate(&self.kernel_root)?;
+            }
+            KernelFlavor::Ours => {
+                if !self.our_vmlinux.is_file() {
+                    return Err(ImageError::OurKernelMissing {
+                        path: self.our_vmlinux.clone(),
+                    });
+                }
+                // The ELF and program headers come first; the PVH note is checked on the
+                // whole file when the image is built.
+                if !kernel::is_x86_64_elf(&read_prefix(&self.our_vmlinux, 64)?) {
+                    return Err(ImageError::OurKernelNotElf {
+                        path: self.our_vmlinux.clone(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -238,7 +276,9 @@ mod tests {
         let file = dir.path().join("exists");
         std::fs::write(&file, b"x").unwrap();
         let spec = ImageSpec {
+            kernel: KernelFlavor::Debian,
             kernel_root: dir.path().join("kernel"),
+            our_vmlinux: dir.path().join("ours/vmlinux"),
             agent: dir.path().join("no-agent"),
             busybox: file.clone(),
             cache_dir: dir.path().join("cache"),
@@ -260,5 +300,21 @@ mod tests {
         let err = spec.check().unwrap_err();
         assert!(matches!(err, ImageError::KernelMissing { .. }), "{err:?}");
         assert!(err.to_string().contains("scripts/setup.sh"), "{err}");
+        let spec = ImageSpec {
+            kernel: KernelFlavor::Ours,
+            ..spec
+        };
+        let err = spec.check().unwrap_err();
+        assert!(
+            matches!(err, ImageError::OurKernelMissing { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("scripts/build-kernel.sh"), "{err}");
+        std::fs::create_dir_all(spec.our_vmlinux.parent().unwrap()).unwrap();
+        std::fs::write(&spec.our_vmlinux, b"MZ a PE file").unwrap();
+        let err = spec.check().unwrap_err();
+        assert!(matches!(err, ImageError::OurKernelNotElf { .. }), "{err:?}");
+        std::fs::write(&spec.our_vmlinux, kernel::tests::fake_elf(&[])).unwrap();
+        spec.check().unwrap();
     }
 }

@@ -5,13 +5,14 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 use crate::initramfs::tests::{gunzip, parse};
-use crate::kernel::tests::{fake_bzimage, xz};
+use crate::kernel::tests::{fake_bzimage, fake_elf, xz, PVH_NOTE};
 
 const VERSION: &str = "6.1.0-99-amd64";
 const VMLINUX_BYTES: &[u8] = b"\x7fELF\x02\x01 the pretend kernel";
 
 /// A kernel root with every module of GUEST_MODULES present (one xz-compressed, two built in)
-/// and a `virtio` dependency chain, plus a fake busybox and agent.
+/// and a `virtio` dependency chain, a built kernel of ours (an ELF with the PVH note), plus a
+/// fake busybox and agent. The spec picks Debian's kernel.
 struct Fixture {
     _dir: tempfile::TempDir,
     spec: ImageSpec,
@@ -64,8 +65,14 @@ fn fixture() -> Fixture {
     let agent = dir.path().join("uvm-agent");
     fs::write(&agent, b"\x7fELF\x02\x01 agent v1").unwrap();
 
+    let our_vmlinux = crate::our_vmlinux(&dir.path().join("cache"));
+    fs::create_dir_all(our_vmlinux.parent().unwrap()).unwrap();
+    fs::write(&our_vmlinux, fake_elf(&[PVH_NOTE])).unwrap();
+
     let spec = ImageSpec {
+        kernel: KernelFlavor::Debian,
         kernel_root: root,
+        our_vmlinux,
         agent,
         busybox,
         cache_dir: dir.path().join("cache"),
@@ -265,4 +272,73 @@ fn concurrent_builders_agree_and_leave_no_debris() {
             .collect();
         assert!(debris.is_empty(), "{dir}: {debris:?}");
     }
+}
+
+fn ours_spec(f: &Fixture) -> ImageSpec {
+    ImageSpec {
+        kernel: KernelFlavor::Ours,
+        ..f.spec.clone()
+    }
+}
+
+#[test]
+fn our_kernel_image_has_no_modules() {
+    let f = fixture();
+    let spec = ours_spec(&f);
+    let image = ensure_image(&spec).unwrap();
+    // The vmlinux is used as it is.
+    assert_eq!(
+        fs::read(&image.kernel).unwrap(),
+        fs::read(&spec.our_vmlinux).unwrap()
+    );
+    let (names, map) = parse(&gunzip(&fs::read(&image.initramfs).unwrap()));
+    assert_eq!(map["init"].data, b"\x7fELF\x02\x01 agent v1");
+    assert_eq!(map["dev/console"].rdev, (5, 1));
+    let modules: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".ko") || n.starts_with("lib/modules"))
+        .collect();
+    assert!(modules.is_empty(), "modules in our image: {modules:?}");
+    assert!(!map.contains_key("lib/modules/uvm/load-order"));
+}
+
+#[test]
+fn flavours_never_share_an_image() {
+    let f = fixture();
+    let debian = ensure_image(&f.spec).unwrap();
+    let ours = ensure_image(&ours_spec(&f)).unwrap();
+    assert_ne!(debian.id, ours.id);
+    assert_ne!(debian.kernel, ours.kernel);
+    assert_eq!(fs::read(&debian.kernel).unwrap(), VMLINUX_BYTES);
+    // Both stay usable, each with its own kernel.
+    assert_eq!(ensure_image(&f.spec).unwrap(), debian);
+    assert_eq!(ensure_image(&ours_spec(&f)).unwrap(), ours);
+
+    // A rebuilt kernel of ours is a new image; the old one stays for VMs that use it.
+    let mut other = fake_elf(&[PVH_NOTE]);
+    other.extend_from_slice(b" rebuilt");
+    fs::write(&f.spec.our_vmlinux, &other).unwrap();
+    let rebuilt = ensure_image(&ours_spec(&f)).unwrap();
+    assert_ne!(rebuilt.id, ours.id);
+    assert_eq!(fs::read(&rebuilt.kernel).unwrap(), other);
+    assert_ne!(fs::read(&ours.kernel).unwrap(), other);
+}
+
+#[test]
+fn our_kernel_without_pvh_entry_is_refused() {
+    let f = fixture();
+    fs::write(&f.spec.our_vmlinux, fake_elf(&[])).unwrap();
+    let err = ensure_image(&ours_spec(&f)).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::NoPvhEntry { path } if *path == f.spec.our_vmlinux),
+        "{err:?}"
+    );
+    fs::remove_file(&f.spec.our_vmlinux).unwrap();
+    let err = ensure_image(&ours_spec(&f)).unwrap_err();
+    assert!(
+        matches!(err, ImageError::OurKernelMissing { .. }),
+        "{err:?}"
+    );
+    // Debian's kernel does not need ours.
+    ensure_image(&f.spec).unwrap();
 }

@@ -1,0 +1,282 @@
+//! Our guest kernel's recipe: the config fragment `kernel/uvm.config` says what it must say,
+//! and `scripts/build-kernel.sh` keys its cache on the fragment and skips the build when nothing
+//! changed. (The build itself takes minutes and is not run here; `boot_qemu.rs` boots its
+//! result.)
+#![allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fragment_path() -> PathBuf {
+    repo().join("kernel/uvm.config")
+}
+
+/// What one line of a fragment is.
+#[derive(Debug, PartialEq, Eq)]
+enum Line<'a> {
+    Blank,
+    Comment,
+    /// `CONFIG_X=value`.
+    Set(&'a str, &'a str),
+    /// `# CONFIG_X is not set`.
+    Unset(&'a str),
+}
+
+fn parse_line(line: &str) -> Line<'_> {
+    let line = line.trim_end();
+    if line.is_empty() {
+        return Line::Blank;
+    }
+    if let Some(name) = line
+        .strip_prefix("# ")
+        .and_then(|l| l.strip_suffix(" is not set"))
+        .filter(|n| n.starts_with("CONFIG_"))
+    {
+        return Line::Unset(name);
+    }
+    if line.starts_with('#') {
+        return Line::Comment;
+    }
+    let (name, value) = line
+        .split_once('=')
+        .unwrap_or_else(|| panic!("not an option line: {line:?}"));
+    assert!(
+        name.starts_with("CONFIG_")
+            && name[7..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "bad option name in {line:?}"
+    );
+    assert!(!value.is_empty(), "no value in {line:?}");
+    Line::Set(name, value)
+}
+
+fn fragment() -> String {
+    std::fs::read_to_string(fragment_path()).unwrap()
+}
+
+#[test]
+fn fragment_parses_with_each_group_explained() {
+    let text = fragment();
+    let mut seen = HashSet::new();
+    let mut previous = Line::Blank;
+    let mut options = 0;
+    for line in text.lines() {
+        let parsed = parse_line(line);
+        match parsed {
+            Line::Set(name, _) | Line::Unset(name) => {
+                assert!(seen.insert(name), "{name} appears twice");
+                // A group starts right after its comment: no option line follows a blank one.
+                assert_ne!(
+                    previous,
+                    Line::Blank,
+                    "{name} starts a group with no comment"
+                );
+                options += 1;
+            }
+            Line::Blank | Line::Comment => {}
+        }
+        previous = parsed;
+    }
+    assert!(options >= 80, "only {options} options");
+}
+
+#[test]
+fn fragment_has_the_required_options() {
+    let text = fragment();
+    let set: HashSet<&str> = text
+        .lines()
+        .filter_map(|l| match parse_line(l) {
+            Line::Set(name, "y") => Some(name),
+            _ => None,
+        })
+        .collect();
+    for option in [
+        "PVH",
+        "SMP",
+        "SERIAL_8250_CONSOLE",
+        "DEVTMPFS",
+        "TMPFS",
+        "BLK_DEV_INITRD",
+        "RD_GZIP",
+        "BINFMT_ELF",
+        "BINFMT_SCRIPT",
+        "UNIX",
+        "EPOLL",
+        "EVENTFD",
+        "SIGNALFD",
+        "TIMERFD",
+        "FUTEX",
+        "PCI",
+        "HOTPLUG_PCI_PCIE",
+        "ACPI",
+        "VIRTIO_PCI",
+        "VIRTIO_MMIO",
+        "VIRTIO_MMIO_CMDLINE_DEVICES",
+        "VIRTIO_CONSOLE",
+        "VSOCKETS",
+        "VIRTIO_VSOCKETS",
+        "VIRTIO_BLK",
+        "SCSI_VIRTIO",
+        "BLK_DEV_SD",
+        "VIRTIO_NET",
+        "NET_9P_VIRTIO",
+        "9P_FS",
+        "EXT4_FS",
+        "OVERLAY_FS",
+        "HOTPLUG_CPU",
+        "MEMORY_HOTPLUG",
+        "VIRTIO_MEM",
+        "VIRTIO_BALLOON",
+        "CGROUPS",
+        "MEMCG",
+        "CGROUP_PIDS",
+        "CGROUP_SCHED",
+        "NAMESPACES",
+        "PID_NS",
+        "UNIX98_PTYS",
+        "HW_RANDOM_VIRTIO",
+        "NO_HZ_IDLE",
+        "HIGH_RES_TIMERS",
+    ] {
+        let name = format!("CONFIG_{option}");
+        assert!(set.contains(name.as_str()), "{name}=y missing");
+    }
+    // No modules: everything is built in, and the image ships no .ko files.
+    assert!(
+        text.lines()
+            .any(|l| parse_line(l) == Line::Unset("CONFIG_MODULES")),
+        "`# CONFIG_MODULES is not set` missing"
+    );
+    assert!(!text
+        .lines()
+        .any(|l| matches!(parse_line(l), Line::Set(_, "m"))));
+}
+
+/// Runs `scripts/build-kernel.sh` with a cache of its own, a stand-in source tarball (the
+/// fast paths only look at its size and mtime) and `fragment`.
+fn build_kernel(cache: &Path, fragment: &Path, args: &[&str]) -> (Output, Duration) {
+    let tarball = cache.join("linux-source-stand-in.tar.xz");
+    if !tarball.exists() {
+        std::fs::write(&tarball, b"not really a kernel tree").unwrap();
+    }
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/build-kernel.sh"))
+        .args(args)
+        .env("UVMCTL_CACHE", cache)
+        .env("UVM_KERNEL_CONFIG", fragment)
+        .env("UVM_KERNEL_SOURCE", &tarball)
+        .output()
+        .unwrap();
+    (out, started.elapsed())
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn key_is_stable_and_follows_the_fragment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _) = build_kernel(dir.path(), &fragment_path(), &["--print-key"]);
+    let (b, _) = build_kernel(dir.path(), &fragment_path(), &["--print-key"]);
+    assert!(a.status.success(), "{a:?}");
+    let key = stdout(&a).trim().to_owned();
+    assert_eq!(key.len(), 64, "{key:?}");
+    assert!(key.bytes().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(stdout(&b).trim(), key);
+
+    let changed = dir.path().join("changed.config");
+    std::fs::write(&changed, format!("{}CONFIG_IPV6=y\n", fragment())).unwrap();
+    let (c, _) = build_kernel(dir.path(), &changed, &["--print-key"]);
+    assert_ne!(stdout(&c).trim(), key);
+}
+
+#[test]
+fn the_build_is_skipped_when_nothing_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path();
+    let (out, _) = build_kernel(cache, &fragment_path(), &["--print-key"]);
+    let key = stdout(&out).trim().to_owned();
+    let (out, _) = build_kernel(cache, &fragment_path(), &["--check"]);
+    assert_eq!(out.status.code(), Some(1), "nothing built yet: {out:?}");
+
+    // As if the build had run: the key's vmlinux is in place.
+    let ours = cache.join("kernel/ours");
+    std::fs::create_dir_all(ours.join(&key)).unwrap();
+    std::fs::write(ours.join(&key).join("vmlinux"), b"\x7fELF").unwrap();
+    let (out, _) = build_kernel(cache, &fragment_path(), &["--check"]);
+    assert!(out.status.success(), "{out:?}");
+    for _ in 0..2 {
+        let (out, took) = build_kernel(cache, &fragment_path(), &[]);
+        assert!(out.status.success(), "{out:?}");
+        assert!(stdout(&out).contains("up to date"), "{}", stdout(&out));
+        // A real build takes minutes; the up-to-date path a fraction of a second (the bound is
+        // loose for a loaded machine).
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+    // `current` names the key's directory, which is where uvm-image looks.
+    assert_eq!(
+        std::fs::read_link(ours.join("current")).unwrap(),
+        Path::new(&key)
+    );
+    assert!(uvm_image::our_vmlinux(cache).is_file());
+    // Nothing was unpacked or configured.
+    let entries: Vec<String> = std::fs::read_dir(&ours)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != &key && n != "current")
+        .collect();
+    assert!(entries.is_empty(), "{entries:?}");
+}
+
+#[test]
+fn a_built_kernel_kept_every_option_of_the_fragment() {
+    // Only where scripts/build-kernel.sh has run for the current fragment; the script checks
+    // this itself after olddefconfig, and this re-checks what it left in the cache.
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let spec_cache = match (var("UVMCTL_CACHE"), var("XDG_CACHE_HOME"), var("HOME")) {
+        (Some(c), _, _) => PathBuf::from(c),
+        (None, Some(x), _) => PathBuf::from(x).join("uvmctl"),
+        (None, None, Some(h)) => PathBuf::from(h).join(".cache/uvmctl"),
+        (None, None, None) => return,
+    };
+    let config = spec_cache.join("kernel/ours/current/config");
+    let Ok(built) = std::fs::read_to_string(&config) else {
+        eprintln!(
+            "{} absent: our kernel is not built; skipped",
+            config.display()
+        );
+        return;
+    };
+    let built: HashSet<&str> = built.lines().collect();
+    let text = fragment();
+    let lost: Vec<&str> = text
+        .lines()
+        .filter(|l| matches!(parse_line(l), Line::Set(..) | Line::Unset(_)))
+        .filter(|l| !built.contains(l.trim_end()))
+        .collect();
+    // A fragment edited since the last build is not an error here: the next build picks it up.
+    if lost.is_empty() {
+        return;
+    }
+    let current = std::fs::read_link(spec_cache.join("kernel/ours/current")).unwrap();
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/build-kernel.sh"))
+        .arg("--print-key")
+        .env("UVMCTL_CACHE", &spec_cache)
+        .env_remove("UVM_KERNEL_CONFIG")
+        .env_remove("UVM_KERNEL_SOURCE")
+        .output()
+        .unwrap();
+    if Path::new(stdout(&out).trim()) == current {
+        panic!("the built kernel lacks {lost:?}");
+    }
+}
