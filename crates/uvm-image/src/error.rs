@@ -116,10 +116,6 @@ pub enum ImageError {
     #[error("{path} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY), so QEMU cannot boot it as an ELF; it needs CONFIG_PVH=y")]
     NoPvhEntry { path: PathBuf },
 
-    /// The host's TSC frequency could not be measured.
-    #[error("cannot measure the host TSC frequency: {reason}")]
-    TscUnmeasurable { reason: String },
-
     /// A wanted module is neither a module in `modules.dep` nor built into the kernel.
     #[error("kernel module {name} is neither listed in {modules_dep} nor built in")]
     ModuleNotFound { name: String, modules_dep: PathBuf },

@@ -12,8 +12,7 @@
 //!
 //! Where the inputs come from: `scripts/setup.sh` downloads and unpacks Debian's kernel package
 //! and installs busybox-static; `scripts/build-kernel.sh` builds our kernel; `make agent` builds
-//! the agent. [`host_tsc_khz`] measures what microvm guests need on their command line
-//! (`tsc_early_khz=`); [`tcg_kernel_args`] is the whole clock advice for guests under TCG.
+//! the agent.
 
 mod cache;
 mod error;
@@ -21,7 +20,6 @@ mod flavor;
 mod initramfs;
 mod kernel;
 mod modules;
-mod tsc;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -30,7 +28,6 @@ pub use cache::{build_image, ensure_image};
 pub use error::ImageError;
 pub use flavor::{our_vmlinux, KernelFlavor, KERNEL_ENV, OUR_KERNEL_CURRENT};
 pub use initramfs::{GUEST_MODULE_DIR, LOAD_ORDER_FILE};
-pub use tsc::{host_tsc_khz, tcg_kernel_args};
 
 /// The kernel modules the guest loads at boot with Debian's kernel (with their dependencies,
 /// resolved from `modules.dep`). Debian builds all of these as modules; any that a kernel builds
@@ -107,9 +104,18 @@ impl ImageSpec {
     /// `target/x86_64-unknown-linux-gnu/release/uvm-agent` in the nearest `target` directory
     /// above the running executable.
     pub fn from_env() -> Result<ImageSpec, ImageError> {
+        ImageSpec::from_env_with(None)
+    }
+
+    /// [`ImageSpec::from_env`] with the kernel flavour given by the caller (a `--kernel` flag)
+    /// instead of `$UVM_KERNEL` or the default choice.
+    pub fn from_env_with(kernel: Option<KernelFlavor>) -> Result<ImageSpec, ImageError> {
         let cache_dir = default_cache_dir(|k| env::var_os(k))?;
         let our_vmlinux = flavor::our_vmlinux(&cache_dir);
-        let kernel = flavor::choose(env::var_os(KERNEL_ENV).as_deref(), &our_vmlinux)?;
+        let kernel = match kernel {
+            Some(k) => k,
+            None => flavor::choose(env::var_os(KERNEL_ENV).as_deref(), &our_vmlinux)?,
+        };
         let agent = match env::var_os("UVM_AGENT").filter(|v| !v.is_empty()) {
             Some(path) => PathBuf::from(path),
             None => {

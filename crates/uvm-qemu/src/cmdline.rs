@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::AccelKind;
+use crate::{AccelKind, Machine};
 
 /// The files of one VM inside its runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +50,9 @@ pub struct QemuCommand<'a> {
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
     pub accel: AccelKind,
+    pub machine: Machine,
+    /// Firmware (`-bios`), for microvm's qboot.
+    pub bios: Option<&'a Path>,
     pub memory_mib: u64,
     pub cpus: u32,
     pub paths: &'a RuntimePaths,
@@ -79,9 +82,25 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
     }
     let p = cmd.paths;
     let m = cmd.memory_mib;
-    [
+    // q35 puts virtio devices on PCI (hot-pluggable); microvm on virtio-mmio, which QEMU
+    // announces on the kernel command line itself.
+    let (machine, bus) = match cmd.machine {
+        Machine::Q35 => (format!("q35,accel={}", cmd.accel.as_str()), "pci"),
+        Machine::Microvm => (
+            format!(
+                "microvm,accel={},x-option-roms=off,isa-serial=on,rtc=on",
+                cmd.accel.as_str()
+            ),
+            "device",
+        ),
+    };
+    let mut args: Vec<String> = Vec::with_capacity(40);
+    if let Some(bios) = cmd.bios {
+        args.extend(["-bios".to_owned(), display(bios)]);
+    }
+    args.extend([
         "-M".to_owned(),
-        format!("q35,accel={}", cmd.accel.as_str()),
+        machine,
         "-cpu".to_owned(),
         cpu.to_owned(),
         "-smp".to_owned(),
@@ -107,13 +126,13 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
         "-chardev".to_owned(),
         format!("socket,id=vsock,path={}", display(&p.vhost_socket)),
         "-device".to_owned(),
-        "vhost-user-vsock-pci,chardev=vsock".to_owned(),
+        format!("vhost-user-vsock-{bus},chardev=vsock"),
         "-device".to_owned(),
-        "virtio-balloon-pci,id=balloon0".to_owned(),
+        format!("virtio-balloon-{bus},id=balloon0"),
         "-qmp".to_owned(),
         format!("unix:{},server=on,wait=off", display(&p.qmp_socket)),
-    ]
-    .into()
+    ]);
+    args
 }
 
 /// vhost-device-vsock's arguments (without the program name): one device for guest CID 3,
@@ -143,6 +162,8 @@ mod tests {
             kernel: Path::new("/img/vmlinux"),
             initramfs: Path::new("/img/initramfs.cpio.gz"),
             accel,
+            machine: Machine::Q35,
+            bios: None,
             memory_mib: 256,
             cpus: 2,
             paths: &paths,
@@ -156,6 +177,45 @@ mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    #[test]
+    fn microvm_boots_qboot_with_virtio_mmio_devices() {
+        let paths = RuntimePaths::new(Path::new("/tmp/uvm-a-XYZ"));
+        let args = qemu_command_line(&QemuCommand {
+            kernel: Path::new("/img/vmlinux"),
+            initramfs: Path::new("/img/initramfs.cpio.gz"),
+            accel: AccelKind::Tcg,
+            machine: Machine::Microvm,
+            bios: Some(Path::new("/usr/share/qemu/qboot.rom")),
+            memory_mib: 256,
+            cpus: 1,
+            paths: &paths,
+            extra_cmdline: "tsc_early_khz=2596138 tsc=reliable",
+        });
+        assert_eq!(values(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
+        assert_eq!(
+            values(&args, "-M"),
+            ["microvm,accel=tcg,x-option-roms=off,isa-serial=on,rtc=on"]
+        );
+        assert_eq!(
+            values(&args, "-device"),
+            [
+                "vhost-user-vsock-device,chardev=vsock",
+                "virtio-balloon-device,id=balloon0"
+            ]
+        );
+        assert!(values(&args, "-append")[0].ends_with("tsc_early_khz=2596138 tsc=reliable"));
+    }
+
+    #[test]
+    fn machine_names_parse_and_unknown_ones_are_refused() {
+        assert_eq!("q35".parse::<Machine>().ok(), Some(Machine::Q35));
+        assert_eq!("microvm".parse::<Machine>().ok(), Some(Machine::Microvm));
+        assert!(matches!(
+            "pc".parse::<Machine>(),
+            Err(crate::QemuError::UnknownMachine { ref name }) if name == "pc"
+        ));
     }
 
     #[test]

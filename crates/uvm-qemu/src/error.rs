@@ -11,6 +11,9 @@ use crate::qmp::QmpError;
 /// Why starting or driving the VM's processes failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
+    /// A machine name other than `q35` or `microvm`.
+    #[error("unknown machine {name:?} (expected q35 or microvm)")]
+    UnknownMachine { name: String },
     /// A process could not be spawned.
     #[error("cannot spawn {program}")]
     Spawn {

@@ -18,7 +18,7 @@ use crate::error::QemuError;
 use crate::qmp::{Balloon, QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
 use crate::stats;
 use crate::supervisor::{self, BootMarks, Launch, QemuState, Shared, Which};
-use crate::{AccelKind, QemuConfig};
+use crate::{AccelKind, Machine, QemuConfig};
 
 /// Smallest guest the backend creates (a Linux guest with an agent needs about this much).
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -39,16 +39,31 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 pub struct QemuBackend {
     config: Arc<QemuConfig>,
     accel: AccelKind,
+    /// Clock arguments for guests under TCG (`tsc_early_khz=… tsc=reliable`), when measurable.
+    tcg_clock: Option<String>,
 }
 
 impl QemuBackend {
     /// A backend running VMs as `config` says; [`crate::Accel::Auto`] is resolved here, once.
     pub fn new(config: QemuConfig) -> Self {
         let accel = config.accel.resolve();
-        tracing::info!(accel = accel.as_str(), "QEMU backend ready");
+        // Under TCG the guest's TSC is the host's: hand its frequency over, so the guest neither
+        // calibrates badly (q35) nor hangs calibrating (microvm). See `tsc`.
+        let tcg_clock = match accel {
+            AccelKind::Kvm => None,
+            AccelKind::Tcg => match crate::tcg_kernel_args() {
+                Ok(args) => Some(args),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no TSC frequency for TCG guests");
+                    None
+                }
+            },
+        };
+        tracing::info!(accel = accel.as_str(), machine = %config.machine, "QEMU backend ready");
         QemuBackend {
             config: Arc::new(config),
             accel,
+            tcg_clock,
         }
     }
 
@@ -59,6 +74,27 @@ impl QemuBackend {
     /// The accelerator every VM of this backend uses.
     pub fn accel(&self) -> AccelKind {
         self.accel
+    }
+
+    /// The exact QEMU arguments this backend runs a VM with (machine, firmware, clock arguments
+    /// under TCG and all): what the benchmark's "floor" runs by hand.
+    pub fn qemu_args(&self, paths: &RuntimePaths, config: &VmConfig) -> Vec<String> {
+        let c = &self.config;
+        let extra_cmdline = match &self.tcg_clock {
+            Some(clock) => format!("{clock} {}", c.extra_cmdline),
+            None => c.extra_cmdline.clone(),
+        };
+        qemu_command_line(&QemuCommand {
+            kernel: &c.kernel,
+            initramfs: &c.initramfs,
+            accel: self.accel,
+            machine: c.machine,
+            bios: (c.machine == Machine::Microvm).then_some(c.qboot.as_path()),
+            memory_mib: config.memory_mib,
+            cpus: config.cpus,
+            paths,
+            extra_cmdline: &extra_cmdline,
+        })
     }
 
     /// [`VmBackend::create`] with the concrete type.
@@ -78,6 +114,24 @@ impl QemuBackend {
                     root.display()
                 ),
             ));
+        }
+        if c.machine == Machine::Microvm {
+            if !c.qboot.is_file() {
+                return Err(invalid(
+                    "machine",
+                    format!(
+                        "microvm needs the qboot firmware, and {} does not exist (package qemu-system-data)",
+                        c.qboot.display()
+                    ),
+                ));
+            }
+            if self.accel == AccelKind::Tcg && self.tcg_clock.is_none() {
+                return Err(invalid(
+                    "machine",
+                    "microvm under TCG needs the host TSC frequency, which could not be measured"
+                        .to_owned(),
+                ));
+            }
         }
         let prefix = format!("uvm-{}-", short_id(id));
         let longest = RuntimePaths::longest_socket_path(&root.join(format!("{prefix}XXXXXX")));
@@ -106,15 +160,7 @@ impl QemuBackend {
             vsock_program: c.vhost_vsock.clone(),
             vsock_args: vhost_vsock_command_line(&paths),
             qemu_program: c.qemu.clone(),
-            qemu_args: qemu_command_line(&QemuCommand {
-                kernel: &c.kernel,
-                initramfs: &c.initramfs,
-                accel: self.accel,
-                memory_mib: config.memory_mib,
-                cpus: config.cpus,
-                paths: &paths,
-                extra_cmdline: &c.extra_cmdline,
-            }),
+            qemu_args: self.qemu_args(&paths, config),
         };
         let runtime_dir = dir.keep();
         tracing::info!(dir = %runtime_dir.display(), "VM created");

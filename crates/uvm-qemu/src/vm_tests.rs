@@ -28,6 +28,8 @@ impl Fixture {
             kernel: self.files.path().join("vmlinux"),
             initramfs: self.files.path().join("initramfs"),
             accel: crate::Accel::Tcg,
+            machine: crate::Machine::Q35,
+            qboot: self.files.path().join("qboot.rom"),
             runtime_root: self.root.path().to_path_buf(),
             extra_cmdline: String::new(),
             terminate_grace: Duration::from_secs(1),
@@ -117,6 +119,25 @@ fn create_refuses_missing_boot_files_and_binaries() {
             "{expected}: {r:?}"
         );
     }
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[test]
+fn create_refuses_microvm_without_its_firmware() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.machine = crate::Machine::Microvm;
+    let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
+    assert!(
+        matches!(
+            &r,
+            Err(HostError::InvalidInput {
+                what: "machine",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     assert!(f.runtime_entries().is_empty());
 }
 

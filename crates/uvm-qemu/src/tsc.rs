@@ -17,7 +17,12 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::ImageError;
+/// The host's TSC frequency could not be measured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot measure the host TSC frequency: {reason}")]
+pub struct TscError {
+    pub reason: String,
+}
 
 /// Where some kernels publish their TSC frequency.
 const SYSFS_TSC_KHZ: &str = "/sys/devices/system/cpu/cpu0/tsc_freq_khz";
@@ -30,7 +35,7 @@ const PLAUSIBLE_KHZ: std::ops::RangeInclusive<u64> = 100_000..=20_000_000;
 
 /// The host's TSC frequency in kHz (what `tsc_early_khz=` takes). Costs ≈50 ms the first
 /// time, nothing afterwards.
-pub fn host_tsc_khz() -> Result<u64, ImageError> {
+pub fn host_tsc_khz() -> Result<u64, TscError> {
     static MEASURED: OnceLock<u64> = OnceLock::new();
     if let Some(&khz) = MEASURED.get() {
         return Ok(khz);
@@ -52,7 +57,7 @@ pub fn host_tsc_khz() -> Result<u64, ImageError> {
 ///   synchronised, so the check is moot.
 ///
 /// Not for KVM, where the guest's TSC is virtualised (and kvmclock is the clocksource).
-pub fn tcg_kernel_args() -> Result<String, ImageError> {
+pub fn tcg_kernel_args() -> Result<String, TscError> {
     Ok(format!("tsc_early_khz={} tsc=reliable", host_tsc_khz()?))
 }
 
@@ -123,7 +128,7 @@ fn sample() -> Sample {
 
 /// Counts TSC ticks against `CLOCK_MONOTONIC_RAW` over `window`.
 #[cfg(target_arch = "x86_64")]
-fn calibrate(window: Duration) -> Result<u64, ImageError> {
+fn calibrate(window: Duration) -> Result<u64, TscError> {
     let start = sample();
     std::thread::sleep(window);
     let end = sample();
@@ -131,14 +136,14 @@ fn calibrate(window: Duration) -> Result<u64, ImageError> {
     let nanos = end.nanos.saturating_sub(start.nanos);
     khz_from(ticks, nanos)
         .filter(|khz| PLAUSIBLE_KHZ.contains(khz))
-        .ok_or_else(|| ImageError::TscUnmeasurable {
+        .ok_or_else(|| TscError {
             reason: format!("{ticks} TSC ticks in {nanos} ns is not a plausible frequency"),
         })
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn calibrate(_window: Duration) -> Result<u64, ImageError> {
-    Err(ImageError::TscUnmeasurable {
+fn calibrate(_window: Duration) -> Result<u64, TscError> {
+    Err(TscError {
         reason: "the host is not x86-64".to_owned(),
     })
 }
