@@ -1,15 +1,18 @@
 //! uvmctl as a library: wiring the controller to the QEMU backend, the vsock guest link and the
 //! guest image — shared by the CLI, the benchmarks and the real-VM tests.
 
+pub mod bench;
+
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use uvm::seams::VmConfig;
-use uvm::{Controller, ControllerError, Timeouts};
+use uvm::seams::{HostVm, VmBackend, VmConfig};
+use uvm::{Controller, ControllerError, HostError, Timeouts};
 use uvm_guest::{GuestLinkConfig, VsockGuest};
-use uvm_image::{Image, ImageError, ImageSpec};
-use uvm_qemu::{Accel, QemuBackend, QemuConfig};
+use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
+pub use uvm_qemu::{Accel, Machine};
+use uvm_qemu::{QemuBackend, QemuConfig, QemuVm};
 
 /// What can go wrong around the controller.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,7 @@ pub struct VmOptions {
     pub memory_mib: u64,
     pub cpus: u32,
     pub accel: Accel,
+    pub machine: Machine,
     pub timeouts: Timeouts,
     /// Where runtime directories go (default: the system temp dir).
     pub runtime_root: Option<PathBuf>,
@@ -39,6 +43,7 @@ impl Default for VmOptions {
             memory_mib: 256,
             cpus: 1,
             accel: Accel::Auto,
+            machine: Machine::Q35,
             timeouts: Timeouts::default(),
             runtime_root: None,
             extra_cmdline: String::new(),
@@ -48,8 +53,26 @@ impl Default for VmOptions {
 
 /// The default guest image, built on first use and cached by content.
 pub fn default_image() -> Result<Image, UvmctlError> {
-    let spec = ImageSpec::from_env()?;
+    image_with(None)
+}
+
+/// The guest image with `kernel` (ours or Debian's) instead of the default choice.
+pub fn image_with(kernel: Option<KernelFlavor>) -> Result<Image, UvmctlError> {
+    let spec = ImageSpec::from_env_with(kernel)?;
     Ok(uvm_image::ensure_image(&spec)?)
+}
+
+/// The QEMU backend configuration a [`Vm`] with `options` runs `image` with (also what the
+/// benchmark's floor starts by hand).
+pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {
+    let mut qemu = QemuConfig::new(image.kernel.clone(), image.initramfs.clone());
+    qemu.accel = options.accel;
+    qemu.machine = options.machine;
+    qemu.extra_cmdline = options.extra_cmdline.clone();
+    if let Some(root) = &options.runtime_root {
+        qemu.runtime_root = root.clone();
+    }
+    qemu
 }
 
 /// One utility VM: its controller and the concrete pieces under it.
@@ -59,6 +82,27 @@ pub struct Vm {
     pub controller: Controller,
     pub guest: VsockGuest,
     pub options: VmOptions,
+    /// The QEMU VM the controller drives, once created.
+    host: HostSlot,
+}
+
+/// Where [`TrackingBackend`] leaves the VM it created.
+type HostSlot = Arc<Mutex<Option<Arc<QemuVm>>>>;
+
+/// The QEMU backend, keeping a handle on the VM it creates so that [`Vm::qemu_vm`] can show its
+/// processes and start marks (the controller only sees it as a `dyn HostVm`).
+struct TrackingBackend {
+    inner: QemuBackend,
+    created: HostSlot,
+}
+
+#[async_trait::async_trait]
+impl VmBackend for TrackingBackend {
+    async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
+        let vm = Arc::new(self.inner.create_vm(id, config)?);
+        *self.created.lock().unwrap_or_else(PoisonError::into_inner) = Some(vm.clone());
+        Ok(vm)
+    }
 }
 
 /// Host-clock marks of one boot, for `--timings` and the benchmark.
@@ -84,13 +128,11 @@ impl Vm {
     /// A NotCreated VM with a fresh id, over the QEMU backend and the vsock guest link.
     pub fn new(image: &Image, options: VmOptions) -> Vm {
         let id = new_vm_id();
-        let mut qemu = QemuConfig::new(image.kernel.clone(), image.initramfs.clone());
-        qemu.accel = options.accel;
-        qemu.extra_cmdline = options.extra_cmdline.clone();
-        if let Some(root) = &options.runtime_root {
-            qemu.runtime_root = root.clone();
-        }
-        let backend = Arc::new(QemuBackend::new(qemu));
+        let host = HostSlot::default();
+        let backend = Arc::new(TrackingBackend {
+            inner: QemuBackend::new(qemu_config(image, &options)),
+            created: host.clone(),
+        });
         let mut link = GuestLinkConfig::new(id.clone());
         link.call_timeout = options.timeouts.guest_call;
         let guest = VsockGuest::new(link);
@@ -105,7 +147,17 @@ impl Vm {
             controller,
             guest,
             options,
+            host,
         }
+    }
+
+    /// The QEMU VM under the controller once `create_vm` succeeded: its process ids, runtime
+    /// directory and start marks (QEMU spawn time), for the benchmark and diagnostics.
+    pub fn qemu_vm(&self) -> Option<Arc<QemuVm>> {
+        self.host
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// create_vm + start_vm, with the boot's phase marks.

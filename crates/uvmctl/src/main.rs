@@ -32,6 +32,8 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Benchmark real VMs: raw-QEMU floor vs start, exec, terminate, memory, density.
+    Bench(uvmctl::bench::cli::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -98,6 +100,9 @@ fn main() -> ExitCode {
             Command::Image {
                 command: ImageCommand::Build { force },
             } => image_build(force),
+            Command::Bench(args) => uvmctl::bench::cli::run(args)
+                .await
+                .map_err(anyhow::Error::new),
         }
     });
     // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.

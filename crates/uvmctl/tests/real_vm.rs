@@ -1,15 +1,16 @@
-//! Real-VM tests: they boot QEMU (TCG here) with our kernel/initramfs and agent. Every test is
-//! named `real_vm_*` so nextest runs at most a few at once (`.config/nextest.toml`), and every test
-//! checks at its end that no process of its VM remains and its runtime directory is gone.
+//! Real-VM tests: they boot QEMU (TCG here) with the default image (our kernel when built) and
+//! our agent, on each machine profile (`real_vm_q35::*`, `real_vm_microvm::*`). The `real_vm_`
+//! prefix lets nextest run at most a few at once (`.config/nextest.toml`), and every test checks
+//! at its end that no process of its VM remains and its runtime directory is gone.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use uvm::seams::ExecRequest;
+use uvm::testing::Capture;
 use uvm::{ControllerError, GuestError, Reason, SeamError, StartStep, State, Timeouts};
-use uvmctl::{default_image, Vm, VmOptions};
+use uvmctl::{default_image, Machine, Vm, VmOptions};
 
 /// A VM under test with its own runtime root, so leaks can be found by path.
 struct TestVm {
@@ -28,13 +29,14 @@ fn options(root: &Path) -> VmOptions {
     }
 }
 
-fn new_vm_with(f: impl FnOnce(&mut VmOptions)) -> TestVm {
+fn new_vm_with(machine: Machine, f: impl FnOnce(&mut VmOptions)) -> TestVm {
     let image = default_image().expect("guest image (run `make agent` and scripts/setup.sh)");
     let root = tempfile::Builder::new()
         .prefix("uvmt")
         .tempdir_in("/tmp")
         .expect("runtime root");
     let mut opts = options(root.path());
+    opts.machine = machine;
     f(&mut opts);
     TestVm {
         vm: Vm::new(&image, opts),
@@ -42,8 +44,8 @@ fn new_vm_with(f: impl FnOnce(&mut VmOptions)) -> TestVm {
     }
 }
 
-async fn booted() -> TestVm {
-    let t = new_vm_with(|_| {});
+async fn booted(machine: Machine) -> TestVm {
+    let t = new_vm_with(machine, |_| {});
     t.vm.boot().await.expect("boot");
     assert_eq!(t.vm.controller.state(), State::Running);
     t
@@ -88,40 +90,8 @@ impl TestVm {
     }
 }
 
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Sink {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("sink")).into_owned()
-    }
-}
-
-impl tokio::io::AsyncWrite for Sink {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.0.lock().expect("sink").extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 async fn exec(vm: &Vm, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
-    let (out, err) = (Sink::default(), Sink::default());
+    let (out, err) = (Capture::default(), Capture::default());
     let mut req = ExecRequest::new(args.iter().copied());
     req.stdout = Some(Box::new(out.clone()));
     req.stderr = Some(Box::new(err.clone()));
@@ -132,26 +102,23 @@ async fn exec(vm: &Vm, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, Str
     (code, out.text(), err.text())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_boots_and_exec_of_uname_prints_linux() {
-    let t = booted().await;
+async fn boots_and_exec_of_uname_prints_linux(machine: Machine) {
+    let t = booted(machine).await;
     let (code, out, _) = exec(&t.vm, &["uname", "-a"], None).await;
     assert_eq!(code, 0);
     assert!(out.starts_with("Linux "), "{out:?}");
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_a_non_zero_exit_code_and_stderr_propagate() {
-    let t = booted().await;
+async fn a_non_zero_exit_code_and_stderr_propagate(machine: Machine) {
+    let t = booted(machine).await;
     let (code, out, err) = exec(&t.vm, &["sh", "-c", "echo oops >&2; exit 7"], None).await;
     assert_eq!((code, out.as_str(), err.as_str()), (7, "", "oops\n"));
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_stdin_round_trips_through_the_guest() {
-    let t = booted().await;
+async fn stdin_round_trips_through_the_guest(machine: Machine) {
+    let t = booted(machine).await;
     let input: Vec<u8> = (0..200_000u32)
         .flat_map(|i| format!("{i}\n").into_bytes())
         .collect();
@@ -161,9 +128,8 @@ async fn real_vm_stdin_round_trips_through_the_guest() {
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_dump_stacks_and_stats_answer() {
-    let t = booted().await;
+async fn dump_stacks_and_stats_answer(machine: Machine) {
+    let t = booted(machine).await;
     let stacks = t.vm.controller.dump_stacks().await.expect("dump stacks");
     assert!(!stacks.trim().is_empty());
     let host = t.vm.controller.stats().await.expect("host stats");
@@ -179,9 +145,8 @@ async fn real_vm_dump_stacks_and_stats_answer() {
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_terminate_ends_terminated_with_an_exit_status() {
-    let t = booted().await;
+async fn terminate_ends_terminated_with_an_exit_status(machine: Machine) {
+    let t = booted(machine).await;
     t.vm.controller.terminate_vm().await.expect("terminate");
     let status = t.vm.controller.exit_status().expect("terminated");
     assert_eq!(status.reason, Reason::TerminateRequested);
@@ -193,9 +158,8 @@ async fn real_vm_terminate_ends_terminated_with_an_exit_status() {
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_qemu_killed_from_outside_ends_terminated_and_releases_pending_calls() {
-    let t = booted().await;
+async fn qemu_killed_from_outside_ends_terminated_and_releases_pending_calls(machine: Machine) {
+    let t = booted(machine).await;
     let root = t.root.path().to_path_buf();
     let controller = t.vm.controller.clone();
     let pending = tokio::spawn(async move {
@@ -250,10 +214,9 @@ async fn real_vm_qemu_killed_from_outside_ends_terminated_and_releases_pending_c
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_an_agent_that_never_connects_fails_start_at_its_deadline() {
+async fn an_agent_that_never_connects_fails_start_at_its_deadline(machine: Machine) {
     // rdinit=/bin/sh: the guest boots into a shell instead of our agent and never announces.
-    let t = new_vm_with(|o| {
+    let t = new_vm_with(machine, |o| {
         o.timeouts.guest_connect = Duration::from_secs(8);
         o.extra_cmdline = "rdinit=/bin/sh".into();
     });
@@ -273,13 +236,14 @@ async fn real_vm_an_agent_that_never_connects_fails_start_at_its_deadline() {
     t.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_terminate_during_boot_cancels_the_start_and_cleans_up() {
-    let t = new_vm_with(|_| {});
+async fn terminate_during_boot_cancels_the_start_and_cleans_up(machine: Machine) {
+    // The guest boots into a shell and never announces: the start is surely still waiting for
+    // it when the terminate comes, however fast the machine.
+    let t = new_vm_with(machine, |o| o.extra_cmdline = "rdinit=/bin/sh".into());
     let controller = t.vm.controller.clone();
     let vm_boot = async { t.vm.boot().await };
     let terminate = async {
-        // Let QEMU get going, then pull the plug while the guest is still booting.
+        // Let QEMU get going, then pull the plug while the start waits for the guest.
         tokio::time::sleep(Duration::from_millis(400)).await;
         controller.terminate_vm().await
     };
@@ -292,3 +256,48 @@ async fn real_vm_terminate_during_boot_cancels_the_start_and_cleans_up() {
     assert_eq!(t.vm.controller.state(), State::Terminated);
     t.finish().await;
 }
+
+async fn virtio_drivers_the_controller_relies_on_are_bound(machine: Machine) {
+    let t = booted(machine).await;
+    // vsock carries the agent's API; the balloon carries update_memory.
+    let script = "for d in vmw_vsock_virtio_transport virtio_balloon; do \
+                    ls /sys/bus/virtio/drivers/$d | grep -q '^virtio' || echo \"unbound: $d\"; \
+                  done";
+    let (code, out, err) = exec(&t.vm, &["sh", "-c", script], None).await;
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
+    t.finish().await;
+}
+
+/// Every case above, once per machine profile.
+macro_rules! on_each_machine {
+    ($($case:ident),* $(,)?) => {
+        mod real_vm_q35 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Machine::Q35).await
+                }
+            )*
+        }
+        mod real_vm_microvm {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Machine::Microvm).await
+                }
+            )*
+        }
+    };
+}
+
+on_each_machine!(
+    boots_and_exec_of_uname_prints_linux,
+    a_non_zero_exit_code_and_stderr_propagate,
+    stdin_round_trips_through_the_guest,
+    dump_stacks_and_stats_answer,
+    terminate_ends_terminated_with_an_exit_status,
+    qemu_killed_from_outside_ends_terminated_and_releases_pending_calls,
+    an_agent_that_never_connects_fails_start_at_its_deadline,
+    terminate_during_boot_cancels_the_start_and_cleans_up,
+    virtio_drivers_the_controller_relies_on_are_bound,
+);

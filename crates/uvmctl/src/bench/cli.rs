@@ -1,0 +1,182 @@
+//! The `uvmctl bench` command line: arguments, and printing the report (JSON or a table) and
+//! the plot.
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use uvm_image::KernelFlavor;
+use uvm_qemu::{Accel, Machine};
+
+use super::{BenchError, BenchOptions};
+
+/// `uvmctl bench` arguments.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Floor/start pairs (default 20; 10 with --quick).
+    #[arg(long)]
+    pub iterations: Option<usize>,
+    /// Execs of each kind (default 50; 20 with --quick).
+    #[arg(long)]
+    pub exec_iterations: Option<usize>,
+    /// Fewer iterations and density up to 4 VMs: under 5 minutes on 2 cores.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object on stdout instead of a table (progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Density runs: how many VMs to start at once, comma-separated (default 1,2,4,8; 1,2,4
+    /// with --quick).
+    #[arg(long, value_delimiter = ',')]
+    pub density: Option<Vec<usize>>,
+    /// Write the boot-phase plot (PNG) here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Guest kernel flavour (default: UVM_KERNEL, else ours when built, else Debian's).
+    #[arg(long, value_enum)]
+    pub kernel: Option<KernelArg>,
+    /// Accelerator: KVM only where the CPU advertises vmx/svm (auto), or forced.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Machine model: q35 (PCIe, hotplug) or microvm (qboot, virtio-mmio, fastest boot).
+    #[arg(long, value_enum, default_value_t = MachineArg::Q35)]
+    pub machine: MachineArg,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u64,
+    /// Virtual CPUs per guest.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Appended to the guest kernel command line (floor and controller alike).
+    #[arg(long, default_value = "")]
+    pub append: String,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub silent: bool,
+}
+
+/// `--kernel`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KernelArg {
+    Ours,
+    Debian,
+}
+
+/// `--machine`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MachineArg {
+    Q35,
+    Microvm,
+}
+
+/// `--accel`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl BenchArgs {
+    /// The options these arguments ask for.
+    pub fn options(&self) -> BenchOptions {
+        let mut o = BenchOptions::new(self.quick);
+        if let Some(n) = self.iterations {
+            o.iterations = n.max(1);
+        }
+        if let Some(n) = self.exec_iterations {
+            o.exec_iterations = n.max(1);
+        }
+        if let Some(d) = &self.density {
+            o.density = d.iter().copied().filter(|k| *k > 0).collect();
+        }
+        o.kernel = self.kernel.map(|k| match k {
+            KernelArg::Ours => KernelFlavor::Ours,
+            KernelArg::Debian => KernelFlavor::Debian,
+        });
+        o.vm.accel = match self.accel {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        };
+        o.vm.machine = match self.machine {
+            MachineArg::Q35 => Machine::Q35,
+            MachineArg::Microvm => Machine::Microvm,
+        };
+        o.vm.memory_mib = self.memory;
+        o.vm.cpus = self.cpus;
+        o.vm.extra_cmdline = self.append.clone();
+        o.progress = !self.silent;
+        o
+    }
+}
+
+/// Runs the benchmark and prints its report; the exit code is 0 (missed targets are results).
+pub async fn run(args: BenchArgs) -> Result<u8, BenchError> {
+    let report = super::run(&args.options()).await?;
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "boot phases, median ms: {} / {} / kernel {} / {}",
+            report.accelerator,
+            report.machine,
+            report.kernel.as_deref().unwrap_or("?"),
+            report.date.get(..10).unwrap_or(&report.date)
+        );
+        super::plot::write_phase_plot(path, &title, &report.phases_floor, &report.phases_start)?;
+        if !args.json {
+            println!("plot written to {}", path.display());
+        }
+    }
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn quick_json_with_density_and_kernel_parse() {
+        let cli = Cli::parse_from([
+            "bench",
+            "--quick",
+            "--json",
+            "--density",
+            "1,2,4,8",
+            "--kernel",
+            "debian",
+            "--plot",
+            "docs/boot-phases.png",
+        ]);
+        let o = cli.bench.options();
+        assert!(o.quick && cli.bench.json);
+        assert_eq!(o.iterations, 10);
+        assert_eq!(o.density, [1, 2, 4, 8]);
+        assert_eq!(o.kernel, Some(KernelFlavor::Debian));
+        assert_eq!(cli.bench.plot, Some(PathBuf::from("docs/boot-phases.png")));
+    }
+
+    #[test]
+    fn defaults_differ_between_quick_and_full_runs() {
+        let full = Cli::parse_from(["bench"]).bench.options();
+        assert_eq!(full.density, [1, 2, 4, 8]);
+        assert!(full.iterations > 10);
+        let quick = Cli::parse_from(["bench", "--quick", "--iterations", "3"])
+            .bench
+            .options();
+        assert_eq!(quick.density, [1, 2, 4]);
+        assert_eq!(quick.iterations, 3);
+        assert_eq!(quick.kernel, None);
+    }
+}

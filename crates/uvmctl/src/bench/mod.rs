@@ -1,0 +1,352 @@
+//! `uvmctl bench`: whole-VM latencies and costs of real QEMU VMs, against a floor of the same
+//! QEMU started with no controller.
+//!
+//! One run measures, in this order:
+//! 1. *floor* and *start* alternately (floor, start, floor, start, …, after one untimed warm-up
+//!    of each) so that machine noise hits both alike; every start is followed by a timed
+//!    *terminate*;
+//! 2. on one VM: idle *memory* (QEMU, vhost-device-vsock), *exec* round trips (`true`, and 1 MiB
+//!    of stdout), and the exec of `true` taken apart RPC by RPC;
+//! 3. *density*: K VMs started at once, for each K, with the controller's RSS growth per VM in
+//!    the largest run.
+//!
+//! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
+//! [`crate::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
+//! (`/proc`), [`report`] (JSON, table), [`plot`] (PNG). How to read the results: `BENCHMARKS.md`.
+
+pub mod cli;
+pub mod floor;
+pub mod measure;
+pub mod phases;
+pub mod plot;
+pub mod procs;
+pub mod report;
+pub mod rpc;
+pub mod stats;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use uvm::seams::VmConfig;
+use uvm::{ControllerError, State};
+use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
+use uvm_qemu::QemuBackend;
+
+use floor::{FloorConfig, FloorSample};
+use measure::StartSample;
+use phases::Phases;
+use report::{BenchReport, BreakdownSummary};
+use stats::Summary;
+
+use crate::VmOptions;
+
+/// What can go wrong while benchmarking.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("preparing the guest image failed")]
+    Image(#[from] ImageError),
+    #[error("{what} failed")]
+    Controller {
+        what: &'static str,
+        #[source]
+        source: ControllerError,
+    },
+    #[error("{operation} failed")]
+    Io {
+        operation: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot spawn {}", program.display())]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} exited early ({status}); its log ends with: {log}")]
+    ChildExited {
+        name: &'static str,
+        status: String,
+        log: String,
+    },
+    #[error("waiting for {what} timed out after {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("the guest misbehaved: {message}")]
+    Guest { message: String },
+    #[error("a boot mark is missing: {mark}")]
+    MissingMark { mark: &'static str },
+    #[error("`{command}` exited with {exit_code} after writing {bytes} bytes to stdout")]
+    WrongOutput {
+        command: &'static str,
+        exit_code: i32,
+        bytes: u64,
+    },
+    #[error("the VM is {state} after terminate_vm, not Terminated")]
+    NotTerminated { state: State },
+    #[error("the VM left processes {pids:?} (or its directory) behind: {}", dir.display())]
+    Leaked { dir: PathBuf, pids: Vec<u32> },
+    #[error("a benchmark task failed: {message}")]
+    Task { message: String },
+    #[error("no samples for {0}")]
+    NoSamples(&'static str),
+    #[error("drawing {} failed: {message}", path.display())]
+    Plot { path: PathBuf, message: String },
+}
+
+/// How to run the benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Floor/start pairs (each start also gives a terminate sample).
+    pub iterations: usize,
+    /// Execs of each kind.
+    pub exec_iterations: usize,
+    /// The K of each density run.
+    pub density: Vec<usize>,
+    /// Passed on to the report.
+    pub quick: bool,
+    /// Force a kernel flavour (otherwise `UVM_KERNEL`, else ours if built, else Debian's).
+    pub kernel: Option<KernelFlavor>,
+    /// The VMs' shape (memory, CPUs, accelerator, timeouts).
+    pub vm: VmOptions,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
+impl BenchOptions {
+    /// Iteration counts for a normal run, or for `--quick` (under 5 minutes on 2 cores).
+    pub fn new(quick: bool) -> BenchOptions {
+        BenchOptions {
+            iterations: if quick { 10 } else { 20 },
+            exec_iterations: if quick { 20 } else { 50 },
+            density: if quick {
+                vec![1, 2, 4]
+            } else {
+                vec![1, 2, 4, 8]
+            },
+            quick,
+            kernel: None,
+            vm: VmOptions::default(),
+            progress: true,
+        }
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+/// The guest image, with `kernel` overriding the default flavour; and the flavour used.
+pub fn image_for(kernel: Option<KernelFlavor>) -> Result<(Image, KernelFlavor), BenchError> {
+    let spec = ImageSpec::from_env_with(kernel)?;
+    let image = uvm_image::ensure_image(&spec)?;
+    Ok((image, spec.kernel))
+}
+
+macro_rules! progress {
+    ($opts:expr, $($arg:tt)*) => {
+        if $opts.progress {
+            eprintln!("bench: {}", format_args!($($arg)*));
+        }
+    };
+}
+
+/// Runs every measurement and returns the report. Call it from the thread that drives the
+/// runtime (`block_on`) or a runtime worker: the floor's children die with the spawning thread.
+pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let began = Instant::now();
+    let date = report::iso8601_utc(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    let loadavg = read_loadavg();
+    let (image, flavor) = image_for(opts.kernel)?;
+    let backend = QemuBackend::new(crate::qemu_config(&image, &opts.vm));
+    let accel = backend.accel();
+    let machine = opts.vm.machine;
+    let floor_cfg = FloorConfig {
+        backend: backend.clone(),
+        vm: VmConfig {
+            memory_mib: opts.vm.memory_mib,
+            cpus: opts.vm.cpus,
+            security_policy: None,
+        },
+        timeout: opts.vm.timeouts.guest_connect,
+    };
+    progress!(
+        opts,
+        "image {} (kernel {flavor}), accel {}, machine {machine}",
+        short(&image.id),
+        accel.as_str()
+    );
+
+    // 1. Floor and start, alternating, after an untimed warm-up of each.
+    floor::floor_once(&floor_cfg).await?;
+    measure::start_once(&image, &opts.vm).await?;
+    let mut floors: Vec<FloorSample> = Vec::new();
+    let mut starts: Vec<StartSample> = Vec::new();
+    for i in 1..=opts.iterations {
+        let f = floor::floor_once(&floor_cfg).await?;
+        let s = measure::start_once(&image, &opts.vm).await?;
+        progress!(
+            opts,
+            "{i}/{}: floor {:.0} ms, start {:.0} ms, terminate {:.0} ms",
+            opts.iterations,
+            stats::ms(f.total),
+            stats::ms(s.total),
+            stats::ms(s.terminate)
+        );
+        floors.push(f);
+        starts.push(s);
+    }
+
+    // 2. Memory and exec on one VM.
+    let exec = measure::exec_session(
+        &image,
+        &opts.vm,
+        Duration::from_secs(1),
+        opts.exec_iterations,
+        opts.exec_iterations.div_ceil(2),
+    )
+    .await?;
+    progress!(
+        opts,
+        "exec: `true` median {:.1} ms, 1 MiB median {:.1} ms",
+        summary(&exec.exec_true, "exec true")?.median,
+        summary(&exec.exec_bulk, "exec 1 MiB")?.median
+    );
+
+    // 3. Density.
+    let mut density = BTreeMap::new();
+    let mut controller_rss = None;
+    let largest = opts.density.iter().copied().max().unwrap_or(0);
+    for &k in &opts.density {
+        let d = measure::density_once(&image, &opts.vm, k).await?;
+        progress!(
+            opts,
+            "density K={k}: all Running after {:.2} s",
+            d.all_running.as_secs_f64()
+        );
+        density.insert(k, d.all_running.as_secs_f64());
+        if k == largest {
+            controller_rss = d.controller_rss_per_vm.map(|b| b / f64::from(1u32 << 20));
+        }
+    }
+
+    let b = &exec.breakdown;
+    let to_ms = |v: &[Duration]| v.iter().copied().map(stats::ms).collect::<Vec<_>>();
+    let samples = [
+        (
+            "floor",
+            to_ms(&floors.iter().map(|f| f.total).collect::<Vec<_>>()),
+        ),
+        (
+            "start",
+            to_ms(&starts.iter().map(|s| s.total).collect::<Vec<_>>()),
+        ),
+        (
+            "terminate",
+            to_ms(&starts.iter().map(|s| s.terminate).collect::<Vec<_>>()),
+        ),
+        ("exec_true", to_ms(&exec.exec_true)),
+        ("exec_1mib", to_ms(&exec.exec_bulk)),
+        ("rpc_roundtrip", to_ms(&b.rpc_roundtrip)),
+        ("exec_rpcs_sequential", to_ms(&b.total)),
+        ("exec_rpcs_pipelined", to_ms(&b.pipelined)),
+        ("guest_process", to_ms(&exec.guest_process)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Ok(BenchReport {
+        date,
+        accelerator: accel.as_str().to_owned(),
+        kernel: Some(flavor.name().to_owned()),
+        machine: machine.as_str().to_owned(),
+        qemu: qemu_version(&backend.config().qemu),
+        host_cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        loadavg,
+        loadavg_end: read_loadavg(),
+        iterations: opts.iterations,
+        quick: opts.quick,
+        memory_mib: opts.vm.memory_mib,
+        cpus: opts.vm.cpus,
+        floor: summary(&floors.iter().map(|f| f.total).collect::<Vec<_>>(), "floor")?,
+        start: summary(&starts.iter().map(|s| s.total).collect::<Vec<_>>(), "start")?,
+        paired_ratio: Summary::of(
+            &floors
+                .iter()
+                .zip(&starts)
+                .map(|(f, s)| s.total.as_secs_f64() / f.total.as_secs_f64())
+                .collect::<Vec<_>>(),
+        )
+        .ok_or(BenchError::NoSamples("start/floor pairs"))?,
+        paired_overhead: Summary::of(
+            &floors
+                .iter()
+                .zip(&starts)
+                .map(|(f, s)| stats::ms(s.total) - stats::ms(f.total))
+                .collect::<Vec<_>>(),
+        )
+        .ok_or(BenchError::NoSamples("start/floor pairs"))?,
+        exec_true: summary(&exec.exec_true, "exec true")?,
+        exec_1mib: summary(&exec.exec_bulk, "exec 1 MiB")?,
+        terminate: summary(
+            &starts.iter().map(|s| s.terminate).collect::<Vec<_>>(),
+            "terminate",
+        )?,
+        qemu_rss_mib: procs::mib(exec.qemu_rss),
+        vsock_rss_mib: procs::mib(exec.vsock_rss),
+        controller_rss_mib: controller_rss,
+        density,
+        phases_floor: Phases::median_of(&floors.iter().map(|f| f.phases).collect::<Vec<_>>()),
+        phases_start: Phases::median_of(&starts.iter().map(|s| s.phases).collect::<Vec<_>>()),
+        exec_breakdown: BreakdownSummary {
+            rpc_roundtrip: summary(&b.rpc_roundtrip, "RPC round trip")?,
+            exec_process: summary(&b.exec_process, "ExecProcess")?,
+            read_output: summary(&b.read_output, "ReadOutput")?,
+            wait_process: summary(&b.wait_process, "WaitProcess")?,
+            total: summary(&b.total, "exec RPCs")?,
+            pipelined: summary(&b.pipelined, "pipelined exec RPCs")?,
+            guest_process: summary(&exec.guest_process, "guest process")?,
+        },
+        elapsed_s: began.elapsed().as_secs_f64(),
+        samples,
+    })
+}
+
+fn summary(samples: &[Duration], what: &'static str) -> Result<Summary, BenchError> {
+    Summary::of_durations(samples).ok_or(BenchError::NoSamples(what))
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// `/proc/loadavg`'s three averages.
+fn read_loadavg() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_ascii_whitespace().map(|w| w.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// The first line of `qemu --version`.
+fn qemu_version(qemu: &std::path::Path) -> Option<String> {
+    let out = std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_owned)
+}
