@@ -70,6 +70,10 @@ pub mod capabilities {
     pub const EXEC: &str = "exec";
     /// `ExecRequest.terminal = true` is supported.
     pub const TERMINAL: &str = "terminal";
+    /// A waited-for process stays readable until its output was taken (or a linger after its
+    /// exit), so the host may read output and wait concurrently. Without it the host must read
+    /// to EOF before `WaitProcess`, which forgets the process.
+    pub const EXEC_OUTPUT_LINGER: &str = "exec-output-linger";
     /// `DumpStacks`.
     pub const DUMP_STACKS: &str = "dump-stacks";
     /// `GuestStats`.

@@ -94,6 +94,7 @@ impl AgentService {
         resp.capabilities = [
             capabilities::EXEC,
             capabilities::TERMINAL,
+            capabilities::EXEC_OUTPUT_LINGER,
             capabilities::DUMP_STACKS,
             capabilities::STATS,
             capabilities::SHUTDOWN,

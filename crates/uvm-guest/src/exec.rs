@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use uvm::seams::ExecRequest;
+use uvm::seams::{ExecRequest, GuestConnection};
 use uvm::GuestError;
 use uvm_agent_proto::agent::{
     ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest, WriteStdinRequest,
 };
-use uvm_agent_proto::{MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK};
+use uvm_agent_proto::{capabilities, MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK};
 
 use crate::link::VsockGuest;
 
@@ -109,29 +109,37 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
     let outputs = async { tokio::try_join!(out, err) };
     tokio::pin!(outputs);
 
-    // Output and exit status concurrently: the agent keeps a waited-for process readable until
-    // its output was taken (or, with a background child holding the pipes, `OUTPUT_LINGER` after
-    // the exit, when it ends the streams). The process may run as long as it likes: no deadline
-    // on the wait; closing the link (VM exit, terminate) releases everything.
     let wait_req = ProcessRef {
         exec_id: exec_id.clone(),
         ..ProcessRef::default()
     };
+    // The process may run as long as it likes: no deadline on the wait; closing the link (VM
+    // exit, terminate) releases everything.
     let waited = link.call(
         "wait for the process",
         None,
         client.wait_process(VsockGuest::ctx(None), &wait_req),
     );
-    tokio::pin!(waited);
     let mut outputs_done = false;
-    let status = loop {
-        tokio::select! {
-            r = &mut waited => break r,
-            r = &mut outputs, if !outputs_done => {
-                r?;
-                outputs_done = true;
+    let status = if link.capabilities().has(capabilities::EXEC_OUTPUT_LINGER) {
+        // Output and exit status concurrently: the agent keeps a waited-for process readable
+        // until its output was taken (or, with a background child holding the pipes,
+        // `OUTPUT_LINGER` after the exit, when it ends the streams).
+        tokio::pin!(waited);
+        loop {
+            tokio::select! {
+                r = &mut waited => break r,
+                r = &mut outputs, if !outputs_done => {
+                    r?;
+                    outputs_done = true;
+                }
             }
         }
+    } else {
+        // An agent without the linger forgets the process at the wait: output first.
+        (&mut outputs).await?;
+        outputs_done = true;
+        waited.await
     };
     if let Some(p) = stdin_pump {
         p.abort();

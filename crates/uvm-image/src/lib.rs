@@ -35,6 +35,9 @@ pub use initramfs::{GUEST_MODULE_DIR, LOAD_ORDER_FILE};
 pub const GUEST_MODULES: &[&str] = &[
     // The PCI transport of every virtio device on q35: without it no virtio device appears.
     "virtio_pci",
+    // The MMIO transport of every virtio device on microvm (devices announced on the kernel
+    // command line as `virtio_mmio.device=…`, which a module still receives).
+    "virtio_mmio",
     // The host↔guest channel (vhost-user-vsock-pci / vhost-vsock-pci): the agent's link.
     "vmw_vsock_virtio_transport",
     // virtio-blk disks (the scratch disk, layers, hot-plugged disks).

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use uvm::seams::ExecRequest;
-use uvmctl::{default_image, BootTimings, Vm, VmOptions};
+use uvmctl::{image_with, BootTimings, Vm, VmOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,6 +53,18 @@ enum AccelArg {
     Tcg,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MachineArg {
+    Q35,
+    Microvm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KernelArg {
+    Ours,
+    Debian,
+}
+
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Guest memory in MiB.
@@ -64,6 +76,13 @@ struct RunArgs {
     /// Accelerator: KVM only where the CPU advertises vmx/svm (auto), or forced.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
+    /// Machine model: q35 (PCIe, hotplug) or microvm (fastest boot, no hotplug).
+    #[arg(long, value_enum, default_value_t = MachineArg::Q35)]
+    machine: MachineArg,
+    /// Guest kernel: ours (built by scripts/build-kernel.sh) or Debian's; default: ours when
+    /// built (or $UVM_KERNEL).
+    #[arg(long, value_enum)]
+    kernel: Option<KernelArg>,
     /// Print each boot phase and the total to stderr.
     #[arg(long)]
     timings: bool,
@@ -136,7 +155,11 @@ fn signal_exit(sig: i32) -> u8 {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let image = default_image().context("preparing the guest image")?;
+    let kernel = args.kernel.map(|k| match k {
+        KernelArg::Ours => uvm_image::KernelFlavor::Ours,
+        KernelArg::Debian => uvm_image::KernelFlavor::Debian,
+    });
+    let image = image_with(kernel).context("preparing the guest image")?;
     let options = VmOptions {
         memory_mib: args.memory,
         cpus: args.cpus,
@@ -144,6 +167,10 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
             AccelArg::Auto => uvm_qemu::Accel::Auto,
             AccelArg::Kvm => uvm_qemu::Accel::Kvm,
             AccelArg::Tcg => uvm_qemu::Accel::Tcg,
+        },
+        machine: match args.machine {
+            MachineArg::Q35 => uvmctl::Machine::Q35,
+            MachineArg::Microvm => uvmctl::Machine::Microvm,
         },
         ..VmOptions::default()
     };
