@@ -378,24 +378,22 @@ fn start_children(
     )
 }
 
-/// Spawn `which` into its own process group, with SIGKILL as its parent-death signal, and
-/// register it (PID + pidfd) — unless the VM is stopping.
-fn spawn_child(
-    shared: &Shared,
-    which: Which,
+/// A command for a child that must not outlive this process: its own process group (a
+/// terminal's Ctrl-C reaches the controller, which decides), SIGKILL as its parent-death signal
+/// (checked against a parent that died before the prctl), stdin from /dev/null, stdout and
+/// stderr into `log_path`. Note: the parent-death signal fires when the *spawning thread* exits.
+pub fn tethered_command(
     program: &Path,
     args: &[String],
     log_path: &Path,
-) -> Result<Child, QemuError> {
-    let io = |operation| move |source| QemuError::Io { operation, source };
-    let log = File::create(log_path).map_err(io("create a process log"))?;
-    let log_err = log.try_clone().map_err(io("create a process log"))?;
+) -> std::io::Result<Command> {
+    let log = File::create(log_path)?;
+    let log_err = log.try_clone()?;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
-        // Its own group: a terminal's Ctrl-C reaches the controller, which decides.
         .process_group(0);
     let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
@@ -406,11 +404,27 @@ fn spawn_child(
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
             // The parent may have died before the prctl: then nobody will ever kill us.
             if rustix::process::getppid() != Some(parent) {
-                return Err(std::io::Error::other("the controller exited during spawn"));
+                return Err(std::io::Error::other("the parent exited during spawn"));
             }
             Ok(())
         });
     }
+    Ok(cmd)
+}
+
+/// Spawn `which` into its own process group, with SIGKILL as its parent-death signal, and
+/// register it (PID + pidfd) — unless the VM is stopping.
+fn spawn_child(
+    shared: &Shared,
+    which: Which,
+    program: &Path,
+    args: &[String],
+    log_path: &Path,
+) -> Result<Child, QemuError> {
+    let mut cmd = tethered_command(program, args, log_path).map_err(|source| QemuError::Io {
+        operation: "create a process log",
+        source,
+    })?;
 
     let mut procs = shared.lock();
     if procs.stopping {

@@ -7,11 +7,9 @@
 //! when the *spawning thread* exits: spawn only from a thread that lives as long as the run (the
 //! thread driving `block_on`, or a runtime worker), never from the blocking pool.
 
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
@@ -63,30 +61,11 @@ impl ChildGuard {
         args: &[String],
         log: &Path,
     ) -> Result<ChildGuard, BenchError> {
-        let io = |operation| move |source| BenchError::Io { operation, source };
-        let out = File::create(log).map_err(io("create a process log"))?;
-        let err = out.try_clone().map_err(io("create a process log"))?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let parent = rustix::process::getpid();
-        // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed: two raw syscalls (prctl, getppid) through rustix,
-        // no allocation, no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::KILL,
-                ))?;
-                if rustix::process::getppid() != Some(parent) {
-                    return Err(std::io::Error::other("the benchmark exited during spawn"));
-                }
-                Ok(())
-            });
-        }
+        let mut cmd =
+            uvm_qemu::tethered_command(program, args, log).map_err(|source| BenchError::Io {
+                operation: "create a process log",
+                source,
+            })?;
         let child = cmd.spawn().map_err(|source| BenchError::Spawn {
             program: program.to_owned(),
             source,
