@@ -49,7 +49,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         .call(
             "exec",
             Some(t),
-            client.exec_process(VsockGuest::ctx(Some(t)), &wire),
+            client.exec_process(VsockGuest::ctx(), &wire),
         )
         .await?;
     let exec_id = started.exec_id;
@@ -75,7 +75,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
                     .call(
                         "write stdin",
                         Some(t),
-                        client.write_stdin(VsockGuest::ctx(Some(t)), &req),
+                        client.write_stdin(VsockGuest::ctx(), &req),
                     )
                     .await
                     .is_err()
@@ -92,7 +92,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
                 .call(
                     "close stdin",
                     Some(t),
-                    client.close_stdin(VsockGuest::ctx(Some(t)), &req),
+                    client.close_stdin(VsockGuest::ctx(), &req),
                 )
                 .await;
         })
@@ -118,7 +118,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
     let waited = link.call(
         "wait for the process",
         None,
-        client.wait_process(VsockGuest::ctx(None), &wait_req),
+        client.wait_process(VsockGuest::ctx(), &wait_req),
     );
     let mut outputs_done = false;
     let status = if link.capabilities().has(capabilities::EXEC_OUTPUT_LINGER) {
@@ -174,15 +174,13 @@ async fn pump(
             .call(
                 "read output",
                 None,
-                client.read_output(VsockGuest::ctx(None), &req),
+                client.read_output(VsockGuest::ctx(), &req),
             )
             .await
         {
             Ok(chunk) => chunk,
             // The agent forgot the process after its exit and linger: its output is over.
-            Err(GuestError::Rejected { message, .. }) if message.starts_with("NOT_FOUND") => {
-                return Ok(())
-            }
+            Err(e) if VsockGuest::is_not_found(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
         if let Some(sink) = sink.as_mut() {

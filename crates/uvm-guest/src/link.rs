@@ -161,7 +161,7 @@ impl VsockGuest {
 
     /// A ttrpc context. Deadlines are ours (a dropped call is abandoned by the client), so the
     /// context carries none: one clock, one error variant.
-    pub(crate) fn ctx(_timeout: Option<Duration>) -> ttrpc::context::Context {
+    pub(crate) fn ctx() -> ttrpc::context::Context {
         ttrpc::context::Context::default()
     }
 
@@ -190,6 +190,12 @@ impl VsockGuest {
             r = bounded => r?,
         };
         result.map_err(|e| self.map_ttrpc(operation, e))
+    }
+
+    /// Whether `e` is the agent's NOT_FOUND (an exec id it does not know, or no longer knows);
+    /// [`VsockGuest::map_ttrpc`] puts the status code first in the message.
+    pub(crate) fn is_not_found(e: &GuestError) -> bool {
+        matches!(e, GuestError::Rejected { message, .. } if message.starts_with("NOT_FOUND"))
     }
 
     fn map_ttrpc(&self, operation: &'static str, e: ttrpc::Error) -> GuestError {
@@ -383,7 +389,7 @@ impl GuestConnection for VsockGuest {
             .call(
                 "handshake",
                 Some(t),
-                client.handshake(Self::ctx(Some(t)), &request),
+                client.handshake(Self::ctx(), &request),
             )
             .await?;
         if response.protocol_version != PROTOCOL_VERSION {
@@ -494,7 +500,7 @@ impl GuestDiagnostics for VsockGuest {
             .call(
                 "dump stacks",
                 Some(t),
-                client.dump_stacks(Self::ctx(Some(t)), &Empty::new()),
+                client.dump_stacks(Self::ctx(), &Empty::new()),
             )
             .await?;
         Ok(r.text)
@@ -507,7 +513,7 @@ impl GuestDiagnostics for VsockGuest {
             .call(
                 "guest stats",
                 Some(t),
-                client.guest_stats(Self::ctx(Some(t)), &Empty::new()),
+                client.guest_stats(Self::ctx(), &Empty::new()),
             )
             .await?;
         Ok(GuestStats {

@@ -30,7 +30,7 @@ pub use cmdline::{
 };
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
-pub use supervisor::{tethered_command, BootMarks};
+pub use supervisor::{log_tail, tethered_command, unix_socket_listening, BootMarks};
 pub use tsc::{host_tsc_khz, tcg_kernel_args, TscError};
 pub use vm::{QemuBackend, QemuVm, MAX_CPUS, MEMORY_GRANULARITY, MIN_MEMORY_MIB};
 

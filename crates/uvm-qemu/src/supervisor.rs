@@ -345,7 +345,7 @@ fn start_children(
     )?);
     let vhost_socket = paths.vhost_socket.clone();
     wait_ready(shared, &watcher, children, Which::Vsock, || {
-        Ok(is_listening(&vhost_socket)?.then_some(()))
+        Ok(unix_socket_listening(&vhost_socket)?.then_some(()))
     })?;
     shared.lock().marks.vsock_ready = Some(Instant::now());
 
@@ -626,8 +626,9 @@ fn reap_all(shared: &Shared, children: &mut Children) {
     }
 }
 
-/// Whether a unix socket bound at `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`).
-fn is_listening(path: &Path) -> std::io::Result<bool> {
+/// Whether a unix socket bound at `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`),
+/// without connecting to it (vhost-device-vsock serves a single frontend connection).
+pub fn unix_socket_listening(path: &Path) -> std::io::Result<bool> {
     let table = std::fs::read_to_string("/proc/net/unix")?;
     Ok(listening_in(&table, path))
 }
@@ -647,8 +648,8 @@ pub(crate) fn listening_in(table: &str, path: &Path) -> bool {
     })
 }
 
-/// The end of a child's log, for error messages.
-fn log_tail(path: &Path) -> String {
+/// The end of a child's log (its last 2 KiB), for error messages.
+pub fn log_tail(path: &Path) -> String {
     let read = || -> std::io::Result<String> {
         let mut f = File::open(path)?;
         let len = f.metadata()?.len();
@@ -685,8 +686,8 @@ mod tests {
     fn this_machine_lists_listening_sockets() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.sock");
-        assert!(!is_listening(&path).expect("read /proc/net/unix"));
+        assert!(!unix_socket_listening(&path).expect("read /proc/net/unix"));
         let _l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
-        assert!(is_listening(&path).expect("read /proc/net/unix"));
+        assert!(unix_socket_listening(&path).expect("read /proc/net/unix"));
     }
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use uvm::seams::ExecRequest;
 use uvm::testing::Capture;
 use uvm::{ControllerError, GuestError, Reason, SeamError, StartStep, State, Timeouts};
+use uvmctl::bench::procs::processes_mentioning;
 use uvmctl::{default_image, Machine, Vm, VmOptions};
 
 /// A VM under test with its own runtime root, so leaks can be found by path.
@@ -49,26 +50,6 @@ async fn booted(machine: Machine) -> TestVm {
     t.vm.boot().await.expect("boot");
     assert_eq!(t.vm.controller.state(), State::Running);
     t
-}
-
-/// PIDs of processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.as_os_str().as_encoded_bytes();
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            if cmdline.windows(needle.len()).any(|w| w == needle) {
-                found.push(pid);
-            }
-        }
-    }
-    found
 }
 
 impl TestVm {

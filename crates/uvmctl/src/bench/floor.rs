@@ -94,7 +94,7 @@ impl ChildGuard {
                 Err(BenchError::ChildExited {
                     name: self.name,
                     status: status.to_string(),
-                    log: log_tail(&self.log),
+                    log: uvm_qemu::log_tail(&self.log),
                 })
             }
             Err(source) => Err(BenchError::Io {
@@ -253,11 +253,11 @@ async fn wait_listening(
 ) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let table = std::fs::read_to_string("/proc/net/unix").map_err(|source| BenchError::Io {
+        let listening = uvm_qemu::unix_socket_listening(path).map_err(|source| BenchError::Io {
             operation: "read /proc/net/unix",
             source,
         })?;
-        if listening_in(&table, path) {
+        if listening {
             return Ok(());
         }
         child.check_alive()?;
@@ -269,22 +269,6 @@ async fn wait_listening(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-}
-
-/// `/proc/net/unix` lines: `Num RefCount Protocol Flags Type St Inode Path`; listening sockets
-/// have `__SO_ACCEPTCON` in their flags.
-fn listening_in(table: &str, path: &Path) -> bool {
-    const SO_ACCEPTCON: u32 = 0x0001_0000;
-    let path = path.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_ascii_whitespace();
-        let flags = fields.nth(3);
-        let bound = fields.nth(3);
-        bound == Some(path.as_ref())
-            && flags
-                .and_then(|f| u32::from_str_radix(f, 16).ok())
-                .is_some_and(|f| f & SO_ACCEPTCON != 0)
-    })
 }
 
 /// Runs `fut` under `timeout`, failing early if `child` exits meanwhile (checked every 50 ms).
@@ -307,26 +291,9 @@ async fn with_child_watch<T>(
     }
 }
 
-/// The last 2 KiB of a log file, for error messages.
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(2048);
-    String::from_utf8_lossy(&text[start..]).trim().to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn listening_needs_the_accept_flag_on_that_path() {
-        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
-            0000000000000000: 00000002 00000000 00010000 0001 01 1234 /tmp/d/vhost.sock\n\
-            0000000000000000: 00000002 00000000 00000000 0001 01 1235 /tmp/e/vhost.sock\n";
-        assert!(listening_in(table, Path::new("/tmp/d/vhost.sock")));
-        assert!(!listening_in(table, Path::new("/tmp/e/vhost.sock")));
-        assert!(!listening_in(table, Path::new("/tmp/f/vhost.sock")));
-    }
 
     #[test]
     fn a_guarded_child_is_killed_and_reaped_on_drop() {

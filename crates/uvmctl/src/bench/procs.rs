@@ -3,27 +3,19 @@
 
 use std::path::Path;
 
-/// `VmRSS` of process `pid` in bytes (`/proc/<pid>/status`); `None` if it is gone.
+/// `VmRSS` of process `pid` in bytes; `None` if it is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_rss(&status)
+    let pid = i32::try_from(pid).ok()?;
+    vm_rss(procfs::process::Process::new(pid).ok()?)
 }
 
 /// This process's `VmRSS` in bytes.
 pub fn self_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    parse_vm_rss(&status)
+    vm_rss(procfs::process::Process::myself().ok()?)
 }
 
-/// The `VmRSS:` line of a `/proc/<pid>/status` text, in bytes.
-pub fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut words = line["VmRSS:".len()..].split_ascii_whitespace();
-    let value: u64 = words.next()?.parse().ok()?;
-    match words.next() {
-        Some("kB") | None => value.checked_mul(1024),
-        Some(_) => None,
-    }
+fn vm_rss(process: procfs::process::Process) -> Option<u64> {
+    process.status().ok()?.vmrss?.checked_mul(1024)
 }
 
 /// Processes (other than this one) whose command line mentions `dir`.
@@ -58,14 +50,6 @@ pub fn mib(bytes: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vm_rss_is_read_in_kib() {
-        let status = "Name:\tqemu\nVmPeak:\t  900 kB\nVmRSS:\t  256000 kB\nThreads:\t4\n";
-        assert_eq!(parse_vm_rss(status), Some(256_000 * 1024));
-        assert_eq!(parse_vm_rss("Name:\tkthreadd\n"), None);
-        assert_eq!(parse_vm_rss("VmRSS:\t12 MB\n"), None);
-    }
 
     #[test]
     fn this_process_has_a_resident_size() {

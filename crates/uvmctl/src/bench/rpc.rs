@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use uvm_agent_proto::agent::{
-    Empty, ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest,
+    Empty, ExecRequest as WireExec, ExecResponse, OutputStream, ProcessRef, ReadOutputRequest,
 };
 use uvm_agent_proto::agent_ttrpc::AgentClient;
 use uvm_agent_proto::ttrpc::context::Context;
@@ -94,15 +94,7 @@ impl Probe {
 
 async fn exec_true(client: &AgentClient) -> Result<[Duration; 4], BenchError> {
     let begin = Instant::now();
-    let wire = WireExec {
-        args: vec!["true".to_owned()],
-        ..WireExec::default()
-    };
-    let started = bounded(
-        "ExecProcess",
-        client.exec_process(Context::default(), &wire),
-    )
-    .await?;
+    let started = start_true(client).await?;
     let exec = begin.elapsed();
     let (out, err) = tokio::join!(
         drain(client, &started.exec_id, OutputStream::STDOUT),
@@ -133,15 +125,7 @@ async fn exec_true(client: &AgentClient) -> Result<[Duration; 4], BenchError> {
 
 async fn exec_true_pipelined(client: &AgentClient) -> Result<Duration, BenchError> {
     let begin = Instant::now();
-    let wire = WireExec {
-        args: vec!["true".to_owned()],
-        ..WireExec::default()
-    };
-    let started = bounded(
-        "ExecProcess",
-        client.exec_process(Context::default(), &wire),
-    )
-    .await?;
+    let started = start_true(client).await?;
     let wait_req = ProcessRef {
         exec_id: started.exec_id.clone(),
         ..ProcessRef::default()
@@ -165,6 +149,19 @@ async fn exec_true_pipelined(client: &AgentClient) -> Result<Duration, BenchErro
         });
     }
     Ok(begin.elapsed())
+}
+
+/// ExecProcess of `true`.
+async fn start_true(client: &AgentClient) -> Result<ExecResponse, BenchError> {
+    let wire = WireExec {
+        args: vec!["true".to_owned()],
+        ..WireExec::default()
+    };
+    bounded(
+        "ExecProcess",
+        client.exec_process(Context::default(), &wire),
+    )
+    .await
 }
 
 async fn drain(
