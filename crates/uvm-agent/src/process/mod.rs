@@ -9,6 +9,7 @@
 //! whose failed `exec` `std::process::Command` is itself waiting for.
 
 mod output;
+mod posix_spawn;
 mod spawn;
 mod stdin;
 

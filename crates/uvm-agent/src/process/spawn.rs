@@ -1,6 +1,6 @@
-//! Starting a process for `ExecProcess`: request validation, pipes or a pseudo-terminal, and
-//! `fork`/`exec` through `std::process::Command` (not `tokio::process`, whose child reaping
-//! would race with the agent's own reaper).
+//! Starting a process for `ExecProcess`: request validation, then pipes through `posix_spawn`
+//! (`posix_spawn.rs`) or a pseudo-terminal through `std::process::Command` — never
+//! `tokio::process`, whose child reaping would race with the agent's own reaper.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -83,8 +83,24 @@ pub struct Spawned {
 /// Starts `spec` (already validated). The child gets its own session; on a terminal, the pty
 /// becomes its controlling terminal. The caller reaps it.
 pub fn spawn(spec: &ExecSpec) -> Result<Spawned, ApiError> {
-    let program = spec.args.first().cloned().unwrap_or_default();
-    let mut cmd = Command::new(&program);
+    let spawn_err = |source: io::Error| ApiError::Spawn {
+        program: spec.args.first().cloned().unwrap_or_default(),
+        source,
+    };
+    if spec.terminal {
+        spawn_on_terminal(spec, spawn_err)
+    } else {
+        super::posix_spawn::spawn_piped(spec).map_err(spawn_err)
+    }
+}
+
+/// `spec` on a new pseudo-terminal, through `std::process::Command`: making the pty the
+/// controlling terminal (`TIOCSCTTY`) takes code in the child, which `posix_spawn` cannot run.
+fn spawn_on_terminal(
+    spec: &ExecSpec,
+    spawn_err: impl Fn(io::Error) -> ApiError,
+) -> Result<Spawned, ApiError> {
+    let mut cmd = Command::new(&spec.args[0]);
     cmd.args(&spec.args[1..]).env_clear();
     if !spec.env.iter().any(|e| e.starts_with("PATH=")) {
         cmd.env("PATH", DEFAULT_PATH);
@@ -95,73 +111,35 @@ pub fn spawn(spec: &ExecSpec) -> Result<Spawned, ApiError> {
         }
     }
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
-
-    let spawn_err = |source: io::Error| ApiError::Spawn {
-        program: program.clone(),
-        source,
-    };
-
-    if spec.terminal {
-        let (master, slave) = open_pty().map_err(|source| ApiError::Pty { source })?;
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|source| ApiError::Pty { source });
-        cmd.stdin(Stdio::from(dup(&slave)?))
-            .stdout(Stdio::from(dup(&slave)?))
-            .stderr(Stdio::from(slave));
-        // SAFETY: the closure runs in the forked child before exec and only makes the
-        // async-signal-safe system calls setsid(2) and ioctl(2) (rustix calls the kernel
-        // directly: no allocation, no locks).
-        unsafe {
-            cmd.pre_exec(|| {
-                rustix::process::setsid()?;
-                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(spawn_err)?;
-        // `cmd` holds the parent's copies of the slave: drop them so that EOF (EIO on the
-        // master) arrives once the child's side closes.
-        drop(cmd);
-        let stdin = if spec.stdin {
-            Some(dup(&master)?)
-        } else {
-            None
-        };
-        return Ok(Spawned {
-            pid: child.id(),
-            stdin,
-            stdout: master,
-            stderr: None,
-        });
-    }
-
-    cmd.stdin(if spec.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let (master, slave) = open_pty().map_err(|source| ApiError::Pty { source })?;
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|source| ApiError::Pty { source });
+    cmd.stdin(Stdio::from(dup(&slave)?))
+        .stdout(Stdio::from(dup(&slave)?))
+        .stderr(Stdio::from(slave));
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe system call setsid(2).
+    // async-signal-safe system calls setsid(2) and ioctl(2) (rustix calls the kernel
+    // directly: no allocation, no locks).
     unsafe {
         cmd.pre_exec(|| {
             rustix::process::setsid()?;
+            rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    let missing = || ApiError::Spawn {
-        program: program.clone(),
-        source: io::Error::other("stdio pipe missing after spawn"),
+    let child = cmd.spawn().map_err(spawn_err)?;
+    // `cmd` holds the parent's copies of the slave: drop them so that EOF (EIO on the
+    // master) arrives once the child's side closes.
+    drop(cmd);
+    let stdin = if spec.stdin {
+        Some(dup(&master)?)
+    } else {
+        None
     };
-    let stdout = child.stdout.take().map(OwnedFd::from).ok_or_else(missing)?;
-    let stderr = child.stderr.take().map(OwnedFd::from).ok_or_else(missing)?;
-    let stdin = child.stdin.take().map(OwnedFd::from);
     Ok(Spawned {
         pid: child.id(),
         stdin,
-        stdout,
-        stderr: Some(stderr),
+        stdout: master,
+        stderr: None,
     })
 }
 
