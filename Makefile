@@ -27,7 +27,7 @@ run: setup build
 	target/release/uvmctl run -- $(CMD)
 
 test: setup agent
-	$(CARGO) nextest run --workspace --profile ci
+	$(CARGO) nextest run --workspace --profile ci --run-ignored all
 	$(CARGO) test --workspace --doc
 
 lint:

@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # Builds uvmctl's own guest kernel: `make allnoconfig` + kernel/uvm.config on Debian's
-# linux-source-6.1 (installed by scripts/setup.sh), all drivers built in, no modules.
+# linux-source-6.1 (installed by scripts/setup.sh) with kernel/patches/*.patch applied, all
+# drivers built in, no modules.
 #
 #   scripts/build-kernel.sh              build (or find) the kernel, point `current` at it
 #   scripts/build-kernel.sh --print-key  print the cache key and exit
 #   scripts/build-kernel.sh --check      exit 0 if the kernel for the key is built, 1 if not
 #
 # Layout under $CACHE/kernel/ours/ (CACHE as in scripts/setup.sh):
-#   src-<source version>/       the unpacked source tree (shared by every key)
+#   src-<source version>-<patches>/  the unpacked, patched source tree (shared by every key
+#                               with the same source and patches)
 #   build-<key>/                the out-of-tree build (O=); kept for incremental rebuilds
 #   <key>/vmlinux               the ELF kernel (symbols stripped; PVH note kept), put in place
 #   <key>/config, System.map    with it, by one rename of the whole directory
 #   current -> <key>            what uvm-image boots (ImageSpec::from_env)
-# key = sha256 of "linux-source-6.1 <source version>\n" followed by the fragment's bytes; the
-# source version is the installed package's (dpkg) or, for another tarball, its size and mtime.
+# key = sha256 of "linux-source-6.1 <source version>\n", each patch's name and bytes, then the
+# fragment's bytes; the source version is the installed package's (dpkg) or, for another
+# tarball, its size and mtime.
 # Same key: "up to date" in a fraction of a second, nothing rebuilt.
 #
 # Environment: UVMCTL_CACHE (cache root), UVM_KERNEL_CONFIG (another fragment),
+# UVM_KERNEL_PATCHES (another directory of patches),
 # UVM_KERNEL_SOURCE (another linux-source tarball), JOBS (make -j, default nproc).
 set -euo pipefail
 
 CACHE="${UVMCTL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/uvmctl}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FRAGMENT="${UVM_KERNEL_CONFIG:-$REPO/kernel/uvm.config}"
+PATCHES_DIR="${UVM_KERNEL_PATCHES:-$REPO/kernel/patches}"
 SOURCE_PKG=linux-source-6.1
 TARBALL="${UVM_KERNEL_SOURCE:-/usr/src/$SOURCE_PKG.tar.xz}"
 OURS="$CACHE/kernel/ours"
@@ -49,8 +54,20 @@ source_version() {
 }
 
 VERSION="$(source_version)"
+PATCHES=()
+if [ -d "$PATCHES_DIR" ]; then
+    while IFS= read -r -d '' p; do PATCHES+=("$p"); done < <(find "$PATCHES_DIR" -maxdepth 1 -name '*.patch' -print0 | sort -z)
+fi
+PATCH_SET="$(for p in "${PATCHES[@]}"; do
+    printf 'patch %s\n' "$(basename "$p")"
+    cat "$p"
+done | sha256sum | cut -c1-12)"
 KEY="$({
     printf '%s %s\n' "$SOURCE_PKG" "$VERSION"
+    for p in "${PATCHES[@]}"; do
+        printf 'patch %s\n' "$(basename "$p")"
+        cat "$p"
+    done
     cat "$FRAGMENT"
 } | sha256sum | cut -d' ' -f1)"
 OUT="$OURS/$KEY"
@@ -97,7 +114,8 @@ start=$SECONDS
 say "key $KEY ($SOURCE_PKG $VERSION + $(basename "$FRAGMENT"))"
 
 # ---------------------------------------------------------------- source tree
-SRC_DIR="$OURS/src-$(printf '%s' "$VERSION" | tr -c 'A-Za-z0-9.+~_-' '_')"
+# Patched trees never mix: the directory is named by the source version and the patch set.
+SRC_DIR="$OURS/src-$(printf '%s' "$VERSION" | tr -c 'A-Za-z0-9.+~_-' '_')-p$PATCH_SET"
 if [ ! -f "$SRC_DIR/.unpacked" ]; then
     say "unpacking $TARBALL"
     tmp="$OURS/.src.$$"
@@ -107,8 +125,16 @@ if [ ! -f "$SRC_DIR/.unpacked" ]; then
     if [ ! -f "$tmp/Makefile" ] || [ ! -d "$tmp/arch/x86" ]; then
         die "$TARBALL does not hold a kernel tree"
     fi
+    for p in "${PATCHES[@]}"; do
+        say "applying $(basename "$p")"
+        patch -d "$tmp" -p1 --batch --forward --quiet <"$p" || die "$(basename "$p") does not apply to $TARBALL"
+    done
     touch "$tmp/.unpacked"
     mv -T "$tmp" "$SRC_DIR"
+    # Trees of other patch sets are dead weight (over a GB each).
+    for dir in "$OURS"/src-*; do
+        [ "$dir" = "$SRC_DIR" ] || rm -rf "$dir"
+    done
 fi
 
 # ---------------------------------------------------------------- configuration

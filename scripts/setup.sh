@@ -241,7 +241,7 @@ setup_nextest() {
 # source package; these are the source tarball and what `make vmlinux` needs.
 setup_kernel_source() {
     local missing=() p
-    for p in linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils; do
+    for p in linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils patch; do
         pkg_installed "$p" || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then

@@ -55,6 +55,8 @@ pub struct LinkMarks {
     pub prepared: Option<Instant>,
     /// The guest's ready line arrived.
     pub announced: Option<Instant>,
+    /// The connection to the agent's ttrpc port was open (vsock connected).
+    pub connected: Option<Instant>,
     /// The handshake with the agent completed.
     pub handshaken: Option<Instant>,
 }
@@ -365,6 +367,7 @@ impl GuestConnection for VsockGuest {
         let stream = self
             .call_io_result("connect to the agent", hybrid::connect(&uds, port))
             .await?;
+        self.state().marks.connected = Some(Instant::now());
         let client = AgentClient::new(ttrpc::r#async::Client::new(
             ttrpc::r#async::transport::Socket::from(stream),
         ));

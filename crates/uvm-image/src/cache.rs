@@ -17,10 +17,10 @@ use crate::{check_static, kernel, Image, ImageError, ImageSpec, KernelFlavor, GU
 
 /// Bumped whenever the layout or contents of an image change for the same inputs, so that old
 /// cached images are not reused by a newer builder.
-const FORMAT_VERSION: &str = "uvm-image/1";
+const FORMAT_VERSION: &str = "uvm-image/2";
 
 const VMLINUX: &str = "vmlinux";
-const INITRAMFS: &str = "initramfs.cpio.gz";
+const INITRAMFS: &str = "initramfs.cpio";
 
 /// Prefixes of the temporary entries in `images/` and `kernels/`.
 const TMP_PREFIXES: &[&str] = &[".build-", ".old-", ".vmlinux-"];

@@ -1,14 +1,14 @@
-//! Builds the utility VM's boot files: an uncompressed ELF `vmlinux` and a gzip newc initramfs
-//! holding the agent as `/init` and busybox-static. The kernel is one of two flavours
+//! Builds the utility VM's boot files: an uncompressed ELF `vmlinux` and an uncompressed newc
+//! initramfs holding the agent as `/init` and busybox-static. The kernel is one of two flavours
 //! ([`KernelFlavor`]): ours, built by `scripts/build-kernel.sh` with every driver built in
 //! (the initramfs then carries no modules), or Debian's package, whose `vmlinux` is extracted
 //! from its `vmlinuz` and whose drivers go into the initramfs as modules, with their load order.
 //!
-//! Images are content-addressed: `$cache/images/<id>/{vmlinux,initramfs.cpio.gz}` where `<id>`
+//! Images are content-addressed: `$cache/images/<id>/{vmlinux,initramfs.cpio}` where `<id>`
 //! is a SHA-256 over every input (flavour, kernel bytes, agent, busybox, module files, format
-//! version), so a rebuilt agent or kernel yields a new image and an unchanged one is reused. Images are built in a
-//! temporary directory beside their final place and renamed into it, so a crash never leaves a
-//! half-written image behind.
+//! version), so a rebuilt agent or kernel yields a new image and an unchanged one is reused.
+//! Images are built in a temporary directory beside their final place and renamed into it, so
+//! a crash never leaves a half-written image behind.
 //!
 //! Where the inputs come from: `scripts/setup.sh` downloads and unpacks Debian's kernel package
 //! and installs busybox-static; `scripts/build-kernel.sh` builds our kernel; `make agent` builds
@@ -92,7 +92,7 @@ pub struct Image {
     pub id: String,
     /// The uncompressed ELF kernel, booted through its PVH entry.
     pub kernel: PathBuf,
-    /// The gzip-compressed newc initramfs.
+    /// The newc initramfs (uncompressed).
     pub initramfs: PathBuf,
 }
 

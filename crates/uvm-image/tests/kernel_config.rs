@@ -1,6 +1,6 @@
 //! Our guest kernel's recipe: the config fragment `kernel/uvm.config` says what it must say,
-//! and `scripts/build-kernel.sh` keys its cache on the fragment and skips the build when nothing
-//! changed. (The build itself takes minutes and is not run here; `boot_qemu.rs` boots its
+//! and `scripts/build-kernel.sh` keys its cache on the fragment and `kernel/patches/` and skips
+//! the build when nothing changed. (The build itself takes minutes and is not run here; `boot_qemu.rs` boots its
 //! result.)
 #![allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 
@@ -197,6 +197,55 @@ fn key_is_stable_and_follows_the_fragment() {
     std::fs::write(&changed, format!("{}CONFIG_IPV6=y\n", fragment())).unwrap();
     let (c, _) = build_kernel(dir.path(), &changed, &["--print-key"]);
     assert_ne!(stdout(&c).trim(), key);
+}
+
+#[test]
+fn key_follows_the_kernel_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _) = build_kernel(dir.path(), &fragment_path(), &["--print-key"]);
+    let key = stdout(&a).trim().to_owned();
+
+    // The same patches from another directory: the same key.
+    let patches = dir.path().join("patches");
+    std::fs::create_dir(&patches).unwrap();
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo().join("kernel/patches")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "patch") {
+            std::fs::copy(&path, patches.join(path.file_name().unwrap())).unwrap();
+            names.push(path.file_name().unwrap().to_owned());
+        }
+    }
+    assert!(!names.is_empty(), "kernel/patches holds no .patch file");
+    let with = |dir: &Path| {
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/build-kernel.sh"))
+            .arg("--print-key")
+            .env("UVMCTL_CACHE", dir)
+            .env("UVM_KERNEL_CONFIG", fragment_path())
+            .env(
+                "UVM_KERNEL_SOURCE",
+                dir.join("linux-source-stand-in.tar.xz"),
+            )
+            .env("UVM_KERNEL_PATCHES", &patches)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        stdout(&out).trim().to_owned()
+    };
+    assert_eq!(with(dir.path()), key);
+
+    // One byte more in a patch, or one patch less: another key.
+    let first = patches.join(&names[0]);
+    let mut text = std::fs::read(&first).unwrap();
+    text.push(b'\n');
+    std::fs::write(&first, &text).unwrap();
+    let edited = with(dir.path());
+    assert_ne!(edited, key);
+    std::fs::remove_file(&first).unwrap();
+    let fewer = with(dir.path());
+    assert_ne!(fewer, key);
+    assert_ne!(fewer, edited);
 }
 
 #[test]

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 pub use cmdline::{
     qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths, BASE_KERNEL_CMDLINE,
+    FAST_BOOT_ARGS,
 };
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
@@ -175,7 +176,7 @@ pub struct QemuConfig {
     pub qboot: PathBuf,
     /// Where runtime directories are made. Keep it short: socket paths must stay < 108 bytes.
     pub runtime_root: PathBuf,
-    /// Appended to the kernel command line (`console=ttyS0 quiet panic=-1 <extra>`).
+    /// Appended to the kernel command line ([`crate::BASE_KERNEL_CMDLINE`], [`crate::FAST_BOOT_ARGS`], then this).
     pub extra_cmdline: String,
     /// How long `terminate` waits after QMP `quit` before SIGKILL.
     pub terminate_grace: Duration,

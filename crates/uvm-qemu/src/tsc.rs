@@ -1,4 +1,5 @@
-//! The host's TSC frequency, for `tsc_early_khz=<kHz>` on a microvm guest's kernel command line.
+//! The host's TSC frequency, for `tsc_early_khz=<kHz>` on a TCG guest's kernel command line, and
+//! the other clock arguments such a guest boots with ([`tcg_kernel_args`]).
 //!
 //! Why: `-M microvm` has no PIT, HPET or ACPI PM timer for the guest kernel to calibrate its TSC
 //! against, and its early calibration can then hang the boot (DESIGN.md §4). Under TCG the
@@ -47,6 +48,10 @@ pub fn host_tsc_khz() -> Result<u64, TscError> {
     Ok(*MEASURED.get_or_init(|| khz))
 }
 
+/// The frequency (kHz) of the local APIC timer QEMU emulates under TCG: its APIC bus runs at a
+/// fixed 1 GHz (`APIC_BUS_CYCLE_NS` = 1; a guest that calibrates measures 999.4 MHz here).
+pub const TCG_APIC_TIMER_KHZ: u64 = 1_000_000;
+
 /// The kernel command-line arguments that give a guest under TCG a sound clock, whichever
 /// kernel and machine:
 /// - `tsc_early_khz=<host kHz>`: microvm has no PIT, HPET or PM timer to calibrate against and
@@ -55,10 +60,18 @@ pub fn host_tsc_khz() -> Result<u64, TscError> {
 ///   the guest falls back to the HPET on q35 (an emulated MMIO read per clock read) or to
 ///   jiffies (4 ms resolution) on microvm. Under TCG every vCPU's TSC is the host's, which is
 ///   synchronised, so the check is moot.
+/// - `lapic_timer_khz=`[`TCG_APIC_TIMER_KHZ`]: TCG offers no TSC-deadline timer, so a kernel
+///   calibrates its local APIC timer against another timer for 100 ms of every boot. Our
+///   kernel takes the frequency from this argument instead (kernel/patches/0001-…); a kernel
+///   without the patch ignores it and calibrates.
 ///
-/// Not for KVM, where the guest's TSC is virtualised (and kvmclock is the clocksource).
+/// Not for KVM, where the guest's TSC is virtualised (and kvmclock is the clocksource) and the
+/// APIC timer has a TSC-deadline mode that needs no calibration.
 pub fn tcg_kernel_args() -> Result<String, TscError> {
-    Ok(format!("tsc_early_khz={} tsc=reliable", host_tsc_khz()?))
+    Ok(format!(
+        "tsc_early_khz={} tsc=reliable lapic_timer_khz={TCG_APIC_TIMER_KHZ}",
+        host_tsc_khz()?
+    ))
 }
 
 /// A plausible value from a `tsc_freq_khz`-style file, if there is one.
@@ -192,7 +205,7 @@ mod tests {
         assert_eq!(host_tsc_khz().unwrap(), host);
         assert_eq!(
             tcg_kernel_args().unwrap(),
-            format!("tsc_early_khz={host} tsc=reliable")
+            format!("tsc_early_khz={host} tsc=reliable lapic_timer_khz=1000000")
         );
     }
 }

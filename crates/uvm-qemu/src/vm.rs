@@ -39,7 +39,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 pub struct QemuBackend {
     config: Arc<QemuConfig>,
     accel: AccelKind,
-    /// Clock arguments for guests under TCG (`tsc_early_khz=… tsc=reliable`), when measurable.
+    /// Clock arguments for guests under TCG ([`crate::tcg_kernel_args`]), when measurable.
     tcg_clock: Option<String>,
 }
 
@@ -84,14 +84,6 @@ impl QemuBackend {
         if let Some(clock) = &self.tcg_clock {
             extra_cmdline.push_str(clock);
             extra_cmdline.push(' ');
-        }
-        // Under TCG the guest spends ≈100 ms calibrating its local APIC timer against the PM
-        // timer (no TSC-deadline timer to derive it from). On q35 with one vCPU it can do
-        // without it and tick from the HPET/PIT instead. Not on microvm: there it loses its only
-        // working clock event device and sleeps hang (seen here with one vCPU; DESIGN §4 saw
-        // hangs with two).
-        if self.accel == AccelKind::Tcg && config.cpus == 1 && c.machine == Machine::Q35 {
-            extra_cmdline.push_str("noapictimer ");
         }
         extra_cmdline.push_str(&c.extra_cmdline);
         qemu_command_line(&QemuCommand {

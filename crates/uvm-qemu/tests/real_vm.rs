@@ -4,7 +4,7 @@
 //! parallelism (`-- --test-threads=N`). None needs the guest agent: the guest is only booted.
 //!
 //! Boot files: `UVM_KERNEL` + `UVM_INITRAMFS`, else the newest `~/.cache/uvmctl/images/*/`
-//! holding `vmlinux` and `initramfs.cpio.gz` (made by uvm-image). Without them (or without the
+//! holding `vmlinux` and `initramfs.cpio` (made by uvm-image). Without them (or without the
 //! binaries) a test prints why and passes without running.
 
 use std::path::{Path, PathBuf};
@@ -35,14 +35,14 @@ fn boot_files() -> Result<(PathBuf, PathBuf), String> {
     entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|d| d.join("vmlinux").is_file() && d.join("initramfs.cpio.gz").is_file())
+        .filter(|d| d.join("vmlinux").is_file() && d.join("initramfs.cpio").is_file())
         .max_by_key(|d| {
             std::fs::metadata(d.join("vmlinux"))
                 .and_then(|m| m.modified())
                 .ok()
         })
-        .map(|d| (d.join("vmlinux"), d.join("initramfs.cpio.gz")))
-        .ok_or_else(|| format!("no vmlinux + initramfs.cpio.gz under {}", images.display()))
+        .map(|d| (d.join("vmlinux"), d.join("initramfs.cpio")))
+        .ok_or_else(|| format!("no vmlinux + initramfs.cpio under {}", images.display()))
 }
 
 fn binaries_present() -> Result<(), String> {

@@ -120,6 +120,9 @@ pub struct BootTimings {
     pub guest_init_to_ready: Duration,
     /// announce → handshake done.
     pub handshake: Duration,
+    /// The part of `handshake` spent opening the connection to the agent's port (the rest is
+    /// the Handshake RPC).
+    pub handshake_connect: Duration,
     /// start_vm called → Running.
     pub start: Duration,
 }
@@ -186,6 +189,7 @@ impl Vm {
             guest_kernel_to_init: info.kernel_to_init,
             guest_init_to_ready: info.init_to_ready,
             handshake: since(marks.announced, marks.handshaken),
+            handshake_connect: since(marks.announced, marks.connected),
             start: t2 - t1,
         })
     }

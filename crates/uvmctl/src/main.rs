@@ -247,7 +247,12 @@ fn print_timings(t: &BootTimings, total: Duration) {
         ms(t.guest_kernel_to_init),
         ms(t.guest_init_to_ready)
     );
-    eprintln!("uvmctl: handshake       {:>8.1} ms", ms(t.handshake));
+    eprintln!(
+        "uvmctl: handshake       {:>8.1} ms  (connect {:.1} ms, Handshake RPC {:.1} ms)",
+        ms(t.handshake),
+        ms(t.handshake_connect),
+        ms(t.handshake.saturating_sub(t.handshake_connect))
+    );
     eprintln!("uvmctl: start_vm total  {:>8.1} ms", ms(t.start));
     eprintln!("uvmctl: ready after     {:>8.1} ms", ms(total));
 }

@@ -249,6 +249,38 @@ async fn virtio_drivers_the_controller_relies_on_are_bound(machine: Machine) {
     t.finish().await;
 }
 
+/// Under TCG the backend tells our kernel its APIC timer's frequency instead of letting it
+/// calibrate (`lapic_timer_khz=`): a wrong value would make every sleep in the guest run fast
+/// or slow by the same factor (4× for a 250 MHz vs 1 GHz mistake).
+async fn guest_timers_tick_from_the_apic_at_the_right_rate(machine: Machine) {
+    let t = booted(machine).await;
+    let (code, out, _) = exec(
+        &t.vm,
+        &[
+            "cat",
+            "/sys/devices/system/clockevents/clockevent0/current_device",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        out.trim().starts_with("lapic"),
+        "clock event device: {out:?}"
+    );
+    let started = std::time::Instant::now();
+    let (code, _, _) = exec(&t.vm, &["sleep", "1"], None).await;
+    let took = started.elapsed();
+    assert_eq!(code, 0);
+    // Not a performance bound: a sleep of 1 s that lasts under 0.9 s or over 3.5 s is a timer
+    // running at the wrong rate, however loaded the machine.
+    assert!(
+        took >= Duration::from_millis(900) && took <= Duration::from_millis(3500),
+        "`sleep 1` took {took:?}"
+    );
+    t.finish().await;
+}
+
 /// Every case above, once per machine profile.
 macro_rules! on_each_machine {
     ($($case:ident),* $(,)?) => {
@@ -281,4 +313,5 @@ on_each_machine!(
     an_agent_that_never_connects_fails_start_at_its_deadline,
     terminate_during_boot_cancels_the_start_and_cleans_up,
     virtio_drivers_the_controller_relies_on_are_bound,
+    guest_timers_tick_from_the_apic_at_the_right_rate,
 );

@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-use crate::initramfs::tests::{gunzip, parse};
+use crate::initramfs::tests::parse;
 use crate::kernel::tests::{fake_bzimage, fake_elf, xz, PVH_NOTE};
 
 const VERSION: &str = "6.1.0-99-amd64";
@@ -109,7 +109,7 @@ fn image_holds_init_console_busybox_and_modules() {
     assert_eq!(mode(&image.initramfs), 0o644);
     assert_eq!(mode(image.kernel.parent().unwrap()), 0o755);
 
-    let (_, map) = parse(&gunzip(&fs::read(&image.initramfs).unwrap()));
+    let (_, map) = parse(&fs::read(&image.initramfs).unwrap());
     assert_eq!(map["init"].data, b"\x7fELF\x02\x01 agent v1");
     assert_eq!(map["init"].mode, 0o100_755);
     assert_eq!(map["dev/console"].mode & 0o170_000, 0o020_000);
@@ -159,7 +159,7 @@ fn cache_hit_reuses_and_changed_agent_rebuilds() {
     fs::write(&f.spec.agent, b"\x7fELF\x02\x01 agent v2").unwrap();
     let second = ensure_image(&f.spec).unwrap();
     assert_ne!(second.id, first.id);
-    let (_, map) = parse(&gunzip(&fs::read(&second.initramfs).unwrap()));
+    let (_, map) = parse(&fs::read(&second.initramfs).unwrap());
     assert_eq!(map["init"].data, b"\x7fELF\x02\x01 agent v2");
     // The old image is still there for VMs that use it.
     assert!(first.initramfs.is_file());
@@ -291,7 +291,7 @@ fn our_kernel_image_has_no_modules() {
         fs::read(&image.kernel).unwrap(),
         fs::read(&spec.our_vmlinux).unwrap()
     );
-    let (names, map) = parse(&gunzip(&fs::read(&image.initramfs).unwrap()));
+    let (names, map) = parse(&fs::read(&image.initramfs).unwrap());
     assert_eq!(map["init"].data, b"\x7fELF\x02\x01 agent v1");
     assert_eq!(map["dev/console"].rdev, (5, 1));
     let modules: Vec<&String> = names
