@@ -31,9 +31,11 @@ pub struct BenchArgs {
     /// Write the boot-phase plot (PNG) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Guest kernel flavour (default: UVM_KERNEL, else ours when built, else Debian's).
-    #[arg(long, value_enum)]
-    pub kernel: Option<KernelArg>,
+    /// Guest kernel flavour (default: UVM_KERNEL, else ours when built, else Debian's). Several,
+    /// comma-separated (`ours,debian`): the whole benchmark once per kernel, one after the
+    /// other, then their figures side by side (with --json: `{"kernels": {name: report}}`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub kernel: Vec<KernelArg>,
     /// Accelerator: KVM only where the CPU advertises vmx/svm (auto), or forced.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub accel: AccelArg,
@@ -77,8 +79,16 @@ pub enum AccelArg {
 }
 
 impl BenchArgs {
-    /// The options these arguments ask for.
-    pub fn options(&self) -> BenchOptions {
+    /// The options of each run these arguments ask for: one per `--kernel` (one when none).
+    pub fn runs(&self) -> Vec<BenchOptions> {
+        if self.kernel.is_empty() {
+            return vec![self.options(None)];
+        }
+        self.kernel.iter().map(|k| self.options(Some(*k))).collect()
+    }
+
+    /// The options of a run on `kernel` (`None`: the default kernel).
+    pub fn options(&self, kernel: Option<KernelArg>) -> BenchOptions {
         let mut o = BenchOptions::new(self.quick);
         if let Some(n) = self.iterations {
             o.iterations = n.max(1);
@@ -89,7 +99,7 @@ impl BenchArgs {
         if let Some(d) = &self.density {
             o.density = d.iter().copied().filter(|k| *k > 0).collect();
         }
-        o.kernel = self.kernel.map(|k| match k {
+        o.kernel = kernel.map(|k| match k {
             KernelArg::Ours => KernelFlavor::Ours,
             KernelArg::Debian => KernelFlavor::Debian,
         });
@@ -110,28 +120,68 @@ impl BenchArgs {
     }
 }
 
-/// Runs the benchmark and prints its report; the exit code is 0 (missed targets are results).
+/// Runs the benchmark (once per kernel asked for) and prints its report; the exit code is 0
+/// (missed targets are results).
 pub async fn run(args: BenchArgs) -> Result<u8, BenchError> {
-    let report = super::run(&args.options()).await?;
-    if let Some(path) = &args.plot {
-        let title = format!(
-            "boot phases, median ms: {} / {} / kernel {} / {}",
-            report.accelerator,
-            report.machine,
-            report.kernel.as_deref().unwrap_or("?"),
-            report.date.get(..10).unwrap_or(&report.date)
-        );
-        super::plot::write_phase_plot(path, &title, &report.phases_floor, &report.phases_start)?;
-        if !args.json {
-            println!("plot written to {}", path.display());
+    let runs = args.runs();
+    let several = runs.len() > 1;
+    let mut reports = Vec::with_capacity(runs.len());
+    for options in &runs {
+        let report = super::run(options).await?;
+        if let Some(path) = &args.plot {
+            let path = if several {
+                plot_path_for(path, report.kernel.as_deref().unwrap_or("unknown"))
+            } else {
+                path.clone()
+            };
+            let title = format!(
+                "boot phases, median ms: {} / {} / kernel {} / {}",
+                report.accelerator,
+                report.machine,
+                report.kernel.as_deref().unwrap_or("?"),
+                report.date.get(..10).unwrap_or(&report.date)
+            );
+            super::plot::write_phase_plot(
+                &path,
+                &title,
+                &report.phases_floor,
+                &report.phases_start,
+            )?;
+            if !args.json {
+                println!("plot written to {}", path.display());
+            }
         }
+        if !args.json {
+            print!("{}", report.table());
+        }
+        reports.push(report);
     }
     if args.json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.table());
+        if several {
+            let kernels: serde_json::Map<String, serde_json::Value> = reports
+                .iter()
+                .map(|r| (r.kernel.clone().unwrap_or_default(), r.to_json()))
+                .collect();
+            println!("{}", serde_json::json!({ "kernels": kernels }));
+        } else if let Some(report) = reports.first() {
+            println!("{}", report.to_json());
+        }
+    } else if several {
+        print!("{}", super::report::comparison_table(&reports));
     }
     Ok(0)
+}
+
+/// `dir/name.png` → `dir/name-<kernel>.png`, one plot per kernel.
+fn plot_path_for(path: &std::path::Path, kernel: &str) -> PathBuf {
+    let stem = path.file_stem().map_or_else(
+        || "boot-phases".to_owned(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    let ext = path
+        .extension()
+        .map_or_else(|| "png".to_owned(), |e| e.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-{kernel}.{ext}"))
 }
 
 #[cfg(test)]
@@ -159,7 +209,9 @@ mod tests {
             "--plot",
             "docs/boot-phases.png",
         ]);
-        let o = cli.bench.options();
+        let runs = cli.bench.runs();
+        assert_eq!(runs.len(), 1);
+        let o = &runs[0];
         assert!(o.quick && cli.bench.json);
         assert_eq!(o.iterations, 10);
         assert_eq!(o.density, [1, 2, 4, 8]);
@@ -169,14 +221,29 @@ mod tests {
 
     #[test]
     fn defaults_differ_between_quick_and_full_runs() {
-        let full = Cli::parse_from(["bench"]).bench.options();
+        let full = Cli::parse_from(["bench"]).bench.options(None);
         assert_eq!(full.density, [1, 2, 4, 8]);
         assert!(full.iterations > 10);
         let quick = Cli::parse_from(["bench", "--quick", "--iterations", "3"])
             .bench
-            .options();
+            .options(None);
         assert_eq!(quick.density, [1, 2, 4]);
         assert_eq!(quick.iterations, 3);
         assert_eq!(quick.kernel, None);
+    }
+
+    #[test]
+    fn several_kernels_make_one_run_each_in_order_with_a_plot_each() {
+        let cli = Cli::parse_from(["bench", "--quick", "--kernel", "ours,debian"]);
+        let kernels: Vec<_> = cli.bench.runs().iter().map(|o| o.kernel).collect();
+        assert_eq!(
+            kernels,
+            [Some(KernelFlavor::Ours), Some(KernelFlavor::Debian)]
+        );
+        assert!(cli.bench.runs().iter().all(|o| o.quick));
+        assert_eq!(
+            plot_path_for(std::path::Path::new("docs/boot-phases.png"), "debian"),
+            PathBuf::from("docs/boot-phases-debian.png")
+        );
     }
 }

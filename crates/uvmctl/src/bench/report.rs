@@ -354,6 +354,55 @@ pub fn iso8601_utc(unix_secs: u64) -> String {
     )
 }
 
+/// The headline figures of several reports (one per kernel, run one after the other in one
+/// invocation) side by side.
+pub fn comparison_table(reports: &[BenchReport]) -> String {
+    let mut t = String::new();
+    let _ = write!(t, "\n{:<34}", "side by side (medians)");
+    for r in reports {
+        let _ = write!(t, " {:>12}", r.kernel.as_deref().unwrap_or("?"));
+    }
+    t.push('\n');
+    let row = |t: &mut String, name: &str, value: &dyn Fn(&BenchReport) -> String| {
+        let _ = write!(t, "{name:<34}");
+        for r in reports {
+            let _ = write!(t, " {:>12}", value(r));
+        }
+        t.push('\n');
+    };
+    row(&mut t, "floor (ms)", &|r| format!("{:.0}", r.floor.median));
+    row(&mut t, "start (ms)", &|r| format!("{:.0}", r.start.median));
+    row(&mut t, "start_over_floor", &|r| {
+        format!("{:.3}", r.start_over_floor())
+    });
+    for (i, name) in PHASE_NAMES.iter().enumerate() {
+        row(&mut t, &format!("  start phase: {name}"), &|r| {
+            format!("{:.1}", r.phases_start.values()[i])
+        });
+    }
+    row(&mut t, "exec `true` (ms)", &|r| {
+        format!("{:.1}", r.exec_true.median)
+    });
+    row(&mut t, "exec 1 MiB stdout (ms)", &|r| {
+        format!("{:.0}", r.exec_1mib.median)
+    });
+    row(&mut t, "terminate (ms)", &|r| {
+        format!("{:.1}", r.terminate.median)
+    });
+    row(&mut t, "QEMU RSS, idle VM (MiB)", &|r| {
+        format!("{:.1}", r.qemu_rss_mib)
+    });
+    if let Some(k) = reports.iter().filter_map(|r| r.density.keys().max()).min() {
+        row(&mut t, &format!("density K={k} (s)"), &|r| {
+            r.density.get(k).map_or("n/a".into(), |s| format!("{s:.2}"))
+        });
+    }
+    row(&mut t, "load average at the start", &|r| {
+        r.loadavg.map_or("n/a".into(), |l| format!("{:.2}", l[0]))
+    });
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
