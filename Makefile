@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
-AGENT := target/$(TARGET)/release/uvm-agent
+AGENT := target/$(TARGET)/agent/uvm-agent
 CMD ?= uname -a
 
 .PHONY: setup agent build run test lint
@@ -18,7 +18,7 @@ setup:
 # The in-guest agent is PID 1 of the VM: a static binary.
 agent:
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build --release -p uvm-agent --target $(TARGET)
+		$(CARGO) build --profile agent -p uvm-agent --target $(TARGET)
 
 build: agent
 	$(CARGO) build --release -p uvmctl

@@ -97,14 +97,14 @@ pub struct Image {
 }
 
 /// The agent's path relative to the cargo `target` directory (what `make agent` produces).
-const AGENT_IN_TARGET: &str = "x86_64-unknown-linux-gnu/release/uvm-agent";
+const AGENT_IN_TARGET: &str = "x86_64-unknown-linux-gnu/agent/uvm-agent";
 
 impl ImageSpec {
     /// The default spec, checked: cache `$UVMCTL_CACHE`, else `$XDG_CACHE_HOME/uvmctl`, else
     /// `$HOME/.cache/uvmctl`; kernel: `$UVM_KERNEL` (`ours` or `debian`) if set, else ours
     /// when `<cache>/kernel/ours/current/vmlinux` exists, else Debian's from
     /// `<cache>/kernel/debian`; busybox `/bin/busybox`; agent `$UVM_AGENT`, else
-    /// `target/x86_64-unknown-linux-gnu/release/uvm-agent` in the nearest `target` directory
+    /// `target/x86_64-unknown-linux-gnu/agent/uvm-agent` in the nearest `target` directory
     /// above the running executable.
     pub fn from_env() -> Result<ImageSpec, ImageError> {
         ImageSpec::from_env_with(None)
@@ -273,7 +273,7 @@ mod tests {
         let agent = agent_for_exe(Path::new("/w/main/target/debug/deps/uvm_image-123")).unwrap();
         assert_eq!(
             agent,
-            Path::new("/w/main/target/x86_64-unknown-linux-gnu/release/uvm-agent")
+            Path::new("/w/main/target/x86_64-unknown-linux-gnu/agent/uvm-agent")
         );
         let err = agent_for_exe(Path::new("/usr/local/bin/uvmctl")).unwrap_err();
         assert!(matches!(err, ImageError::NoTargetDir { .. }), "{err:?}");
