@@ -54,7 +54,7 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 fn draw(root: &Area<'_>, title: &str, floor: &Phases, start: &Phases) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<_>| e.to_string();
     root.fill(&WHITE).map_err(err)?;
-    text(root, (LEFT, 16), title, 2, &BLACK)?;
+    text(root, (16, 16), title, 2, &BLACK)?;
 
     let longest = floor.total_ms.max(start.total_ms).max(1.0);
     let step = tick_step(longest);
