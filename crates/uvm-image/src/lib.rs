@@ -202,6 +202,12 @@ fn read_prefix(path: &Path, len: u64) -> Result<Vec<u8>, ImageError> {
 
 /// `$UVMCTL_CACHE`, else `$XDG_CACHE_HOME/uvmctl`, else `$HOME/.cache/uvmctl` (empty values
 /// count as unset, as in the XDG spec).
+/// The cache directory [`ImageSpec::from_env`] uses: `$UVMCTL_CACHE`, else
+/// `$XDG_CACHE_HOME/uvmctl`, else `$HOME/.cache/uvmctl`.
+pub fn cache_dir_from_env() -> Result<PathBuf, ImageError> {
+    default_cache_dir(|k| env::var_os(k))
+}
+
 fn default_cache_dir(
     var: impl Fn(&str) -> Option<std::ffi::OsString>,
 ) -> Result<PathBuf, ImageError> {

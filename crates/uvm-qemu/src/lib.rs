@@ -32,7 +32,10 @@ pub use cmdline::{
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
 pub use supervisor::{log_tail, tethered_command, unix_socket_listening, BootMarks};
-pub use tsc::{host_tsc_khz, tcg_kernel_args, TscError};
+pub use tsc::{
+    host_tsc_khz, host_tsc_khz_with, tcg_kernel_args, tcg_kernel_args_with, TscError,
+    TCG_APIC_TIMER_KHZ,
+};
 pub use vm::{QemuBackend, QemuVm, MAX_CPUS, MEMORY_GRANULARITY, MIN_MEMORY_MIB};
 
 /// The machine model a VM runs on.
@@ -180,6 +183,9 @@ pub struct QemuConfig {
     pub extra_cmdline: String,
     /// How long `terminate` waits after QMP `quit` before SIGKILL.
     pub terminate_grace: Duration,
+    /// Where the host's measured TSC frequency is kept for the rest of the host's boot (see
+    /// [`host_tsc_khz_with`]); `None`: measured once per process (≈50 ms, under TCG only).
+    pub tsc_cache: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -198,6 +204,7 @@ impl QemuConfig {
             runtime_root: std::env::temp_dir(),
             extra_cmdline: String::new(),
             terminate_grace: Duration::from_secs(3),
+            tsc_cache: None,
         }
     }
 }

@@ -37,15 +37,75 @@ const PLAUSIBLE_KHZ: std::ops::RangeInclusive<u64> = 100_000..=20_000_000;
 /// The host's TSC frequency in kHz (what `tsc_early_khz=` takes). Costs ≈50 ms the first
 /// time, nothing afterwards.
 pub fn host_tsc_khz() -> Result<u64, TscError> {
+    host_tsc_khz_with(None)
+}
+
+/// [`host_tsc_khz`], and when it has to be measured, kept in `cache` for the rest of the host's
+/// boot: the file holds `<boot_id> <kHz>` (`/proc/sys/kernel/random/boot_id`), so a later
+/// process (every `uvmctl run` is one) reads it instead of measuring again, and a reboot — after
+/// which the frequency may differ — invalidates it. The cache is best effort: a missing,
+/// unreadable, stale or implausible file means measuring, and a failed write is only logged.
+pub fn host_tsc_khz_with(cache: Option<&Path>) -> Result<u64, TscError> {
     static MEASURED: OnceLock<u64> = OnceLock::new();
     if let Some(&khz) = MEASURED.get() {
         return Ok(khz);
     }
     let khz = match from_sysfs(Path::new(SYSFS_TSC_KHZ)) {
         Some(khz) => khz,
-        None => calibrate(WINDOW)?,
+        None => {
+            let boot = boot_id();
+            match cache
+                .zip(boot.as_deref())
+                .and_then(|(c, b)| from_cache(c, b))
+            {
+                Some(khz) => khz,
+                None => {
+                    let khz = calibrate(WINDOW)?;
+                    if let (Some(c), Some(b)) = (cache, boot.as_deref()) {
+                        if let Err(e) = write_cache(c, b, khz) {
+                            tracing::debug!(cache = %c.display(), error = %e, "cannot keep the TSC frequency");
+                        }
+                    }
+                    khz
+                }
+            }
+        }
     };
     Ok(*MEASURED.get_or_init(|| khz))
+}
+
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string(BOOT_ID).ok()?;
+    let id = id.trim();
+    (!id.is_empty() && !id.contains(char::is_whitespace)).then(|| id.to_owned())
+}
+
+/// The kHz in `cache` if it was measured during the boot `boot_id` and is plausible.
+fn from_cache(cache: &Path, boot_id: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(cache).ok()?;
+    let (id, khz) = text.trim().split_once(' ')?;
+    let khz = khz.parse::<u64>().ok()?;
+    (id == boot_id && PLAUSIBLE_KHZ.contains(&khz)).then_some(khz)
+}
+
+/// Writes `<boot_id> <kHz>` to `cache` through a temporary file and a rename, so that a
+/// concurrent reader sees the old file or the new one, never half of one.
+fn write_cache(cache: &Path, boot_id: &str, khz: u64) -> std::io::Result<()> {
+    let dir = cache.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        cache
+            .file_name()
+            .map_or_else(|| "tsc".into(), |n| n.to_string_lossy()),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, format!("{boot_id} {khz}\n"))?;
+    std::fs::rename(&tmp, cache).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// The frequency (kHz) of the local APIC timer QEMU emulates under TCG: its APIC bus runs at a
@@ -68,9 +128,14 @@ pub const TCG_APIC_TIMER_KHZ: u64 = 1_000_000;
 /// Not for KVM, where the guest's TSC is virtualised (and kvmclock is the clocksource) and the
 /// APIC timer has a TSC-deadline mode that needs no calibration.
 pub fn tcg_kernel_args() -> Result<String, TscError> {
+    tcg_kernel_args_with(None)
+}
+
+/// [`tcg_kernel_args`], with the TSC frequency kept in `tsc_cache` as [`host_tsc_khz_with`] does.
+pub fn tcg_kernel_args_with(tsc_cache: Option<&Path>) -> Result<String, TscError> {
     Ok(format!(
         "tsc_early_khz={} tsc=reliable lapic_timer_khz={TCG_APIC_TIMER_KHZ}",
-        host_tsc_khz()?
+        host_tsc_khz_with(tsc_cache)?
     ))
 }
 
@@ -175,6 +240,33 @@ mod tests {
         assert_eq!(khz_from(3, 2_000_000), Some(2));
         assert_eq!(khz_from(5, 2_000_000), Some(3));
         assert_eq!(khz_from(1, 0), None);
+    }
+
+    #[test]
+    fn the_cache_is_read_only_for_the_same_boot_and_a_plausible_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("sub/host-tsc-khz");
+        assert_eq!(from_cache(&cache, "boot-a"), None, "no file yet");
+        write_cache(&cache, "boot-a", 2_596_138).unwrap();
+        assert_eq!(std::fs::read_to_string(&cache).unwrap(), "boot-a 2596138\n");
+        assert_eq!(from_cache(&cache, "boot-a"), Some(2_596_138));
+        assert_eq!(from_cache(&cache, "boot-b"), None, "another boot");
+        for bad in ["boot-a 12", "boot-a fast", "boot-a", "", "boot-a 2596138 9"] {
+            std::fs::write(&cache, bad).unwrap();
+            assert_eq!(from_cache(&cache, "boot-a"), None, "{bad:?}");
+        }
+        // No temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["host-tsc-khz"]);
+    }
+
+    #[test]
+    fn this_host_has_a_boot_id() {
+        let id = boot_id().unwrap();
+        assert_eq!(id.len(), 36, "{id:?}");
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl QemuBackend {
         // calibrates badly (q35) nor hangs calibrating (microvm). See `tsc`.
         let tcg_clock = match accel {
             AccelKind::Kvm => None,
-            AccelKind::Tcg => match crate::tcg_kernel_args() {
+            AccelKind::Tcg => match crate::tcg_kernel_args_with(config.tsc_cache.as_deref()) {
                 Ok(args) => Some(args),
                 Err(e) => {
                     tracing::warn!(error = %e, "no TSC frequency for TCG guests");

@@ -33,6 +33,7 @@ impl Fixture {
             runtime_root: self.root.path().to_path_buf(),
             extra_cmdline: String::new(),
             terminate_grace: Duration::from_secs(1),
+            tsc_cache: None,
         }
     }
 
