@@ -17,6 +17,7 @@
 mod cmdline;
 mod error;
 mod qmp;
+mod stale;
 mod stats;
 mod supervisor;
 mod tsc;
@@ -31,6 +32,7 @@ pub use cmdline::{
 };
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
+pub use stale::{processes_mentioning, sweep_stale_runtime_dirs, OWNER_FILE};
 pub use supervisor::{log_tail, tethered_command, unix_socket_listening, BootMarks};
 pub use tsc::{
     host_tsc_khz, host_tsc_khz_with, tcg_kernel_args, tcg_kernel_args_with, TscError,

@@ -99,6 +99,13 @@ impl QemuBackend {
         })
     }
 
+    /// Removes the runtime directories under this backend's runtime root whose controller
+    /// died without releasing them ([`crate::sweep_stale_runtime_dirs`]); returns what it
+    /// removed.
+    pub fn sweep_stale(&self) -> std::io::Result<Vec<std::path::PathBuf>> {
+        crate::sweep_stale_runtime_dirs(&self.config.runtime_root)
+    }
+
     /// [`VmBackend::create`] with the concrete type.
     #[tracing::instrument(skip_all, fields(vm = %id, op = "create"))]
     pub fn create_vm(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {
@@ -157,6 +164,11 @@ impl QemuBackend {
                 operation: "create the runtime directory",
                 source,
             })?;
+        // The owner record lets a later sweep tell this directory from one whose controller died.
+        crate::stale::write_owner(dir.path()).map_err(|source| HostError::Io {
+            operation: "record the runtime directory's owner",
+            source,
+        })?;
         let paths = RuntimePaths::new(dir.path());
         let launch = Launch {
             vsock_program: c.vhost_vsock.clone(),

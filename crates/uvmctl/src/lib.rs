@@ -62,6 +62,20 @@ pub fn image_with(kernel: Option<KernelFlavor>) -> Result<Image, UvmctlError> {
     Ok(uvm_image::ensure_image(&spec)?)
 }
 
+/// Removes the runtime directories under `options`' runtime root that `uvmctl` processes left
+/// when they died without releasing their VMs ([`uvm_qemu::sweep_stale_runtime_dirs`]: only
+/// directories whose owner process is gone and that no process mentions); returns them.
+pub fn sweep_stale_runtime_dirs(options: &VmOptions) -> Vec<PathBuf> {
+    let root = options
+        .runtime_root
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    uvm_qemu::sweep_stale_runtime_dirs(&root).unwrap_or_else(|e| {
+        tracing::warn!(root = %root.display(), error = %e, "cannot sweep stale runtime directories");
+        Vec::new()
+    })
+}
+
 /// The QEMU backend configuration a [`Vm`] with `options` runs `image` with (also what the
 /// benchmark's floor starts by hand).
 pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {

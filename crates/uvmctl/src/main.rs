@@ -113,6 +113,10 @@ fn main() -> ExitCode {
             return ExitCode::from(125);
         }
     };
+    // Directories a killed uvmctl left behind (its VMs' processes died with it).
+    if matches!(cli.command, Command::Run(_) | Command::Bench(_)) {
+        uvmctl::sweep_stale_runtime_dirs(&uvmctl::VmOptions::default());
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,

@@ -315,3 +315,94 @@ on_each_machine!(
     virtio_drivers_the_controller_relies_on_are_bound,
     guest_timers_tick_from_the_apic_at_the_right_rate,
 );
+
+/// A controller that is SIGKILLed with its VM booted: the VM's processes die with it (PDEATHSIG), its
+/// runtime directory stays, and the next sweep (what every `uvmctl run` and `bench` does first)
+/// removes it.
+mod real_vm_restart {
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use uvmctl::bench::procs::processes_mentioning;
+
+    fn runtime_dirs(root: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(root)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("uvm-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn sigkill(pid: u32) -> rustix::io::Result<()> {
+        let pid = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or(rustix::io::Errno::SRCH)?;
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+    }
+
+    fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let started = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(started.elapsed() < limit, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_killed_controller_takes_its_vm_down_and_the_next_sweep_removes_its_directory() {
+        // A runtime root of the test's own (short: socket paths), given to uvmctl as TMPDIR.
+        let root = tempfile::Builder::new()
+            .prefix("sweep-test")
+            .tempdir_in("/tmp")
+            .expect("runtime root");
+        let mut controller = std::process::Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .args(["run", "--", "sleep", "60"])
+            .env("TMPDIR", root.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn uvmctl");
+        let pid = controller.id();
+        // Guard: whatever happens below, the controller does not outlive the test.
+        struct Kill(u32);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = sigkill(self.0);
+            }
+        }
+        let _guard = Kill(pid);
+
+        // Wait until QEMU and vhost-device-vsock run from the VM's directory and the guest has
+        // announced itself (the link removes its announce listener once it accepted).
+        let dir = wait_for("the VM to boot", Duration::from_secs(60), || {
+            runtime_dirs(root.path())
+                .into_iter()
+                .find(|d| processes_mentioning(d).len() >= 2 && !d.join("vsock.sock_1025").exists())
+        });
+        assert!(dir.join(uvm_qemu::OWNER_FILE).is_file());
+
+        sigkill(pid).expect("SIGKILL the controller");
+        controller.wait().expect("reap the controller");
+
+        wait_for("the VM's processes to die", Duration::from_secs(10), || {
+            processes_mentioning(&dir).is_empty().then_some(())
+        });
+        assert!(dir.is_dir(), "nobody removed the directory yet");
+
+        let removed = uvm_qemu::sweep_stale_runtime_dirs(root.path()).expect("sweep");
+        assert_eq!(removed, std::slice::from_ref(&dir));
+        assert!(!dir.exists());
+        assert!(runtime_dirs(root.path()).is_empty());
+    }
+}
