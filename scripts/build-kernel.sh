@@ -112,6 +112,10 @@ fi
 
 start=$SECONDS
 say "key $KEY ($SOURCE_PKG $VERSION + $(basename "$FRAGMENT"))"
+# Temporary trees of a build that failed or was killed (each over a GB): nobody else uses them,
+# since we hold the lock. This run's own go on exit, whatever the outcome.
+rm -rf "$OURS"/.src.* "$OURS"/.out-*
+trap 'rm -rf "$OURS/.src.$$" "$OURS/.out-$KEY.$$"' EXIT
 
 # ---------------------------------------------------------------- source tree
 # Patched trees never mix: the directory is named by the source version and the patch set.

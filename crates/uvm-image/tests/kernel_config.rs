@@ -249,6 +249,53 @@ fn key_follows_the_kernel_patches() {
 }
 
 #[test]
+fn a_patch_that_does_not_apply_fails_the_build_and_leaves_no_tree_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // A stand-in source tree: what the script checks for, and the file the patch edits.
+    let tree = dir.path().join("linux-stand-in");
+    std::fs::create_dir_all(tree.join("arch/x86")).unwrap();
+    std::fs::write(tree.join("Makefile"), "all:\n").unwrap();
+    std::fs::write(tree.join("file.c"), "int a;\n").unwrap();
+    let tarball = dir.path().join("linux-stand-in.tar.xz");
+    let tar = Command::new("tar")
+        .arg("-cJf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(dir.path())
+        .arg("linux-stand-in")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let patches = dir.path().join("patches");
+    std::fs::create_dir(&patches).unwrap();
+    std::fs::write(
+        patches.join("0001-bad.patch"),
+        "--- a/file.c\n+++ b/file.c\n@@ -1 +1 @@\n-int b;\n+int c;\n",
+    )
+    .unwrap();
+
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/build-kernel.sh"))
+        .env("UVMCTL_CACHE", &cache)
+        .env("UVM_KERNEL_CONFIG", fragment_path())
+        .env("UVM_KERNEL_SOURCE", &tarball)
+        .env("UVM_KERNEL_PATCHES", &patches)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0001-bad.patch does not apply"), "{stderr}");
+    // Neither a temporary tree nor a half-patched source tree, nor a `current` link.
+    let left: Vec<String> = std::fs::read_dir(cache.join("kernel/ours"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn the_build_is_skipped_when_nothing_changed() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path();
