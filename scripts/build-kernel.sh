@@ -58,16 +58,19 @@ PATCHES=()
 if [ -d "$PATCHES_DIR" ]; then
     while IFS= read -r -d '' p; do PATCHES+=("$p"); done < <(find "$PATCHES_DIR" -maxdepth 1 -name '*.patch' -print0 | sort -z)
 fi
-PATCH_SET="$(for p in "${PATCHES[@]}"; do
-    printf 'patch %s\n' "$(basename "$p")"
-    cat "$p"
-done | sha256sum | cut -c1-12)"
-KEY="$({
-    printf '%s %s\n' "$SOURCE_PKG" "$VERSION"
+# Each patch's name and bytes, in order: hashed alone to name the patched source tree, and as
+# part of the key.
+patch_stream() {
+    local p
     for p in "${PATCHES[@]}"; do
         printf 'patch %s\n' "$(basename "$p")"
         cat "$p"
     done
+}
+PATCH_SET="$(patch_stream | sha256sum | cut -c1-12)"
+KEY="$({
+    printf '%s %s\n' "$SOURCE_PKG" "$VERSION"
+    patch_stream
     cat "$FRAGMENT"
 } | sha256sum | cut -d' ' -f1)"
 OUT="$OURS/$KEY"

@@ -99,13 +99,6 @@ impl QemuBackend {
         })
     }
 
-    /// Removes the runtime directories under this backend's runtime root whose controller
-    /// died without releasing them ([`crate::sweep_stale_runtime_dirs`]); returns what it
-    /// removed.
-    pub fn sweep_stale(&self) -> std::io::Result<Vec<std::path::PathBuf>> {
-        crate::sweep_stale_runtime_dirs(&self.config.runtime_root)
-    }
-
     /// [`VmBackend::create`] with the concrete type.
     #[tracing::instrument(skip_all, fields(vm = %id, op = "create"))]
     pub fn create_vm(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {

@@ -119,7 +119,7 @@ fn cstring(s: &str) -> io::Result<CString> {
 
 /// The child's environment: the request's entries (a later one replaces an earlier one with
 /// the same key), plus `PATH` when the request has none.
-fn child_env(spec: &ExecSpec) -> Vec<(String, String)> {
+pub(crate) fn child_env(spec: &ExecSpec) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::with_capacity(spec.env.len() + 1);
     for entry in &spec.env {
         if let Some((key, value)) = entry.split_once('=') {

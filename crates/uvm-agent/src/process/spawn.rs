@@ -101,15 +101,9 @@ fn spawn_on_terminal(
     spawn_err: impl Fn(io::Error) -> ApiError,
 ) -> Result<Spawned, ApiError> {
     let mut cmd = Command::new(&spec.args[0]);
-    cmd.args(&spec.args[1..]).env_clear();
-    if !spec.env.iter().any(|e| e.starts_with("PATH=")) {
-        cmd.env("PATH", DEFAULT_PATH);
-    }
-    for entry in &spec.env {
-        if let Some((key, value)) = entry.split_once('=') {
-            cmd.env(key, value);
-        }
-    }
+    cmd.args(&spec.args[1..])
+        .env_clear()
+        .envs(super::posix_spawn::child_env(spec));
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
     let (master, slave) = open_pty().map_err(|source| ApiError::Pty { source })?;
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|source| ApiError::Pty { source });

@@ -132,18 +132,6 @@ impl BenchOptions {
     }
 }
 
-/// An error and its sources, joined with ": ".
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
-
 /// The guest image, with `kernel` overriding the default flavour; and the flavour used.
 pub fn image_for(kernel: Option<KernelFlavor>) -> Result<(Image, KernelFlavor), BenchError> {
     let spec = ImageSpec::from_env_with(kernel)?;

@@ -177,15 +177,7 @@ mod tests {
     fn the_plot_is_a_png() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("phases.png");
-        let p = Phases {
-            host_setup_ms: 10.0,
-            firmware_ms: 300.0,
-            kernel_ms: 1500.0,
-            agent_init_ms: 100.0,
-            handshake_ms: 20.0,
-            other_ms: 1.0,
-            total_ms: 1931.0,
-        };
+        let p = crate::bench::report::tests::sample_report().phases_start;
         write_phase_plot(&path, "boot phases", &p, &p).expect("plot");
         let bytes = std::fs::read(&path).expect("read");
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");

@@ -404,7 +404,7 @@ pub fn comparison_table(reports: &[BenchReport]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn s(median: f64) -> Summary {
