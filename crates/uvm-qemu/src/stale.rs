@@ -191,6 +191,17 @@ mod tests {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // `spawn` returns once the child has begun its exec, which is before the kernel
+        // sets up its new command line: wait until /proc shows it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !processes_mentioning(&dir).contains(&child.id()) {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("tail never showed its command line in /proc");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let kept = sweep_stale_runtime_dirs(root.path());
         child.kill().unwrap();
         child.wait().unwrap();
