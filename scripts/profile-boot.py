@@ -12,16 +12,15 @@ It prints a flat profile (share of samples per symbol; "user" is the agent and i
 The vCPU stops for each sample, so the boot runs slower than unobserved: read shares, not times.
 This is how the costs named in BENCHMARKS.md ("where the kernel's time went") were found.
 
-Defaults: the newest image under ~/.cache/uvmctl/images, our kernel's System.map, the clock
-arguments uvm-qemu gives a TCG guest and the fast-boot arguments of its base command line.
+The VM is exactly the one `uvmctl run` would start (`uvmctl command-line`: same image, QEMU and
+kernel arguments), except that QEMU starts paused so that sampling begins at the first
+instruction. Build uvmctl first (`make build`).
 """
 import argparse
 import bisect
 import collections
-import glob
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,21 +31,25 @@ CACHE = os.environ.get("UVMCTL_CACHE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uvmctl")
 
 
-def newest_image():
-    dirs = [d for d in glob.glob(os.path.join(CACHE, "images", "*"))
-            if os.path.isfile(os.path.join(d, "vmlinux")) and os.path.isfile(os.path.join(d, "initramfs.cpio"))]
-    if not dirs:
-        sys.exit("no image under %s/images: run `make run` once" % CACHE)
-    return max(dirs, key=os.path.getmtime)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def host_tsc_khz():
-    """The host TSC frequency as the guest needs it; /proc/cpuinfo's figure is close enough
-    for profiling (uvm-qemu measures it properly)."""
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("cpu MHz"):
-            return int(float(line.split(":")[1]) * 1000)
-    sys.exit("no cpu MHz in /proc/cpuinfo")
+def command_lines(uvmctl, machine, kernel, append, runtime_dir):
+    """The vhost-device-vsock and QEMU command lines `uvmctl run` would use."""
+    cmd = [uvmctl, "command-line", "--json", "--accel", "tcg", "--machine", machine,
+           "--runtime-dir", runtime_dir, "--append", append]
+    if kernel:
+        cmd += ["--kernel", kernel]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE).stdout
+    lines = json.loads(out)
+    return lines["vhost_vsock"], lines["qemu"]
+
+
+def wait_for(path, child):
+    while not os.path.exists(path):
+        if child.poll() is not None:
+            sys.exit("%s exited (%d) before creating %s" % (child.args[0], child.returncode, path))
+        time.sleep(0.001)
 
 
 def symbols(system_map):
@@ -85,15 +88,14 @@ class Qmp:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--machine", choices=["q35", "microvm"], default="q35")
-    ap.add_argument("--image", help="image directory (vmlinux, initramfs.cpio)")
+    ap.add_argument("--kernel", choices=["ours", "debian"], help="as `uvmctl run --kernel`")
+    ap.add_argument("--uvmctl", default=os.path.join(ROOT, "target/release/uvmctl"))
     ap.add_argument("--system-map", default=os.path.join(CACHE, "kernel/ours/current/System.map"))
     ap.add_argument("--append", default="", help="more kernel arguments")
     ap.add_argument("--seconds", type=float, default=3.0, help="stop sampling after this long")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args()
 
-    image = args.image or newest_image()
-    vhost = shutil.which("vhost-device-vsock") or os.path.expanduser("~/.cargo/bin/vhost-device-vsock")
     addrs, names = symbols(args.system_map)
 
     def name(pc):
@@ -106,6 +108,7 @@ def main():
         return "idle" if n in ("default_idle", "native_safe_halt") else n
 
     with tempfile.TemporaryDirectory(prefix="uvm-profile-") as tmp:
+        vhost, qemu = command_lines(args.uvmctl, args.machine, args.kernel, args.append, tmp)
         vsock_dev = os.path.join(tmp, "vhost.sock")
         vsock_uds = os.path.join(tmp, "vsock.sock")
         qmp_path = os.path.join(tmp, "qmp.sock")
@@ -113,27 +116,12 @@ def main():
         announce.bind(vsock_uds + "_1025")
         announce.listen(1)
         announce.setblocking(False)
-        children = [subprocess.Popen([vhost, "--vm", "guest-cid=3,socket=%s,uds-path=%s" % (vsock_dev, vsock_uds)])]
+        children = [subprocess.Popen(vhost)]
         try:
-            while not os.path.exists(vsock_dev):
-                time.sleep(0.001)
-            bus = "pci" if args.machine == "q35" else "device"
-            machine = (["-M", "q35,accel=tcg"] if args.machine == "q35" else
-                       ["-bios", "/usr/share/qemu/qboot.rom",
-                        "-M", "microvm,accel=tcg,x-option-roms=off,isa-serial=on,rtc=on"])
-            append = ("console=ttyS0 quiet panic=-1 noreplace-smp no_timer_check reserved_poison=off "
-                      "tsc_early_khz=%d tsc=reliable lapic_timer_khz=1000000 %s" % (host_tsc_khz(), args.append))
-            qemu = machine + [
-                "-cpu", "max", "-smp", "1", "-m", "256",
-                "-object", "memory-backend-memfd,id=mem,size=256M,share=on", "-machine", "memory-backend=mem",
-                "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-                "-kernel", os.path.join(image, "vmlinux"), "-initrd", os.path.join(image, "initramfs.cpio"),
-                "-append", append, "-serial", "file:" + os.path.join(tmp, "console.log"),
-                "-chardev", "socket,id=vsock,path=" + vsock_dev, "-device", "vhost-user-vsock-%s,chardev=vsock" % bus,
-                "-qmp", "unix:%s,server=on,wait=on" % qmp_path, "-S"]
-            children.append(subprocess.Popen(["qemu-system-x86_64"] + qemu, stderr=subprocess.DEVNULL))
-            while not os.path.exists(qmp_path):
-                time.sleep(0.001)
+            wait_for(vsock_dev, children[0])
+            # Paused until the first sample is due.
+            children.append(subprocess.Popen(qemu + ["-S"], stderr=subprocess.DEVNULL))
+            wait_for(qmp_path, children[1])
             qmp = Qmp(qmp_path)
             qmp.call("cont")
             t0 = time.monotonic()

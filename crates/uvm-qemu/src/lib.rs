@@ -38,7 +38,7 @@ pub use tsc::{
     host_tsc_khz, host_tsc_khz_with, tcg_kernel_args, tcg_kernel_args_with, TscError,
     TCG_APIC_TIMER_KHZ,
 };
-pub use vm::{QemuBackend, QemuVm, MAX_CPUS, MEMORY_GRANULARITY, MIN_MEMORY_MIB};
+pub use vm::{CommandLines, QemuBackend, QemuVm, MAX_CPUS, MEMORY_GRANULARITY, MIN_MEMORY_MIB};
 
 /// The machine model a VM runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -99,24 +99,33 @@ impl QemuBackend {
         })
     }
 
-    /// [`VmBackend::create`] with the concrete type.
-    #[tracing::instrument(skip_all, fields(vm = %id, op = "create"))]
-    pub fn create_vm(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {
-        let c = &self.config;
-        let memory_bytes = validate(c, config)?;
-        let root = std::path::absolute(&c.runtime_root).map_err(|source| HostError::Io {
-            operation: "resolve the runtime root",
+    /// Exactly what [`QemuBackend::create_vm`] would run for `config`, with the runtime files
+    /// under `dir` (which is neither created nor used), after the same checks: to run or
+    /// profile a VM by hand without a copy of the command line that drifts from ours.
+    pub fn command_lines(&self, dir: &Path, config: &VmConfig) -> Result<CommandLines, HostError> {
+        self.check(config)?;
+        let dir = std::path::absolute(dir).map_err(|source| HostError::Io {
+            operation: "resolve the runtime directory",
             source,
         })?;
-        if root.to_string_lossy().contains(',') {
-            return Err(invalid(
-                "runtime root",
-                format!(
-                    "{} contains a comma, which QEMU options cannot carry",
-                    root.display()
-                ),
-            ));
-        }
+        check_runtime_dir("runtime directory", &dir, &dir)?;
+        let paths = RuntimePaths::new(&dir);
+        let program = |p: &Path| p.display().to_string();
+        let c = &self.config;
+        Ok(CommandLines {
+            vhost_vsock: std::iter::once(program(&c.vhost_vsock))
+                .chain(vhost_vsock_command_line(&paths))
+                .collect(),
+            qemu: std::iter::once(program(&c.qemu))
+                .chain(self.qemu_args(&paths, config))
+                .collect(),
+        })
+    }
+
+    /// The checks that do not depend on where the VM's files go; the guest memory in bytes.
+    fn check(&self, config: &VmConfig) -> Result<u64, HostError> {
+        let c = &self.config;
+        let memory_bytes = validate(c, config)?;
         if c.machine == Machine::Microvm {
             if !c.qboot.is_file() {
                 return Err(invalid(
@@ -135,18 +144,20 @@ impl QemuBackend {
                 ));
             }
         }
+        Ok(memory_bytes)
+    }
+
+    /// [`VmBackend::create`] with the concrete type.
+    #[tracing::instrument(skip_all, fields(vm = %id, op = "create"))]
+    pub fn create_vm(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {
+        let c = &self.config;
+        let memory_bytes = self.check(config)?;
+        let root = std::path::absolute(&c.runtime_root).map_err(|source| HostError::Io {
+            operation: "resolve the runtime root",
+            source,
+        })?;
         let prefix = format!("uvm-{}-", short_id(id));
-        let longest = RuntimePaths::longest_socket_path(&root.join(format!("{prefix}XXXXXX")));
-        if longest.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(invalid(
-                "runtime root",
-                format!(
-                    "{} is too long: socket paths such as {} exceed {MAX_SOCKET_PATH} bytes",
-                    root.display(),
-                    longest.display()
-                ),
-            ));
-        }
+        check_runtime_dir("runtime root", &root, &root.join(format!("{prefix}XXXXXX")))?;
         // On any error below, the TempDir's drop removes the directory: nothing is left behind.
         let dir = tempfile::Builder::new()
             .prefix(&prefix)
@@ -190,6 +201,40 @@ impl VmBackend for QemuBackend {
     async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
         Ok(Arc::new(self.create_vm(id, config)?))
     }
+}
+
+/// The two programs a VM runs, each as its program path followed by its arguments.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CommandLines {
+    pub vhost_vsock: Vec<String>,
+    pub qemu: Vec<String>,
+}
+
+/// Whether a VM's files can live in `dir` (absolute), which is in `what` (the runtime root,
+/// or the directory itself): QEMU options cannot carry a comma, and every socket path must fit
+/// `sun_path`.
+fn check_runtime_dir(what: &'static str, shown: &Path, dir: &Path) -> Result<(), HostError> {
+    if dir.to_string_lossy().contains(',') {
+        return Err(invalid(
+            what,
+            format!(
+                "{} contains a comma, which QEMU options cannot carry",
+                shown.display()
+            ),
+        ));
+    }
+    let longest = RuntimePaths::longest_socket_path(dir);
+    if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(invalid(
+            what,
+            format!(
+                "{} is too long: socket paths such as {} exceed {MAX_SOCKET_PATH} bytes",
+                shown.display(),
+                longest.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(what: &'static str, message: String) -> HostError {

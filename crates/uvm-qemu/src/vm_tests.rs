@@ -351,3 +351,77 @@ async fn terminate_stops_a_start_that_is_waiting_for_the_vsock_device() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
     assert!(f.runtime_entries().is_empty());
 }
+
+#[test]
+fn command_lines_are_exactly_what_create_vm_would_run() {
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.extra_cmdline = "loglevel=7".to_owned();
+    let backend = QemuBackend::new(config);
+    let vm = backend.create_vm("a", &vm_config(512, 2)).expect("create");
+    let lines = backend
+        .command_lines(&vm.runtime_dir, &vm_config(512, 2))
+        .expect("command lines");
+    let program = |p: &Path| p.display().to_string();
+    let launch = &vm.launch;
+    assert_eq!(lines.vhost_vsock[0], program(&launch.vsock_program));
+    assert_eq!(lines.vhost_vsock[1..], launch.vsock_args[..]);
+    assert_eq!(lines.qemu[0], program(&launch.qemu_program));
+    assert_eq!(lines.qemu[1..], launch.qemu_args[..]);
+    assert!(lines.qemu.iter().any(|a| a.ends_with(" loglevel=7")));
+}
+
+#[test]
+fn command_lines_make_the_checks_create_vm_makes_and_create_nothing() {
+    let f = Fixture::new();
+    let backend = QemuBackend::new(f.config());
+    let dir = f.root.path().join("vm");
+    let r = backend.command_lines(&dir, &vm_config(1, 1));
+    assert!(
+        matches!(
+            r,
+            Err(HostError::InvalidInput {
+                what: "memory size",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    for bad in [
+        f.root.path().join("a,b"),
+        f.root.path().join("x".repeat(90)),
+    ] {
+        let r = backend.command_lines(&bad, &vm_config(256, 1));
+        assert!(
+            matches!(
+                r,
+                Err(HostError::InvalidInput {
+                    what: "runtime directory",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let mut config = f.config();
+    config.machine = crate::Machine::Microvm;
+    let r = QemuBackend::new(config).command_lines(&dir, &vm_config(256, 1));
+    assert!(
+        matches!(
+            r,
+            Err(HostError::InvalidInput {
+                what: "machine",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let lines = backend
+        .command_lines(&dir, &vm_config(256, 1))
+        .expect("lines");
+    assert!(lines
+        .qemu
+        .iter()
+        .any(|a| a.contains(&*dir.to_string_lossy())));
+    assert!(f.runtime_entries().is_empty(), "nothing is created");
+}

@@ -3,7 +3,7 @@
 
 pub mod bench;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use uvm::seams::{HostVm, VmBackend, VmConfig};
 use uvm::{Controller, ControllerError, HostError, Timeouts};
 use uvm_guest::{GuestLinkConfig, VsockGuest};
 use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
-pub use uvm_qemu::{Accel, Machine};
+pub use uvm_qemu::{Accel, CommandLines, Machine};
 use uvm_qemu::{QemuBackend, QemuConfig, QemuVm};
 
 /// What can go wrong around the controller.
@@ -92,6 +92,24 @@ pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {
         .ok()
         .map(|dir| dir.join("host-tsc-khz"));
     qemu
+}
+
+/// Exactly what a [`Vm`] with `options` would run for `image`, with its runtime files (sockets,
+/// logs) under `dir`, after the checks `create_vm` makes ([`QemuBackend::command_lines`]).
+pub fn command_lines(
+    image: &Image,
+    options: &VmOptions,
+    dir: &Path,
+) -> Result<CommandLines, HostError> {
+    QemuBackend::new(qemu_config(image, options)).command_lines(dir, &vm_config(options))
+}
+
+fn vm_config(options: &VmOptions) -> VmConfig {
+    VmConfig {
+        memory_mib: options.memory_mib,
+        cpus: options.cpus,
+        security_policy: None,
+    }
 }
 
 /// One utility VM: its controller and the concrete pieces under it.
@@ -185,13 +203,7 @@ impl Vm {
     /// create_vm + start_vm, with the boot's phase marks.
     pub async fn boot(&self) -> Result<BootTimings, ControllerError> {
         let t0 = Instant::now();
-        self.controller
-            .create_vm(VmConfig {
-                memory_mib: self.options.memory_mib,
-                cpus: self.options.cpus,
-                security_policy: None,
-            })
-            .await?;
+        self.controller.create_vm(vm_config(&self.options)).await?;
         let t1 = Instant::now();
         self.controller.start_vm().await?;
         let t2 = Instant::now();

@@ -20,11 +20,11 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn")]
     log: String,
     #[command(subcommand)]
-    command: Command,
+    command: Action,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+enum Action {
     /// Boot a VM, run CMD in it, tear the VM down; exits with CMD's exit code.
     Run(RunArgs),
     /// Guest image commands.
@@ -34,6 +34,9 @@ enum Command {
     },
     /// Benchmark real VMs: raw-QEMU floor vs start, exec, terminate, memory, density.
     Bench(uvmctl::bench::cli::BenchArgs),
+    /// Print the exact vhost-device-vsock and QEMU command lines `run` would start, without
+    /// starting anything (to run or profile a VM by hand).
+    CommandLine(CommandLineArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,8 +68,9 @@ enum KernelArg {
     Debian,
 }
 
+/// What the VM is: shared by `run` and `command-line`.
 #[derive(clap::Args, Debug)]
-struct RunArgs {
+struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
@@ -83,6 +87,43 @@ struct RunArgs {
     /// built (or $UVM_KERNEL).
     #[arg(long, value_enum)]
     kernel: Option<KernelArg>,
+    /// More guest kernel arguments, appended to the command line uvmctl gives the kernel.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    append: String,
+}
+
+impl VmArgs {
+    fn image(&self) -> anyhow::Result<uvm_image::Image> {
+        let kernel = self.kernel.map(|k| match k {
+            KernelArg::Ours => uvm_image::KernelFlavor::Ours,
+            KernelArg::Debian => uvm_image::KernelFlavor::Debian,
+        });
+        image_with(kernel).context("preparing the guest image")
+    }
+
+    fn options(&self) -> VmOptions {
+        VmOptions {
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            accel: match self.accel {
+                AccelArg::Auto => uvm_qemu::Accel::Auto,
+                AccelArg::Kvm => uvm_qemu::Accel::Kvm,
+                AccelArg::Tcg => uvm_qemu::Accel::Tcg,
+            },
+            machine: match self.machine {
+                MachineArg::Q35 => uvmctl::Machine::Q35,
+                MachineArg::Microvm => uvmctl::Machine::Microvm,
+            },
+            extra_cmdline: self.append.clone(),
+            ..VmOptions::default()
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
     /// Print each boot phase and the total to stderr.
     #[arg(long)]
     timings: bool,
@@ -92,6 +133,18 @@ struct RunArgs {
     /// Command and arguments to run in the guest.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct CommandLineArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The directory the VM's sockets and logs would be in (it is neither created nor used).
+    #[arg(long, value_name = "DIR")]
+    runtime_dir: std::path::PathBuf,
+    /// Print one JSON object {"qemu": [...], "vhost_vsock": [...]} instead of shell lines.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -114,18 +167,19 @@ fn main() -> ExitCode {
         }
     };
     // Directories a killed uvmctl left behind (its VMs' processes died with it).
-    if matches!(cli.command, Command::Run(_) | Command::Bench(_)) {
+    if matches!(cli.command, Action::Run(_) | Action::Bench(_)) {
         uvmctl::sweep_stale_runtime_dirs(&uvmctl::VmOptions::default());
     }
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
-            Command::Image {
+            Action::Run(args) => run(args).await,
+            Action::Image {
                 command: ImageCommand::Build { force },
             } => image_build(force),
-            Command::Bench(args) => uvmctl::bench::cli::run(args)
+            Action::Bench(args) => uvmctl::bench::cli::run(args)
                 .await
                 .map_err(anyhow::Error::new),
+            Action::CommandLine(args) => command_line(&args),
         }
     });
     // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.
@@ -158,27 +212,22 @@ fn signal_exit(sig: i32) -> u8 {
     u8::try_from(128 + sig).unwrap_or(128)
 }
 
+fn command_line(args: &CommandLineArgs) -> anyhow::Result<u8> {
+    let image = args.vm.image()?;
+    let lines = uvmctl::command_lines(&image, &args.vm.options(), &args.runtime_dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&lines)?);
+    } else {
+        for line in [&lines.vhost_vsock, &lines.qemu] {
+            println!("{}", shlex::try_join(line.iter().map(String::as_str))?);
+        }
+    }
+    Ok(0)
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let kernel = args.kernel.map(|k| match k {
-        KernelArg::Ours => uvm_image::KernelFlavor::Ours,
-        KernelArg::Debian => uvm_image::KernelFlavor::Debian,
-    });
-    let image = image_with(kernel).context("preparing the guest image")?;
-    let options = VmOptions {
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        accel: match args.accel {
-            AccelArg::Auto => uvm_qemu::Accel::Auto,
-            AccelArg::Kvm => uvm_qemu::Accel::Kvm,
-            AccelArg::Tcg => uvm_qemu::Accel::Tcg,
-        },
-        machine: match args.machine {
-            MachineArg::Q35 => uvmctl::Machine::Q35,
-            MachineArg::Microvm => uvmctl::Machine::Microvm,
-        },
-        ..VmOptions::default()
-    };
-    let vm = Vm::new(&image, options);
+    let image = args.vm.image()?;
+    let vm = Vm::new(&image, args.vm.options());
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
