@@ -282,6 +282,9 @@ pub struct DensitySample {
     pub all_running: Duration,
     /// This process's RSS growth from before the boots to all Running, divided by K (bytes).
     pub controller_rss_per_vm: Option<f64>,
+    /// With all K Running: the PSS of every VM's QEMU and vhost-device-vsock, summed and
+    /// divided by K (bytes) — what one more VM costs the host once pages are shared.
+    pub pss_per_vm: Option<f64>,
 }
 
 /// Starts `k` VMs concurrently, waits for all to be Running, tears all down.
@@ -318,6 +321,11 @@ pub async fn density_once(
     }
     let all_running = begin.elapsed();
     let rss_after = procs::self_rss_bytes();
+    let pss_per_vm = if first_error.is_none() && k > 0 {
+        pss_of_all(&vms).map(|total| total as f64 / k as f64)
+    } else {
+        None
+    };
 
     let mut teardowns = JoinSet::new();
     for vm in &vms {
@@ -346,5 +354,19 @@ pub async fn density_once(
         k,
         all_running,
         controller_rss_per_vm: per_vm,
+        pss_per_vm,
     })
+}
+
+/// The summed PSS of the QEMU and vhost-device-vsock processes of `vms`; `None` if any is
+/// missing.
+fn pss_of_all(vms: &[Arc<Vm>]) -> Option<u64> {
+    let mut total = 0u64;
+    for vm in vms {
+        let host = vm.qemu_vm()?;
+        for pid in [host.qemu_pid()?, host.vsock_pid()?] {
+            total += procs::pss_bytes(pid)?;
+        }
+    }
+    Some(total)
 }

@@ -216,6 +216,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     // 3. Density.
     let mut density = BTreeMap::new();
     let mut controller_rss = None;
+    let mut pss_per_vm = None;
     let largest = opts.density.iter().copied().max().unwrap_or(0);
     for &k in &opts.density {
         let d = measure::density_once(&image, &opts.vm, k).await?;
@@ -227,6 +228,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         density.insert(k, d.all_running.as_secs_f64());
         if k == largest {
             controller_rss = d.controller_rss_per_vm.map(|b| b / f64::from(1u32 << 20));
+            pss_per_vm = d.pss_per_vm.map(|b| (k, b / f64::from(1u32 << 20)));
         }
     }
 
@@ -295,6 +297,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         qemu_rss_mib: procs::mib(exec.qemu_rss),
         vsock_rss_mib: procs::mib(exec.vsock_rss),
         controller_rss_mib: controller_rss,
+        pss_per_vm_mib: pss_per_vm,
         density,
         phases_floor: Phases::median_of(&floors.iter().map(|f| f.phases).collect::<Vec<_>>()),
         phases_start: Phases::median_of(&starts.iter().map(|s| s.phases).collect::<Vec<_>>()),

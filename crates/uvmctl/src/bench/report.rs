@@ -65,6 +65,9 @@ pub struct BenchReport {
     pub vsock_rss_mib: f64,
     /// This process's RSS growth per VM in the largest density run.
     pub controller_rss_mib: Option<f64>,
+    /// (K, MiB): QEMU + vhost-device-vsock PSS per VM with the largest density run's K VMs
+    /// Running at once.
+    pub pss_per_vm_mib: Option<(usize, f64)>,
     /// K → seconds until all K VMs were Running.
     pub density: BTreeMap<usize, f64>,
     /// Per-phase medians of the floor's boots and of the controller's (`total_ms`: their sum).
@@ -152,6 +155,14 @@ impl BenchReport {
         o.insert(
             "controller_rss_mib".into(),
             json!(self.controller_rss_mib.map(|v| round(v, 2))),
+        );
+        o.insert(
+            "pss_per_vm_mib".into(),
+            json!(self.pss_per_vm_mib.map(|(_, v)| round(v, 1))),
+        );
+        o.insert(
+            "pss_per_vm_k".into(),
+            json!(self.pss_per_vm_mib.map(|(k, _)| k)),
         );
         let density: Map<String, Value> = self
             .density
@@ -257,7 +268,7 @@ impl BenchReport {
             "  {:<33} {:>10.1} {:>10.1}",
             "sum", self.phases_floor.total_ms, self.phases_start.total_ms
         );
-        let _ = writeln!(t, "\nmemory (MiB, RSS)");
+        let _ = writeln!(t, "\nmemory (MiB; RSS unless named)");
         let _ = writeln!(
             t,
             "  QEMU, idle VM                    {:>10.1}",
@@ -275,6 +286,10 @@ impl BenchReport {
             None => {
                 let _ = writeln!(t, "  controller, per VM               {:>10}", "n/a");
             }
+        }
+        if let Some((k, pss)) = self.pss_per_vm_mib {
+            let label = format!("PSS per VM, {k} running");
+            let _ = writeln!(t, "  {label:<32} {pss:>10.1}");
         }
         let _ = writeln!(t, "\ndensity (s until all Running)");
         for (k, secs) in &self.density {
@@ -392,6 +407,10 @@ pub fn comparison_table(reports: &[BenchReport]) -> String {
     row(&mut t, "QEMU RSS, idle VM (MiB)", &|r| {
         format!("{:.1}", r.qemu_rss_mib)
     });
+    row(&mut t, "PSS per VM, all running (MiB)", &|r| {
+        r.pss_per_vm_mib
+            .map_or("n/a".into(), |(k, v)| format!("{v:.1} (K={k})"))
+    });
     if let Some(k) = reports.iter().filter_map(|r| r.density.keys().max()).min() {
         row(&mut t, &format!("density K={k} (s)"), &|r| {
             r.density.get(k).map_or("n/a".into(), |s| format!("{s:.2}"))
@@ -444,6 +463,7 @@ pub(crate) mod tests {
             qemu_rss_mib: 250.0,
             vsock_rss_mib: 5.0,
             controller_rss_mib: Some(0.3),
+            pss_per_vm_mib: Some((8, 90.0)),
             density: [(1, 2.0), (2, 3.5), (4, 7.0)].into_iter().collect(),
             phases_floor: Phases {
                 handshake_ms: 0.0,
@@ -494,6 +514,8 @@ pub(crate) mod tests {
             "qemu_rss_mib",
             "vsock_rss_mib",
             "controller_rss_mib",
+            "pss_per_vm_mib",
+            "pss_per_vm_k",
         ] {
             assert!(
                 o[key].is_number(),
@@ -564,6 +586,7 @@ pub(crate) mod tests {
             "terminate",
             "K = 4",
             "QEMU, idle VM",
+            "PSS per VM, 8 running",
         ] {
             assert!(t.contains(needle), "{needle} missing from\n{t}");
         }
