@@ -53,6 +53,14 @@ impl Fixture {
     }
 }
 
+/// Asserts that `r` is the `InvalidInput` error about `what`.
+fn assert_invalid<T: std::fmt::Debug>(r: &Result<T, HostError>, what: &str) {
+    assert!(
+        matches!(r, Err(HostError::InvalidInput { what: w, .. }) if *w == what),
+        "expected invalid {what}, got {r:?}"
+    );
+}
+
 fn vm_config(memory_mib: u64, cpus: u32) -> VmConfig {
     VmConfig {
         memory_mib,
@@ -65,16 +73,7 @@ fn vm_config(memory_mib: u64, cpus: u32) -> VmConfig {
 fn create_refuses_too_little_memory() {
     let f = Fixture::new();
     let r = QemuBackend::new(f.config()).create_vm("a", &vm_config(63, 1));
-    assert!(
-        matches!(
-            r,
-            Err(HostError::InvalidInput {
-                what: "memory size",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_invalid(&r, "memory size");
     assert!(f.runtime_entries().is_empty());
 }
 
@@ -84,16 +83,7 @@ fn create_refuses_cpu_counts_outside_1_to_64() {
     let backend = QemuBackend::new(f.config());
     for cpus in [0, 65] {
         let r = backend.create_vm("a", &vm_config(256, cpus));
-        assert!(
-            matches!(
-                r,
-                Err(HostError::InvalidInput {
-                    what: "CPU count",
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert_invalid(&r, "CPU count");
     }
     assert!(f.runtime_entries().is_empty());
 }
@@ -115,10 +105,7 @@ fn create_refuses_missing_boot_files_and_binaries() {
         let mut config = f.config();
         breaks(&mut config);
         let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
-        assert!(
-            matches!(&r, Err(HostError::InvalidInput { what, .. }) if *what == expected),
-            "{expected}: {r:?}"
-        );
+        assert_invalid(&r, expected);
     }
     assert!(f.runtime_entries().is_empty());
 }
@@ -129,16 +116,7 @@ fn create_refuses_microvm_without_its_firmware() {
     let mut config = f.config();
     config.machine = crate::Machine::Microvm;
     let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
-    assert!(
-        matches!(
-            &r,
-            Err(HostError::InvalidInput {
-                what: "machine",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_invalid(&r, "machine");
     assert!(f.runtime_entries().is_empty());
 }
 
@@ -148,29 +126,11 @@ fn create_refuses_runtime_roots_unfit_for_sockets_or_qemu_options() {
     let mut config = f.config();
     config.runtime_root = f.root.path().join("x".repeat(90));
     let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
-    assert!(
-        matches!(
-            r,
-            Err(HostError::InvalidInput {
-                what: "runtime root",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_invalid(&r, "runtime root");
     let mut config = f.config();
     config.runtime_root = f.root.path().join("a,b");
     let r = QemuBackend::new(config).create_vm("a", &vm_config(256, 1));
-    assert!(
-        matches!(
-            r,
-            Err(HostError::InvalidInput {
-                what: "runtime root",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_invalid(&r, "runtime root");
     assert!(f.runtime_entries().is_empty());
 }
 
@@ -243,16 +203,7 @@ async fn resources_are_typed_unsupported_or_checked() {
     ));
     assert_eq!(vm.memory_granularity(), 1 << 20);
     for bytes in [0, 257 << 20, (128 << 20) + 4096] {
-        assert!(
-            matches!(
-                vm.update_memory(bytes).await,
-                Err(HostError::InvalidInput {
-                    what: "memory size",
-                    ..
-                })
-            ),
-            "{bytes}"
-        );
+        assert_invalid(&vm.update_memory(bytes).await, "memory size");
     }
     // Valid size, but no VM process.
     assert!(matches!(
@@ -377,45 +328,18 @@ fn command_lines_make_the_checks_create_vm_makes_and_create_nothing() {
     let backend = QemuBackend::new(f.config());
     let dir = f.root.path().join("vm");
     let r = backend.command_lines(&dir, &vm_config(1, 1));
-    assert!(
-        matches!(
-            r,
-            Err(HostError::InvalidInput {
-                what: "memory size",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_invalid(&r, "memory size");
     for bad in [
         f.root.path().join("a,b"),
         f.root.path().join("x".repeat(90)),
     ] {
         let r = backend.command_lines(&bad, &vm_config(256, 1));
-        assert!(
-            matches!(
-                r,
-                Err(HostError::InvalidInput {
-                    what: "runtime directory",
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
+        assert_invalid(&r, "runtime directory");
     }
     let mut config = f.config();
     config.machine = crate::Machine::Microvm;
     let r = QemuBackend::new(config).command_lines(&dir, &vm_config(256, 1));
-    assert!(
-        matches!(
-            r,
-            Err(HostError::InvalidInput {
-                what: "machine",
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_invalid(&r, "machine");
     let lines = backend
         .command_lines(&dir, &vm_config(256, 1))
         .expect("lines");
