@@ -45,6 +45,17 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
+    /// The requested working directory is missing or not a directory.
+    #[error("cannot start {program:?} in {dir:?}")]
+    WorkDir {
+        /// `args[0]`.
+        program: String,
+        /// The requested working directory.
+        dir: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// No pseudo-terminal could be set up.
     #[error("cannot allocate a pseudo-terminal")]
     Pty {
@@ -105,6 +116,8 @@ impl ApiError {
             ApiError::UnknownExecId { .. } => Code::NOT_FOUND,
             ApiError::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
             ApiError::TooManyProcesses { .. } => Code::RESOURCE_EXHAUSTED,
+            // The request is fine; the guest's file system does not fit it.
+            ApiError::WorkDir { .. } => Code::FAILED_PRECONDITION,
             ApiError::Spawn { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => Code::NOT_FOUND,
                 io::ErrorKind::PermissionDenied => Code::PERMISSION_DENIED,

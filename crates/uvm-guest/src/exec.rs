@@ -23,6 +23,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
     if request.args.is_empty() {
         return Err(GuestError::Rejected {
             operation: "exec",
+            kind: uvm::Rejection::InvalidArgument,
             message: "empty argument list".into(),
         });
     }

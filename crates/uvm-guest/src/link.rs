@@ -14,7 +14,7 @@ use uvm::seams::{
     Capabilities, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec,
     GuestInfo, GuestPolicy, GuestStats, LinkHealth, PolicyFragment, SecurityPolicy,
 };
-use uvm::GuestError;
+use uvm::{GuestError, Rejection};
 use uvm_agent_proto::agent::{Empty, HandshakeRequest};
 use uvm_agent_proto::agent_ttrpc::AgentClient;
 use uvm_agent_proto::announce::{parse_ready_line, read_bounded_line};
@@ -194,10 +194,16 @@ impl VsockGuest {
         result.map_err(|e| self.map_ttrpc(operation, e))
     }
 
-    /// Whether `e` is the agent's NOT_FOUND (an exec id it does not know, or no longer knows);
-    /// [`VsockGuest::map_ttrpc`] puts the status code first in the message.
+    /// Whether `e` is the agent's NOT_FOUND (e.g. an exec id it does not know, or no longer
+    /// knows).
     pub(crate) fn is_not_found(e: &GuestError) -> bool {
-        matches!(e, GuestError::Rejected { message, .. } if message.starts_with("NOT_FOUND"))
+        matches!(
+            e,
+            GuestError::Rejected {
+                kind: Rejection::NotFound,
+                ..
+            }
+        )
     }
 
     fn map_ttrpc(&self, operation: &'static str, e: ttrpc::Error) -> GuestError {
@@ -212,6 +218,12 @@ impl VsockGuest {
                 }
                 GuestError::Rejected {
                     operation,
+                    kind: match status.code() {
+                        ttrpc::Code::NOT_FOUND => Rejection::NotFound,
+                        ttrpc::Code::PERMISSION_DENIED => Rejection::PermissionDenied,
+                        ttrpc::Code::INVALID_ARGUMENT => Rejection::InvalidArgument,
+                        _ => Rejection::Other,
+                    },
                     message: format!("{:?}: {}", status.code(), status.message()),
                 }
             }

@@ -12,7 +12,7 @@ use uvm::seams::{
     ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, LinkHealth,
 };
 use uvm::testing::Capture;
-use uvm::GuestError;
+use uvm::{GuestError, Rejection};
 use uvm_agent::clock::{self, BootTimes};
 use uvm_agent::power::ShutdownAction;
 use uvm_agent::process::{Limits, Processes, ReapMode};
@@ -302,4 +302,38 @@ async fn an_exec_whose_background_child_keeps_the_pipes_open_still_returns() {
     let pid: i32 = out.text().trim().parse().expect("the background pid");
     let pid = rustix::process::Pid::from_raw(pid).expect("non-zero");
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_refusals_arrive_typed() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    let not_a_dir = h.uds.to_string_lossy().into_owned();
+    let cases = [
+        (
+            ExecRequest::new(["/nonexistent/program"]),
+            Rejection::NotFound,
+        ),
+        (ExecRequest::new(["/"]), Rejection::PermissionDenied),
+        (
+            ExecRequest::new(Vec::<String>::new()),
+            Rejection::InvalidArgument,
+        ),
+        (
+            ExecRequest {
+                cwd: Some(not_a_dir),
+                ..ExecRequest::new(["true"])
+            },
+            Rejection::Other,
+        ),
+    ];
+    for (req, expected) in cases {
+        let what = format!("{req:?}");
+        let err = h.link.exec(req).await.expect_err("refused");
+        assert!(
+            matches!(&err, GuestError::Rejected { kind, .. } if *kind == expected),
+            "{what}: {err:?}"
+        );
+    }
 }

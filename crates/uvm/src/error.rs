@@ -41,6 +41,20 @@ pub enum HostError {
     Gone,
 }
 
+/// Why the guest refused a request (the agent's status code, coarsely): what a caller may act
+/// on, as a shell tells "not found" (127) from "cannot execute" (126).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Something named in the request does not exist (a program, a directory, an exec id).
+    NotFound,
+    /// The guest may not do it (e.g. a program that is not executable).
+    PermissionDenied,
+    /// The request itself is malformed or out of bounds.
+    InvalidArgument,
+    /// Any other refusal.
+    Other,
+}
+
 /// An error from the guest side (the agent inside the VM and the link to it).
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -57,6 +71,7 @@ pub enum GuestError {
     #[error("the guest refused {operation}: {message}")]
     Rejected {
         operation: &'static str,
+        kind: Rejection,
         message: String,
     },
     /// The guest spoke something we do not accept (garbage, oversized, wrong version). The guest

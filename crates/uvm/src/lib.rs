@@ -35,5 +35,5 @@ pub mod testing;
 pub use controller::{
     normalize_memory, Controller, ExitStatus, Status, Timeouts, Transition, HISTORY_LEN,
 };
-pub use error::{error_chain, ControllerError, GuestError, HostError, SeamError};
+pub use error::{error_chain, ControllerError, GuestError, HostError, Rejection, SeamError};
 pub use state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};

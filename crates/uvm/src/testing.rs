@@ -190,6 +190,7 @@ impl Script {
         if self.enter(call).await {
             return Err(GuestError::Rejected {
                 operation: call.name(),
+                kind: crate::Rejection::Other,
                 message: "scripted failure".into(),
             });
         }

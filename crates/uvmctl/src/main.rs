@@ -130,6 +130,13 @@ struct RunArgs {
     /// Run CMD on a pseudo-terminal in the guest (stderr merged into stdout).
     #[arg(short = 't', long)]
     tty: bool,
+    /// Set an environment variable for CMD (repeatable); CMD's environment is otherwise the
+    /// agent's minimal one (PATH, HOME, TERM with --tty).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<String>,
+    /// CMD's working directory in the guest (default /).
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
     /// Command and arguments to run in the guest.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
@@ -212,6 +219,14 @@ fn signal_exit(sig: i32) -> u8 {
     u8::try_from(128 + sig).unwrap_or(128)
 }
 
+/// `KEY=VALUE` with a non-empty KEY (the agent refuses anything else; say so before booting).
+fn parse_env(entry: &str) -> Result<String, String> {
+    match entry.split_once('=') {
+        Some((key, _)) if !key.is_empty() && !entry.contains('\0') => Ok(entry.to_owned()),
+        _ => Err(format!("{entry:?} is not KEY=VALUE")),
+    }
+}
+
 fn command_line(args: &CommandLineArgs) -> anyhow::Result<u8> {
     let image = args.vm.image()?;
     let lines = uvmctl::command_lines(&image, &args.vm.options(), &args.runtime_dir)?;
@@ -239,6 +254,8 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
         let mut request = ExecRequest::new(args.cmd.clone());
         request.terminal = args.tty;
+        request.env.clone_from(&args.env);
+        request.cwd.clone_from(&args.workdir);
         request.stdin = Some(Box::new(tokio::io::stdin()));
         request.stdout = Some(Box::new(tokio::io::stdout()));
         if !args.tty {
@@ -269,14 +286,31 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
             if let Err(te) = t {
                 eprintln!("uvmctl: teardown failed too: {te}");
             }
+            // A refusal (no such program, a bad directory) is the guest answering, not failing:
+            // its log would only be noise then.
+            let refusal = match &e {
+                uvm::ControllerError::Guest {
+                    source: uvm::GuestError::Rejected { kind, .. },
+                    ..
+                } => Some(*kind),
+                _ => None,
+            };
             let recent = vm.guest.recent_log();
-            if !recent.is_empty() {
+            if refusal.is_none() && !recent.is_empty() {
                 eprintln!("uvmctl: last guest log lines:");
                 for line in recent.iter().rev().take(10).rev() {
                     eprintln!("  {line}");
                 }
             }
-            Err(anyhow::Error::new(e).context("running the command in the VM"))
+            // As shells and `docker run` say it: 127 the program was not found, 126 it could
+            // not be executed; 125 (uvmctl's own failure) for everything else.
+            let code = match refusal {
+                Some(uvm::Rejection::NotFound) => 127,
+                Some(uvm::Rejection::PermissionDenied) => 126,
+                _ => return Err(anyhow::Error::new(e).context("running the command in the VM")),
+            };
+            eprintln!("uvmctl: {}", uvm::error_chain(&e));
+            Ok(code)
         }
         (Outcome::Done(Ok(_)), Err(e)) => Err(anyhow::Error::new(e).context("tearing the VM down")),
     }

@@ -406,3 +406,85 @@ mod real_vm_restart {
         assert!(runtime_dirs(root.path()).is_empty());
     }
 }
+
+/// The `uvmctl run` command line itself, end to end: what the README tells users to type.
+mod real_vm_cli {
+    use std::process::{Command, Output, Stdio};
+
+    use uvmctl::bench::procs::processes_mentioning;
+
+    /// `uvmctl run ARGS` with a runtime root of its own (TMPDIR); asserts nothing of the VM
+    /// is left behind, whatever the outcome.
+    fn uvmctl_run(args: &[&str]) -> Output {
+        let root = tempfile::Builder::new()
+            .prefix("cli-test")
+            .tempdir_in("/tmp")
+            .expect("runtime root");
+        let out = Command::new(env!("CARGO_BIN_EXE_uvmctl"))
+            .arg("run")
+            .args(args)
+            .env("TMPDIR", root.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run uvmctl");
+        assert!(processes_mentioning(root.path()).is_empty());
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .expect("read root")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert!(left.is_empty(), "runtime files remain: {left:?}");
+        out
+    }
+
+    #[test]
+    fn run_passes_env_and_workdir_and_exits_with_the_commands_code() {
+        let out = uvmctl_run(&[
+            "-e",
+            "FOO=bar",
+            "--env",
+            "X=a b",
+            "-w",
+            "/tmp",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$FOO|$X|$(pwd)\"; echo oops >&2; exit 3",
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "bar|a b|/tmp\n");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    }
+
+    #[test]
+    fn run_names_a_missing_workdir_and_fails_without_running_anything() {
+        let out = uvmctl_run(&["-w", "/nonexistent", "--", "true"]);
+        assert_eq!(out.status.code(), Some(125), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot start \"true\" in \"/nonexistent\""),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("guest log"),
+            "a refusal is not a failure: {stderr}"
+        );
+    }
+
+    #[test]
+    fn run_exits_127_for_a_missing_program_and_126_for_one_it_cannot_execute() {
+        let out = uvmctl_run(&["--", "/nonexistent/program"]);
+        assert_eq!(out.status.code(), Some(127), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("/nonexistent/program"), "{stderr}");
+        // A directory cannot be executed (EACCES).
+        let out = uvmctl_run(&["--", "/dev"]);
+        assert_eq!(out.status.code(), Some(126), "{out:?}");
+    }
+
+    #[test]
+    fn run_refuses_a_malformed_env_entry_before_booting() {
+        let out = uvmctl_run(&["-e", "NOEQUALS", "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("is not KEY=VALUE"));
+    }
+}

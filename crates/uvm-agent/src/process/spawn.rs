@@ -83,14 +83,34 @@ pub struct Spawned {
 /// Starts `spec` (already validated). The child gets its own session; on a terminal, the pty
 /// becomes its controlling terminal. The caller reaps it.
 pub fn spawn(spec: &ExecSpec) -> Result<Spawned, ApiError> {
-    let spawn_err = |source: io::Error| ApiError::Spawn {
-        program: spec.args.first().cloned().unwrap_or_default(),
-        source,
+    let spawn_err = |source: io::Error| {
+        let program = spec.args.first().cloned().unwrap_or_default();
+        // The same errno covers the program and the directory: say which one it was.
+        match workdir_problem(&spec.cwd) {
+            Some(problem) => ApiError::WorkDir {
+                program,
+                dir: spec.cwd.clone(),
+                source: problem,
+            },
+            None => ApiError::Spawn { program, source },
+        }
     };
     if spec.terminal {
         spawn_on_terminal(spec, spawn_err)
     } else {
         super::posix_spawn::spawn_piped(spec).map_err(spawn_err)
+    }
+}
+
+/// Why `dir` cannot be a working directory, if it cannot (an empty `dir` means `/`).
+fn workdir_problem(dir: &str) -> Option<io::Error> {
+    if dir.is_empty() {
+        return None;
+    }
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => None,
+        Ok(_) => Some(io::Error::from(io::ErrorKind::NotADirectory)),
+        Err(e) => Some(e),
     }
 }
 
@@ -204,6 +224,35 @@ mod tests {
         let mut ok = spec(&["true"]);
         ok.env = vec!["A=".into(), "B=c=d".into()];
         assert!(matches!(ok.validate(), Ok(())));
+    }
+
+    #[test]
+    fn a_missing_or_non_directory_workdir_is_named_as_such_piped_or_on_a_terminal() {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let file = file.path().to_str().expect("utf-8").to_owned();
+        for (dir, kind) in [
+            ("/nonexistent/dir", io::ErrorKind::NotFound),
+            (file.as_str(), io::ErrorKind::NotADirectory),
+        ] {
+            for terminal in [false, true] {
+                let s = ExecSpec {
+                    cwd: dir.to_owned(),
+                    terminal,
+                    ..spec(&["true"])
+                };
+                let err = spawn(&s).expect_err("cannot start");
+                assert!(
+                    matches!(&err, ApiError::WorkDir { dir: d, source, .. } if d == dir && source.kind() == kind),
+                    "{dir} (terminal: {terminal}): {err:?}"
+                );
+            }
+        }
+        // A missing program in a good directory is still the program's fault.
+        let s = ExecSpec {
+            cwd: "/".into(),
+            ..spec(&["/nonexistent/program"])
+        };
+        assert!(matches!(spawn(&s), Err(ApiError::Spawn { .. })));
     }
 
     #[test]
