@@ -80,6 +80,8 @@ pub mod capabilities {
     pub const STATS: &str = "stats";
     /// `Shutdown`.
     pub const SHUTDOWN: &str = "shutdown";
+    /// `ExecRequest.size` and `ResizeTerminal` are honoured.
+    pub const TERMINAL_RESIZE: &str = "terminal-resize";
 }
 
 /// The fully qualified ttrpc service name, as registered by [`agent_ttrpc::create_agent`].

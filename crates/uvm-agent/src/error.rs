@@ -56,6 +56,19 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
+    /// A terminal operation on a process without one.
+    #[error("process {exec_id:?} has no terminal")]
+    NotATerminal {
+        /// The process.
+        exec_id: String,
+    },
+    /// A terminal's size could not be set.
+    #[error("cannot resize the terminal")]
+    Resize {
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// No pseudo-terminal could be set up.
     #[error("cannot allocate a pseudo-terminal")]
     Pty {
@@ -111,6 +124,7 @@ impl ApiError {
     pub fn code(&self) -> Code {
         match self {
             ApiError::ProtocolMismatch { .. }
+            | ApiError::NotATerminal { .. }
             | ApiError::NoStdin { .. }
             | ApiError::StdinClosed { .. } => Code::FAILED_PRECONDITION,
             ApiError::UnknownExecId { .. } => Code::NOT_FOUND,
@@ -125,6 +139,7 @@ impl ApiError {
                 _ => Code::INTERNAL,
             },
             ApiError::Pty { .. }
+            | ApiError::Resize { .. }
             | ApiError::StdinWrite { .. }
             | ApiError::Signal { .. }
             | ApiError::Proc { .. } => Code::INTERNAL,

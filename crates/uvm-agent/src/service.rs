@@ -8,7 +8,8 @@ use std::time::Duration;
 use uvm_agent_proto::agent::{
     BootMarks, DumpStacksResponse, Empty, ExecRequest, ExecResponse, GuestStatsResponse,
     HandshakeRequest, HandshakeResponse, OutputStream, ProcessRef, ReadOutputRequest,
-    ReadOutputResponse, SignalRequest, WaitResponse, WriteStdinRequest, WriteStdinResponse,
+    ReadOutputResponse, ResizeRequest, SignalRequest, TerminalSize, WaitResponse,
+    WriteStdinRequest, WriteStdinResponse,
 };
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
@@ -98,6 +99,7 @@ impl AgentService {
             capabilities::DUMP_STACKS,
             capabilities::STATS,
             capabilities::SHUTDOWN,
+            capabilities::TERMINAL_RESIZE,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -158,6 +160,25 @@ impl AgentService {
     }
 }
 
+/// (rows, columns) of a wire size; `None` for 0×0 (leave the size alone). Either alone being
+/// 0, or a value beyond a `u16`, is invalid.
+fn terminal_size(size: &TerminalSize) -> Result<Option<(u16, u16)>, ApiError> {
+    let (Ok(rows), Ok(cols)) = (u16::try_from(size.rows), u16::try_from(size.cols)) else {
+        return Err(ApiError::invalid(
+            "size",
+            format!("{}x{} exceeds 65535", size.rows, size.cols),
+        ));
+    };
+    match (rows, cols) {
+        (0, 0) => Ok(None),
+        (0, _) | (_, 0) => Err(ApiError::invalid(
+            "size",
+            format!("{rows}x{cols}: rows and columns are both 0 or both set"),
+        )),
+        _ => Ok(Some((rows, cols))),
+    }
+}
+
 #[async_trait]
 impl agent_ttrpc::Agent for AgentService {
     async fn handshake(
@@ -173,12 +194,17 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ExecRequest,
     ) -> ttrpc::Result<ExecResponse> {
+        let size = match req.size.as_ref() {
+            Some(size) => terminal_size(size)?,
+            None => None,
+        };
         let spec = ExecSpec {
             args: req.args,
             env: req.env,
             cwd: req.cwd,
             terminal: req.terminal,
             stdin: req.stdin,
+            size,
         };
         let proc = self.procs.start(&spec)?;
         let mut resp = ExecResponse::new();
@@ -230,6 +256,20 @@ impl agent_ttrpc::Agent for AgentService {
         req: SignalRequest,
     ) -> ttrpc::Result<Empty> {
         self.procs.signal(&req.exec_id, req.signal)?;
+        Ok(Empty::new())
+    }
+
+    async fn resize_terminal(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        let size = match req.size.as_ref() {
+            Some(size) => terminal_size(size)?,
+            None => None,
+        }
+        .ok_or_else(|| ApiError::invalid("size", "a resize needs rows and columns"))?;
+        self.procs.resize(&req.exec_id, size)?;
         Ok(Empty::new())
     }
 

@@ -15,7 +15,7 @@ use uvm_agent::process::{Limits, Processes, ReapMode};
 use uvm_agent::service::{serve, AgentService, ServiceConfig};
 use uvm_agent_proto::agent::{
     Empty, ExecRequest, HandshakeRequest, OutputStream, ProcessRef, ReadOutputRequest,
-    SignalRequest, WriteStdinRequest,
+    ResizeRequest, SignalRequest, TerminalSize, WriteStdinRequest,
 };
 use uvm_agent_proto::agent_ttrpc::AgentClient;
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
@@ -322,6 +322,95 @@ async fn terminal_processes_get_a_pty_with_all_output_on_stdout() {
         .await
         .expect("wait");
     assert_eq!(exit.exit_code, 0);
+}
+
+fn size(rows: u32, cols: u32) -> TerminalSize {
+    let mut s = TerminalSize::new();
+    s.rows = rows;
+    s.cols = cols;
+    s
+}
+
+fn resize(exec_id: &str, rows: u32, cols: u32) -> ResizeRequest {
+    let mut r = ResizeRequest::new();
+    r.exec_id = exec_id.to_owned();
+    r.size = Some(size(rows, cols)).into();
+    r
+}
+
+#[tokio::test]
+async fn a_terminal_starts_at_its_requested_size_and_a_resize_signals_winch() {
+    let agent = start_agent().await;
+    let c = &agent.client;
+    // The trap is set before the first size is printed: once that is seen, a resize is caught.
+    let mut req = exec_request(&[
+        "sh",
+        "-c",
+        "trap 'stty size; exit 0' WINCH; stty size; while :; do sleep 0.05; done",
+    ]);
+    req.terminal = true;
+    req.size = Some(size(30, 100)).into();
+    let started = c.exec_process(ctx(), &req).await.expect("exec");
+    let mut seen = String::new();
+    while !seen.contains("30 100\r\n") {
+        let mut read = ReadOutputRequest::new();
+        read.exec_id = started.exec_id.clone();
+        let resp = c.read_output(ctx(), &read).await.expect("read_output");
+        assert!(!resp.eof, "ended early: {seen:?}");
+        seen.push_str(&String::from_utf8_lossy(&resp.data));
+    }
+    c.resize_terminal(ctx(), &resize(&started.exec_id, 40, 120))
+        .await
+        .expect("resize");
+    let rest = read_to_eof(c, &started.exec_id, OutputStream::STDOUT).await;
+    assert_eq!(String::from_utf8_lossy(&rest), "40 120\r\n");
+    let exit = c
+        .wait_process(ctx(), &process_ref(&started.exec_id))
+        .await
+        .expect("wait");
+    assert_eq!(exit.exit_code, 0);
+}
+
+#[tokio::test]
+async fn terminal_sizes_are_refused_where_they_make_no_sense() {
+    let agent = start_agent().await;
+    let c = &agent.client;
+    let piped = c
+        .exec_process(ctx(), &exec_request(&["sleep", "30"]))
+        .await
+        .expect("exec");
+    let err = c
+        .resize_terminal(ctx(), &resize(&piped.exec_id, 40, 120))
+        .await
+        .expect_err("no terminal");
+    assert_eq!(code(&err), Some(Code::FAILED_PRECONDITION), "{err:?}");
+    let err = c
+        .resize_terminal(ctx(), &resize("e999", 40, 120))
+        .await
+        .expect_err("unknown");
+    assert_eq!(code(&err), Some(Code::NOT_FOUND), "{err:?}");
+    for (rows, cols) in [(0, 80), (24, 0), (70_000, 80), (0, 0)] {
+        let err = c
+            .resize_terminal(ctx(), &resize(&piped.exec_id, rows, cols))
+            .await
+            .expect_err("bad size");
+        assert_eq!(
+            code(&err),
+            Some(Code::INVALID_ARGUMENT),
+            "{rows}x{cols}: {err:?}"
+        );
+    }
+    let mut req = exec_request(&["true"]);
+    req.size = Some(size(24, 80)).into();
+    let err = c
+        .exec_process(ctx(), &req)
+        .await
+        .expect_err("not a terminal");
+    assert_eq!(code(&err), Some(Code::INVALID_ARGUMENT), "{err:?}");
+    let mut kill = SignalRequest::new();
+    kill.exec_id = piped.exec_id.clone();
+    kill.signal = 9;
+    c.signal_process(ctx(), &kill).await.expect("kill");
 }
 
 #[tokio::test]

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use uvm::seams::{ExecRequest, GuestConnection};
+use uvm::seams::{ExecRequest, GuestConnection, TerminalSize};
 use uvm::GuestError;
 use uvm_agent_proto::agent::{
-    ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest, WriteStdinRequest,
+    ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest, ResizeRequest,
+    TerminalSize as WireSize, WriteStdinRequest,
 };
 use uvm_agent_proto::{capabilities, MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK};
 
@@ -34,16 +35,26 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         env,
         cwd,
         terminal,
+        mut terminal_size,
         stdin,
         stdout,
         stderr,
     } = request;
+    if terminal_size.is_some() && !link.capabilities().has(capabilities::TERMINAL_RESIZE) {
+        return Err(GuestError::Unsupported {
+            operation: "a terminal size",
+        });
+    }
     let wire = WireExec {
         args,
         env,
         cwd: cwd.unwrap_or_default(),
         terminal,
         stdin: stdin.is_some(),
+        size: terminal_size
+            .as_mut()
+            .map(|sizes| wire_size(*sizes.borrow_and_update()))
+            .into(),
         ..WireExec::default()
     };
     let started = link
@@ -55,11 +66,11 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         .await?;
     let exec_id = started.exec_id;
 
-    let stdin_pump = stdin.map(|mut input| {
+    let _stdin_pump = stdin.map(|mut input| {
         let link = link.clone();
         let client = client.clone();
         let exec_id = exec_id.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             let mut buf = vec![0u8; STDIN_CHUNK.min(MAX_STDIN_CHUNK)];
             loop {
                 let n = match input.read(&mut buf).await {
@@ -96,7 +107,35 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
                     client.close_stdin(VsockGuest::ctx(), &req),
                 )
                 .await;
-        })
+        }))
+    });
+
+    // Every size change while the process runs; a failed resize (the process just ended, the
+    // link broke) ends the forwarding, the exec itself reports what matters.
+    let _resizer = terminal_size.map(|mut sizes| {
+        let link = link.clone();
+        let client = client.clone();
+        let exec_id = exec_id.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while sizes.changed().await.is_ok() {
+                let req = ResizeRequest {
+                    exec_id: exec_id.clone(),
+                    size: Some(wire_size(*sizes.borrow_and_update())).into(),
+                    ..ResizeRequest::default()
+                };
+                let t = link.shared.cfg.call_timeout;
+                let resized = link
+                    .call(
+                        "resize the terminal",
+                        Some(t),
+                        client.resize_terminal(VsockGuest::ctx(), &req),
+                    )
+                    .await;
+                if resized.is_err() {
+                    return;
+                }
+            }
+        }))
     });
 
     let out = pump(link, &exec_id, OutputStream::STDOUT, stdout);
@@ -142,9 +181,6 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         outputs_done = true;
         waited.await
     };
-    if let Some(p) = stdin_pump {
-        p.abort();
-    }
     let status = status?;
     if !outputs_done {
         match tokio::time::timeout(OUTPUT_GRACE, &mut outputs).await {
@@ -153,6 +189,23 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         }
     }
     Ok(status.exit_code)
+}
+
+/// A helper task that ends with the exec, however the exec ends (early errors included).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn wire_size(size: TerminalSize) -> WireSize {
+    WireSize {
+        rows: u32::from(size.rows),
+        cols: u32::from(size.cols),
+        ..WireSize::default()
+    }
 }
 
 /// Reads one output stream until EOF, writing it to `sink` (or discarding it: the agent's buffer

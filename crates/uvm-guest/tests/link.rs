@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use uvm::seams::{
     ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, LinkHealth,
+    TerminalSize,
 };
 use uvm::testing::Capture;
 use uvm::{GuestError, Rejection};
@@ -336,4 +337,47 @@ async fn the_agents_refusals_arrive_typed() {
             "{what}: {err:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_exec_starts_at_its_size_and_follows_every_resize() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    let (sizes, rx) = tokio::sync::watch::channel(TerminalSize {
+        rows: 30,
+        cols: 100,
+    });
+    let out = Capture::default();
+    let mut req = ExecRequest::new([
+        "sh",
+        "-c",
+        "trap 'stty size; exit 0' WINCH; stty size; while :; do sleep 0.05; done",
+    ]);
+    req.terminal = true;
+    req.terminal_size = Some(rx);
+    req.stdout = Some(out.writer());
+    let link = h.link.clone();
+    let exec = tokio::spawn(async move { link.exec(req).await });
+    // The trap is set before the first size is printed.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !out.text().contains("30 100\r\n") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the initial size is printed");
+    sizes
+        .send(TerminalSize {
+            rows: 40,
+            cols: 120,
+        })
+        .expect("the exec still watches the size");
+    let code = tokio::time::timeout(Duration::from_secs(20), exec)
+        .await
+        .expect("the resize ends the process")
+        .expect("join")
+        .expect("exec");
+    assert_eq!(code, 0);
+    assert_eq!(out.text(), "30 100\r\n40 120\r\n");
 }

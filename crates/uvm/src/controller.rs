@@ -355,6 +355,12 @@ impl Controller {
         if request.terminal && request.stderr.is_some() {
             return Err(ControllerError::TerminalWithStderr);
         }
+        if !request.terminal && request.terminal_size.is_some() {
+            return Err(ControllerError::InvalidArgument {
+                what: "terminal size",
+                message: "only a terminal has a size".into(),
+            });
+        }
         self.running_vm(Operation::ExecIntoHost)?;
         self.inner
             .guest

@@ -175,12 +175,22 @@ pub trait GuestConnection: Send + Sync {
     async fn log_drained(&self);
 }
 
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
 /// A process to run in the guest (not in a container), with its stdio.
 pub struct ExecRequest {
     pub args: Vec<String>,
     pub env: Vec<String>,
     pub cwd: Option<String>,
     pub terminal: bool,
+    /// A terminal's size: its value when the process starts, then every change while it runs
+    /// (the guest process gets SIGWINCH). Only with `terminal`; `None` leaves 80×24.
+    pub terminal_size: Option<tokio::sync::watch::Receiver<TerminalSize>>,
     pub stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
     pub stdout: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     pub stderr: Option<Box<dyn AsyncWrite + Send + Unpin>>,
@@ -193,6 +203,10 @@ impl std::fmt::Debug for ExecRequest {
             .field("env", &self.env)
             .field("cwd", &self.cwd)
             .field("terminal", &self.terminal)
+            .field(
+                "terminal_size",
+                &self.terminal_size.as_ref().map(|s| *s.borrow()),
+            )
             .field("stdin", &self.stdin.is_some())
             .field("stdout", &self.stdout.is_some())
             .field("stderr", &self.stderr.is_some())
@@ -208,6 +222,7 @@ impl ExecRequest {
             env: Vec::new(),
             cwd: None,
             terminal: false,
+            terminal_size: None,
             stdin: None,
             stdout: None,
             stderr: None,

@@ -65,6 +65,29 @@ async fn exec_into_host_refuses_a_terminal_with_stderr_before_looking_at_the_sta
 }
 
 #[tokio::test]
+async fn exec_into_host_refuses_a_terminal_size_without_a_terminal_before_looking_at_the_state() {
+    let f = Fakes::new();
+    let mut request = ExecRequest::new(["sh"]);
+    let (_tx, rx) = tokio::sync::watch::channel(uvm::seams::TerminalSize { rows: 24, cols: 80 });
+    request.terminal_size = Some(rx);
+    let err = f
+        .controller
+        .exec_into_host(request)
+        .await
+        .expect_err("precondition");
+    assert!(
+        matches!(
+            err,
+            ControllerError::InvalidArgument {
+                what: "terminal size",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
 async fn update_operations_are_refused_when_not_running() {
     for f in [common::created().await, common::terminated().await] {
         let state = f.controller.state();

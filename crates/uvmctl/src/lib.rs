@@ -2,6 +2,7 @@
 //! guest image — shared by the CLI, the benchmarks and the real-VM tests.
 
 pub mod bench;
+pub mod terminal;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -1,5 +1,6 @@
 //! `uvmctl`: boot a utility VM, run a command in it with stdio streamed, tear it down.
 
+use std::os::fd::AsFd as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -130,8 +131,8 @@ struct RunArgs {
     /// Run CMD on a pseudo-terminal in the guest (stderr merged into stdout).
     #[arg(short = 't', long)]
     tty: bool,
-    /// Set an environment variable for CMD (repeatable); CMD's environment is otherwise the
-    /// agent's minimal one (PATH, HOME, TERM with --tty).
+    /// Set an environment variable for CMD (repeatable); CMD otherwise gets only a default
+    /// PATH.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     env: Vec<String>,
     /// CMD's working directory in the guest (default /).
@@ -261,6 +262,18 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         if !args.tty {
             request.stderr = Some(Box::new(tokio::io::stderr()));
         }
+        // A terminal: ours goes raw (the guest's echoes, edits lines and turns Ctrl-C into
+        // SIGINT for its process) and the guest's follows our window size. Only now, after
+        // the boot: until here Ctrl-C must still stop uvmctl.
+        let _raw = args.tty.then(enter_raw_mode).flatten();
+        let _resizer = match args.tty.then(local_size).flatten() {
+            Some(size) => {
+                let (sizes, rx) = tokio::sync::watch::channel(size);
+                request.terminal_size = Some(rx);
+                follow_window_size(sizes)
+            }
+            None => None,
+        };
         vm.controller.exec_into_host(request).await
     };
     let outcome = tokio::select! {
@@ -313,6 +326,50 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
             Ok(code)
         }
         (Outcome::Done(Ok(_)), Err(e)) => Err(anyhow::Error::new(e).context("tearing the VM down")),
+    }
+}
+
+/// Stdin in raw mode, when it is a terminal; a failure only costs the local echo.
+fn enter_raw_mode() -> Option<uvmctl::terminal::RawMode> {
+    uvmctl::terminal::RawMode::enter(std::io::stdin().as_fd()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot put the terminal into raw mode");
+        None
+    })
+}
+
+/// Our window size: stdout's terminal, else stdin's.
+fn local_size() -> Option<uvm::seams::TerminalSize> {
+    uvmctl::terminal::size_of(std::io::stdout().as_fd())
+        .or_else(|| uvmctl::terminal::size_of(std::io::stdin().as_fd()))
+}
+
+/// Sends our window size on every SIGWINCH until the returned task is aborted (dropped).
+fn follow_window_size(
+    sizes: tokio::sync::watch::Sender<uvm::seams::TerminalSize>,
+) -> Option<AbortOnDrop> {
+    let mut winch = match signal(SignalKind::window_change()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow the window size");
+            return None;
+        }
+    };
+    Some(AbortOnDrop(tokio::spawn(async move {
+        while winch.recv().await.is_some() {
+            if let Some(size) = local_size() {
+                if sizes.send(size).is_err() {
+                    return;
+                }
+            }
+        }
+    })))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -409,7 +409,14 @@ mod real_vm_restart {
 
 /// The `uvmctl run` command line itself, end to end: what the README tells users to type.
 mod real_vm_cli {
+    use std::os::fd::OwnedFd;
+    use std::os::unix::process::CommandExt as _;
     use std::process::{Command, Output, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use rustix::pty::OpenptFlags;
+    use rustix::termios;
 
     use uvmctl::bench::procs::processes_mentioning;
 
@@ -479,6 +486,137 @@ mod real_vm_cli {
         // A directory cannot be executed (EACCES).
         let out = uvmctl_run(&["--", "/dev"]);
         assert_eq!(out.status.code(), Some(126), "{out:?}");
+    }
+
+    /// A pty pair: (master, slave).
+    fn pty() -> (OwnedFd, OwnedFd) {
+        let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+        let master = rustix::pty::openpt(flags).expect("openpt");
+        rustix::pty::grantpt(&master).expect("grantpt");
+        rustix::pty::unlockpt(&master).expect("unlockpt");
+        let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags).expect("slave");
+        (master, slave)
+    }
+
+    fn set_size(master: &OwnedFd, rows: u16, cols: u16) {
+        let ws = termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        termios::tcsetwinsize(master, ws).expect("set the window size");
+    }
+
+    fn canonical(slave: &OwnedFd) -> bool {
+        termios::tcgetattr(slave)
+            .expect("tcgetattr")
+            .local_modes
+            .contains(termios::LocalModes::ICANON | termios::LocalModes::ECHO)
+    }
+
+    /// `uvmctl run -t` on a terminal of the test's own, as a user at a terminal runs it: the
+    /// terminal goes raw for the command, the guest's terminal takes its size and follows a
+    /// resize, and the terminal's mode is back when uvmctl exits.
+    #[test]
+    fn run_with_a_terminal_goes_raw_follows_the_window_size_and_restores_the_terminal() {
+        let root = tempfile::Builder::new()
+            .prefix("cli-tty")
+            .tempdir_in("/tmp")
+            .expect("runtime root");
+        let (master, slave) = pty();
+        set_size(&master, 30, 100);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
+        cmd.args([
+            "run",
+            "-t",
+            "--",
+            "sh",
+            "-c",
+            "trap 'stty size; exit 0' WINCH; stty size; while :; do sleep 0.05; done",
+        ])
+        .env("TMPDIR", root.path())
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave.try_clone().expect("dup")));
+        // SAFETY: setsid(2) and ioctl(2) only, both async-signal-safe, in the child before exec:
+        // uvmctl leads a session whose controlling terminal is the pty, so a resize of the
+        // pty sends it SIGWINCH, as a terminal emulator's would.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::setsid()?;
+                rustix::process::ioctl_tiocsctty(rustix::stdio::stdin())?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn uvmctl");
+        struct Kill(u32);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                if let Some(pid) = i32::try_from(self.0)
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+        let _guard = Kill(child.id());
+        let seen = Arc::new(Mutex::new(String::new()));
+        let reader = {
+            let seen = seen.clone();
+            let master = master.try_clone().expect("dup");
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                // Ends with EIO once every slave end is closed.
+                while let Ok(n @ 1..) = rustix::io::read(&master, &mut buf) {
+                    seen.lock()
+                        .expect("lock")
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        let wait_for = |child: &mut std::process::Child, what: &str, f: &dyn Fn(&str) -> bool| {
+            let started = Instant::now();
+            while !f(&seen.lock().expect("lock")) {
+                let exited = child.try_wait().expect("try_wait");
+                assert!(
+                    exited.is_none() && started.elapsed() < Duration::from_secs(60),
+                    "no {what} (uvmctl: {exited:?}) in {:?}",
+                    seen.lock().expect("lock")
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_for(&mut child, "initial size", &|s| s.contains("30 100\r\n"));
+        assert!(
+            !canonical(&slave),
+            "the terminal is raw while the command runs"
+        );
+        set_size(&master, 40, 120);
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "uvmctl did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(0), "{:?}", seen.lock().expect("lock"));
+        assert!(canonical(&slave), "the terminal's mode is restored");
+        drop(cmd);
+        drop(slave);
+        reader.join().expect("reader");
+        let seen = seen.lock().expect("lock");
+        assert!(seen.ends_with("30 100\r\n40 120\r\n"), "{seen:?}");
+        assert!(processes_mentioning(root.path()).is_empty());
+        assert!(std::fs::read_dir(root.path())
+            .expect("root")
+            .next()
+            .is_none());
     }
 
     #[test]

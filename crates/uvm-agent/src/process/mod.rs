@@ -14,6 +14,7 @@ mod spawn;
 mod stdin;
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
@@ -99,6 +100,8 @@ pub struct Proc {
     pub stdout: Arc<OutputBuf>,
     /// Its stderr (at EOF from the start on a terminal).
     pub stderr: Arc<OutputBuf>,
+    /// The pty master of a terminal process, kept to resize it.
+    pty: Option<OwnedFd>,
     exit: watch::Sender<Option<Exit>>,
     /// Dropped with the process, or fired by [`Processes::wait`]: ends its output pumps.
     stop_pumps: watch::Sender<()>,
@@ -200,6 +203,7 @@ impl Processes {
             stdin,
             stdout,
             stderr,
+            pty: spawned.pty,
             exit: watch::channel(None).0,
             stop_pumps: stop_tx,
         });
@@ -252,6 +256,15 @@ impl Processes {
             table.by_id.remove(exec_id);
         }
         Ok(exit)
+    }
+
+    /// Resizes the terminal of `exec_id` to (rows, columns).
+    pub fn resize(&self, exec_id: &str, size: (u16, u16)) -> Result<(), ApiError> {
+        let proc = self.get(exec_id)?;
+        let pty = proc.pty.as_ref().ok_or_else(|| ApiError::NotATerminal {
+            exec_id: exec_id.to_owned(),
+        })?;
+        spawn::resize(pty, size).map_err(|source| ApiError::Resize { source })
     }
 
     /// Sends `signal` to `exec_id`; a no-op once it exited (its pid may be reused by then).

@@ -227,6 +227,7 @@ pub(crate) fn spawn_piped(spec: &ExecSpec) -> io::Result<Spawned> {
         stdin: stdin_ours,
         stdout: stdout_ours,
         stderr: Some(stderr_ours),
+        pty: None,
     })
 }
 

@@ -29,6 +29,8 @@ pub struct ExecSpec {
     pub terminal: bool,
     /// Keep a stdin pipe.
     pub stdin: bool,
+    /// The terminal's initial size (rows, columns); `None` leaves 80×24.
+    pub size: Option<(u16, u16)>,
 }
 
 impl ExecSpec {
@@ -63,6 +65,9 @@ impl ExecSpec {
         if self.cwd.contains('\0') {
             return Err(ApiError::invalid("cwd", "must not contain NUL bytes"));
         }
+        if self.size.is_some() && !self.terminal {
+            return Err(ApiError::invalid("size", "only a terminal has a size"));
+        }
         Ok(())
     }
 }
@@ -78,6 +83,8 @@ pub struct Spawned {
     pub stdout: OwnedFd,
     /// Our read end of its stderr (`None` on a terminal: merged into stdout).
     pub stderr: Option<OwnedFd>,
+    /// A duplicate of the pty master, to resize the terminal (`None` without one).
+    pub pty: Option<OwnedFd>,
 }
 
 /// Starts `spec` (already validated). The child gets its own session; on a terminal, the pty
@@ -126,6 +133,9 @@ fn spawn_on_terminal(
         .envs(super::posix_spawn::child_env(spec));
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
     let (master, slave) = open_pty().map_err(|source| ApiError::Pty { source })?;
+    if let Some(size) = spec.size {
+        resize(&master, size).map_err(|source| ApiError::Resize { source })?;
+    }
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|source| ApiError::Pty { source });
     cmd.stdin(Stdio::from(dup(&slave)?))
         .stdout(Stdio::from(dup(&slave)?))
@@ -152,9 +162,22 @@ fn spawn_on_terminal(
     Ok(Spawned {
         pid: child.id(),
         stdin,
+        pty: Some(dup(&master)?),
         stdout: master,
         stderr: None,
     })
+}
+
+/// Sets the size of the terminal whose master is `pty` to (rows, columns); the kernel sends
+/// SIGWINCH to its foreground process group when the size changes.
+pub fn resize(pty: &OwnedFd, (rows, cols): (u16, u16)) -> io::Result<()> {
+    let size = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    Ok(rustix::termios::tcsetwinsize(pty, size)?)
 }
 
 /// A new pty pair, both ends close-on-exec, 80×24.
