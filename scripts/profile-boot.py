@@ -12,9 +12,9 @@ It prints a flat profile (share of samples per symbol; "user" is the agent and i
 The vCPU stops for each sample, so the boot runs slower than unobserved: read shares, not times.
 This is how the costs named in BENCHMARKS.md ("where the kernel's time went") were found.
 
-The VM is exactly the one `uvmctl run` would start (`uvmctl command-line`: same image, QEMU and
-kernel arguments), except that QEMU starts paused so that sampling begins at the first
-instruction. Build uvmctl first (`make build`).
+The VM is the one `uvmctl run --accel tcg` starts with its default memory and CPUs (from
+`uvmctl command-line`: same image, QEMU and kernel arguments), except that QEMU starts paused so
+that sampling begins at the first instruction. Build uvmctl first (`make build`).
 """
 import argparse
 import bisect

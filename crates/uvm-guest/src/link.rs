@@ -222,6 +222,7 @@ impl VsockGuest {
                         ttrpc::Code::NOT_FOUND => Rejection::NotFound,
                         ttrpc::Code::PERMISSION_DENIED => Rejection::PermissionDenied,
                         ttrpc::Code::INVALID_ARGUMENT => Rejection::InvalidArgument,
+                        ttrpc::Code::FAILED_PRECONDITION => Rejection::FailedPrecondition,
                         _ => Rejection::Other,
                     },
                     message: format!("{:?}: {}", status.code(), status.message()),

@@ -317,8 +317,12 @@ async fn the_agents_refusals_arrive_typed() {
             Rejection::NotFound,
         ),
         (ExecRequest::new(["/"]), Rejection::PermissionDenied),
+        // Refused by the agent's own checks (an empty argv would not even leave the host).
         (
-            ExecRequest::new(Vec::<String>::new()),
+            ExecRequest {
+                env: vec!["=x".into()],
+                ..ExecRequest::new(["true"])
+            },
             Rejection::InvalidArgument,
         ),
         (
@@ -326,7 +330,7 @@ async fn the_agents_refusals_arrive_typed() {
                 cwd: Some(not_a_dir),
                 ..ExecRequest::new(["true"])
             },
-            Rejection::Other,
+            Rejection::FailedPrecondition,
         ),
     ];
     for (req, expected) in cases {
@@ -343,7 +347,9 @@ async fn the_agents_refusals_arrive_typed() {
 async fn a_terminal_exec_starts_at_its_size_and_follows_every_resize() {
     let h = harness(Peer::Agent, CALL).await;
     let _guest = announce(&h.uds, ready(&[])).await;
-    h.link.connect().await.expect("connect");
+    let info = h.link.connect().await.expect("connect");
+    // The name the controller's callers test is the one the agent advertises.
+    assert!(info.capabilities.terminal_resize());
     let (sizes, rx) = tokio::sync::watch::channel(TerminalSize {
         rows: 30,
         cols: 100,

@@ -45,12 +45,15 @@ pub enum HostError {
 /// on, as a shell tells "not found" (127) from "cannot execute" (126).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// Something named in the request does not exist (a program, a directory, an exec id).
+    /// Something named in the request does not exist (a program, an exec id).
     NotFound,
     /// The guest may not do it (e.g. a program that is not executable).
     PermissionDenied,
     /// The request itself is malformed or out of bounds.
     InvalidArgument,
+    /// The request is well formed but does not fit the guest's state (e.g. a working directory
+    /// that does not exist, a resize of a process without a terminal).
+    FailedPrecondition,
     /// Any other refusal.
     Other,
 }

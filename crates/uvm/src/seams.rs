@@ -131,6 +131,10 @@ impl Capabilities {
     pub fn has(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
     }
+    /// The guest's terminals take a size and follow resizes.
+    pub fn terminal_resize(&self) -> bool {
+        self.has("terminal-resize")
+    }
     /// The guest can report what its agent is doing.
     pub fn dump_stacks(&self) -> bool {
         self.has("dump-stacks")

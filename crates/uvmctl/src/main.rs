@@ -266,13 +266,17 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         // SIGINT for its process) and the guest's follows our window size. Only now, after
         // the boot: until here Ctrl-C must still stop uvmctl.
         let _raw = args.tty.then(enter_raw_mode).flatten();
-        let _resizer = match args.tty.then(local_size).flatten() {
-            Some(size) => {
-                let (sizes, rx) = tokio::sync::watch::channel(size);
-                request.terminal_size = Some(rx);
-                follow_window_size(sizes)
+        let resizable = vm
+            .controller
+            .guest_info()
+            .is_some_and(|g| g.capabilities.terminal_resize());
+        let _resizer = match (args.tty, resizable) {
+            (true, true) => follow_window_size(&mut request),
+            (true, false) => {
+                tracing::warn!("the guest's agent cannot resize terminals: it stays 80x24");
+                None
             }
-            None => None,
+            (false, _) => None,
         };
         vm.controller.exec_into_host(request).await
     };
@@ -296,36 +300,52 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
         (Outcome::Done(Ok(code)), Ok(())) => Ok(u8::try_from(code.rem_euclid(256)).unwrap_or(1)),
         (Outcome::Done(Err(e)), t) => {
-            if let Err(te) = t {
-                eprintln!("uvmctl: teardown failed too: {te}");
-            }
-            // A refusal (no such program, a bad directory) is the guest answering, not failing:
-            // its log would only be noise then.
-            let refusal = match &e {
-                uvm::ControllerError::Guest {
-                    source: uvm::GuestError::Rejected { kind, .. },
-                    ..
-                } => Some(*kind),
-                _ => None,
+            let torn_down = match t {
+                Ok(()) => true,
+                Err(te) => {
+                    eprintln!("uvmctl: teardown failed too: {te}");
+                    false
+                }
             };
+            // The guest refusing to start CMD (no such program, a bad directory) is the guest
+            // answering, not failing: its log would only be noise then.
+            let refusal = exec_refusal(&e);
             let recent = vm.guest.recent_log();
-            if refusal.is_none() && !recent.is_empty() {
+            if matches!(refusal, None | Some(uvm::Rejection::Other)) && !recent.is_empty() {
                 eprintln!("uvmctl: last guest log lines:");
                 for line in recent.iter().rev().take(10).rev() {
                     eprintln!("  {line}");
                 }
             }
             // As shells and `docker run` say it: 127 the program was not found, 126 it could
-            // not be executed; 125 (uvmctl's own failure) for everything else.
+            // not be executed; 125 (uvmctl's own failure) for everything else, and always
+            // when the VM could not be torn down.
             let code = match refusal {
-                Some(uvm::Rejection::NotFound) => 127,
-                Some(uvm::Rejection::PermissionDenied) => 126,
+                Some(uvm::Rejection::NotFound) if torn_down => 127,
+                Some(uvm::Rejection::PermissionDenied) if torn_down => 126,
                 _ => return Err(anyhow::Error::new(e).context("running the command in the VM")),
             };
             eprintln!("uvmctl: {}", uvm::error_chain(&e));
             Ok(code)
         }
         (Outcome::Done(Ok(_)), Err(e)) => Err(anyhow::Error::new(e).context("tearing the VM down")),
+    }
+}
+
+/// How the guest refused to start the command, if that is what `e` is (a refusal of a later
+/// call, e.g. a process the agent no longer knows, is not the command's fault).
+fn exec_refusal(e: &uvm::ControllerError) -> Option<uvm::Rejection> {
+    match e {
+        uvm::ControllerError::Guest {
+            source:
+                uvm::GuestError::Rejected {
+                    operation: "exec",
+                    kind,
+                    ..
+                },
+            ..
+        } => Some(*kind),
+        _ => None,
     }
 }
 
@@ -343,10 +363,10 @@ fn local_size() -> Option<uvm::seams::TerminalSize> {
         .or_else(|| uvmctl::terminal::size_of(std::io::stdin().as_fd()))
 }
 
-/// Sends our window size on every SIGWINCH until the returned task is aborted (dropped).
-fn follow_window_size(
-    sizes: tokio::sync::watch::Sender<uvm::seams::TerminalSize>,
-) -> Option<AbortOnDrop> {
+/// Gives `request` our window size and sends it again on every SIGWINCH until the returned task
+/// is dropped; nothing when our size is unknown (the guest's terminal stays 80×24).
+fn follow_window_size(request: &mut ExecRequest) -> Option<AbortOnDrop> {
+    // The handler first, then the size: a resize in between is not lost.
     let mut winch = match signal(SignalKind::window_change()) {
         Ok(s) => s,
         Err(e) => {
@@ -354,6 +374,8 @@ fn follow_window_size(
             return None;
         }
     };
+    let (sizes, rx) = tokio::sync::watch::channel(local_size()?);
+    request.terminal_size = Some(rx);
     Some(AbortOnDrop(tokio::spawn(async move {
         while winch.recv().await.is_some() {
             if let Some(size) = local_size() {

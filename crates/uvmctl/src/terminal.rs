@@ -20,21 +20,21 @@ impl RawMode {
         if !termios::isatty(fd) {
             return Ok(None);
         }
-        let saved = termios::tcgetattr(fd)?;
+        // Everything that can fail comes before the switch: once raw, the guard exists.
+        let fd = fd.try_clone_to_owned()?;
+        let saved = termios::tcgetattr(&fd)?;
         let mut raw = saved.clone();
         raw.make_raw();
-        termios::tcsetattr(fd, OptionalActions::Now, &raw)?;
-        Ok(Some(RawMode {
-            fd: fd.try_clone_to_owned()?,
-            saved,
-        }))
+        termios::tcsetattr(&fd, OptionalActions::Now, &raw)?;
+        Ok(Some(RawMode { fd, saved }))
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        // Drain pending output first so that the last bytes are not mangled by the switch.
-        let _ = termios::tcsetattr(self.fd.as_fd(), OptionalActions::Drain, &self.saved);
+        // `Now`, not `Drain`: a terminal nobody reads would block the drain (and the teardown
+        // after it), and a signal interrupting it would leave the terminal raw.
+        let _ = termios::tcsetattr(self.fd.as_fd(), OptionalActions::Now, &self.saved);
     }
 }
 

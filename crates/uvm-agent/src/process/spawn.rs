@@ -150,19 +150,22 @@ fn spawn_on_terminal(
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(spawn_err)?;
-    // `cmd` holds the parent's copies of the slave: drop them so that EOF (EIO on the
-    // master) arrives once the child's side closes.
-    drop(cmd);
+    // Every copy of the master before the child exists: a failure after the spawn would
+    // leave a child nobody tracks.
     let stdin = if spec.stdin {
         Some(dup(&master)?)
     } else {
         None
     };
+    let pty = dup(&master)?;
+    let child = cmd.spawn().map_err(spawn_err)?;
+    // `cmd` holds the parent's copies of the slave: drop them so that EOF (EIO on the
+    // master) arrives once the child's side closes.
+    drop(cmd);
     Ok(Spawned {
         pid: child.id(),
         stdin,
-        pty: Some(dup(&master)?),
+        pty: Some(pty),
         stdout: master,
         stderr: None,
     })
