@@ -12,13 +12,13 @@ use super::{BenchError, BenchOptions};
 /// `uvmctl bench` arguments.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Floor/start pairs (default 20; 10 with --quick).
+    /// Floor/start pairs (default 20, also with --quick: the start/floor ratio needs them).
     #[arg(long)]
     pub iterations: Option<usize>,
     /// Execs of each kind (default 50; 20 with --quick).
     #[arg(long)]
     pub exec_iterations: Option<usize>,
-    /// Fewer iterations and density up to 4 VMs: under 5 minutes on 2 cores.
+    /// Fewer execs and density up to 4 VMs: under a minute on 2 cores.
     #[arg(long)]
     pub quick: bool,
     /// Print one JSON object on stdout instead of a table (progress still goes to stderr).
@@ -213,7 +213,8 @@ mod tests {
         assert_eq!(runs.len(), 1);
         let o = &runs[0];
         assert!(o.quick && cli.bench.json);
-        assert_eq!(o.iterations, 10);
+        assert_eq!(o.iterations, 20);
+        assert_eq!(o.exec_iterations, 20);
         assert_eq!(o.density, [1, 2, 4, 8]);
         assert_eq!(o.kernel, Some(KernelFlavor::Debian));
         assert_eq!(cli.bench.plot, Some(PathBuf::from("docs/boot-phases.png")));

@@ -81,8 +81,16 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
-    /// Median start over median floor.
+    /// The controller's share, as the target measures it: the median over the floor/start
+    /// pairs of start / floor. Each start runs right after its floor, so the pair sees the same
+    /// machine; the ratio of the two medians, taken over different boots, scattered three
+    /// times as much here (its medians can land in different modes of a bimodal boot time).
     pub fn start_over_floor(&self) -> f64 {
+        self.paired_ratio.median
+    }
+
+    /// Median start over median floor (reported beside [`Self::start_over_floor`]).
+    pub fn start_over_floor_of_medians(&self) -> f64 {
         if self.floor.median > 0.0 {
             self.start.median / self.floor.median
         } else {
@@ -148,6 +156,10 @@ impl BenchReport {
         o.insert(
             "start_over_floor_paired_median".into(),
             json!(round(self.paired_ratio.median, 3)),
+        );
+        o.insert(
+            "start_over_floor_of_medians".into(),
+            json!(round(self.start_over_floor_of_medians(), 3)),
         );
         insert_summary(&mut o, "start_minus_floor", &self.paired_overhead);
         o.insert("qemu_rss_mib".into(), json!(round(self.qemu_rss_mib, 1)));
@@ -302,8 +314,8 @@ impl BenchReport {
         }
         let _ = writeln!(
             t,
-            "  (start/floor per pair, median: {:.3})",
-            self.paired_ratio.median
+            "  (start_over_floor is the median of start/floor per pair; median start / median floor: {:.3})",
+            self.start_over_floor_of_medians()
         );
         let load = |l: Option<[f64; 3]>| l.map_or("n/a".to_owned(), |l| format!("{:.2}", l[0]));
         let _ = writeln!(
@@ -501,6 +513,7 @@ pub(crate) mod tests {
             "start_ms_max",
             "start_over_floor",
             "start_over_floor_paired_median",
+            "start_over_floor_of_medians",
             "start_minus_floor_ms_median",
             "exec_true_ms_median",
             "exec_true_ms_p90",
@@ -527,7 +540,11 @@ pub(crate) mod tests {
             assert!(o[key].is_string(), "{key}");
         }
         assert_eq!(o["accelerator"], "tcg");
-        assert_eq!(o["start_over_floor"], json!(round(1931.0 / 1900.0, 3)));
+        assert_eq!(o["start_over_floor"], json!(1.01));
+        assert_eq!(
+            o["start_over_floor_of_medians"],
+            json!(round(1931.0 / 1900.0, 3))
+        );
         assert_eq!(o["density"], json!({"1": 2.0, "2": 3.5, "4": 7.0}));
         assert_eq!(o["samples_ms"], json!({"floor": [1900.0, 1910.5]}));
     }
@@ -568,7 +585,7 @@ pub(crate) mod tests {
     #[test]
     fn missed_targets_are_reported() {
         let mut r = sample_report();
-        r.start = s(2100.0);
+        r.paired_ratio = s(1.06);
         r.exec_true = s(25.0);
         let t = r.targets();
         assert!(!t[0].3, "start_over_floor should be missed");
