@@ -160,9 +160,12 @@ impl AgentService {
     }
 }
 
-/// (rows, columns) of a wire size; `None` for 0×0 (leave the size alone). Either alone being
-/// 0, or a value beyond a `u16`, is invalid.
-fn terminal_size(size: &TerminalSize) -> Result<Option<(u16, u16)>, ApiError> {
+/// (rows, columns) of a wire size; `None` for no size or 0×0 (leave the size alone). Either
+/// alone being 0, or a value beyond a `u16`, is invalid.
+fn terminal_size(size: Option<&TerminalSize>) -> Result<Option<(u16, u16)>, ApiError> {
+    let Some(size) = size else {
+        return Ok(None);
+    };
     let (Ok(rows), Ok(cols)) = (u16::try_from(size.rows), u16::try_from(size.cols)) else {
         return Err(ApiError::invalid(
             "size",
@@ -194,10 +197,7 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ExecRequest,
     ) -> ttrpc::Result<ExecResponse> {
-        let size = match req.size.as_ref() {
-            Some(size) => terminal_size(size)?,
-            None => None,
-        };
+        let size = terminal_size(req.size.as_ref())?;
         let spec = ExecSpec {
             args: req.args,
             env: req.env,
@@ -264,11 +264,8 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ResizeRequest,
     ) -> ttrpc::Result<Empty> {
-        let size = match req.size.as_ref() {
-            Some(size) => terminal_size(size)?,
-            None => None,
-        }
-        .ok_or_else(|| ApiError::invalid("size", "a resize needs rows and columns"))?;
+        let size = terminal_size(req.size.as_ref())?
+            .ok_or_else(|| ApiError::invalid("size", "a resize needs rows and columns"))?;
         self.procs.resize(&req.exec_id, size)?;
         Ok(Empty::new())
     }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::task::AbortOnDropHandle;
 use uvm::seams::{ExecRequest, GuestConnection, TerminalSize};
 use uvm::GuestError;
 use uvm_agent_proto::agent::{
@@ -66,11 +67,12 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         .await?;
     let exec_id = started.exec_id;
 
+    // Helper tasks held as abort-on-drop handles: they end with the exec, however it ends.
     let _stdin_pump = stdin.map(|mut input| {
         let link = link.clone();
         let client = client.clone();
         let exec_id = exec_id.clone();
-        AbortOnDrop(tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let mut buf = vec![0u8; STDIN_CHUNK.min(MAX_STDIN_CHUNK)];
             loop {
                 let n = match input.read(&mut buf).await {
@@ -116,7 +118,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         let link = link.clone();
         let client = client.clone();
         let exec_id = exec_id.clone();
-        AbortOnDrop(tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             while sizes.changed().await.is_ok() {
                 let req = ResizeRequest {
                     exec_id: exec_id.clone(),
@@ -189,15 +191,6 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         }
     }
     Ok(status.exit_code)
-}
-
-/// A helper task that ends with the exec, however the exec ends (early errors included).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn wire_size(size: TerminalSize) -> WireSize {

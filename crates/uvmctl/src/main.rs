@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::task::AbortOnDropHandle;
 use uvm::seams::ExecRequest;
 use uvmctl::{image_with, BootTimings, Vm, VmOptions};
 
@@ -365,7 +366,7 @@ fn local_size() -> Option<uvm::seams::TerminalSize> {
 
 /// Gives `request` our window size and sends it again on every SIGWINCH until the returned task
 /// is dropped; nothing when our size is unknown (the guest's terminal stays 80×24).
-fn follow_window_size(request: &mut ExecRequest) -> Option<AbortOnDrop> {
+fn follow_window_size(request: &mut ExecRequest) -> Option<AbortOnDropHandle<()>> {
     // The handler first, then the size: a resize in between is not lost.
     let mut winch = match signal(SignalKind::window_change()) {
         Ok(s) => s,
@@ -376,7 +377,7 @@ fn follow_window_size(request: &mut ExecRequest) -> Option<AbortOnDrop> {
     };
     let (sizes, rx) = tokio::sync::watch::channel(local_size()?);
     request.terminal_size = Some(rx);
-    Some(AbortOnDrop(tokio::spawn(async move {
+    Some(AbortOnDropHandle::new(tokio::spawn(async move {
         while winch.recv().await.is_some() {
             if let Some(size) = local_size() {
                 if sizes.send(size).is_err() {
@@ -385,14 +386,6 @@ fn follow_window_size(request: &mut ExecRequest) -> Option<AbortOnDrop> {
             }
         }
     })))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 enum Outcome {

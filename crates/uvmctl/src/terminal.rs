@@ -4,6 +4,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use rustix::pty::OpenptFlags;
 use rustix::termios::{self, OptionalActions, Termios};
 use uvm::seams::TerminalSize;
 
@@ -50,19 +51,23 @@ pub fn size_of(fd: BorrowedFd<'_>) -> Option<TerminalSize> {
     })
 }
 
+/// A new pseudo-terminal pair (master, slave), both close-on-exec and neither our controlling
+/// terminal: for driving `uvmctl run -t` from a program, as the tests do.
+pub fn pty_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = rustix::pty::openpt(flags)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
+    Ok((master, slave))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustix::pty::OpenptFlags;
 
-    /// A pty pair: (master, slave).
     fn pty() -> (OwnedFd, OwnedFd) {
-        let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-        let master = rustix::pty::openpt(flags).expect("openpt");
-        rustix::pty::grantpt(&master).expect("grantpt");
-        rustix::pty::unlockpt(&master).expect("unlockpt");
-        let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags).expect("slave");
-        (master, slave)
+        pty_pair().expect("a pty pair")
     }
 
     fn canonical(fd: BorrowedFd<'_>) -> bool {

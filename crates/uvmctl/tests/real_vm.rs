@@ -415,7 +415,6 @@ mod real_vm_cli {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use rustix::pty::OpenptFlags;
     use rustix::termios;
 
     use uvmctl::bench::procs::processes_mentioning;
@@ -488,16 +487,6 @@ mod real_vm_cli {
         assert_eq!(out.status.code(), Some(126), "{out:?}");
     }
 
-    /// A pty pair: (master, slave).
-    fn pty() -> (OwnedFd, OwnedFd) {
-        let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-        let master = rustix::pty::openpt(flags).expect("openpt");
-        rustix::pty::grantpt(&master).expect("grantpt");
-        rustix::pty::unlockpt(&master).expect("unlockpt");
-        let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags).expect("slave");
-        (master, slave)
-    }
-
     fn set_size(master: &OwnedFd, rows: u16, cols: u16) {
         let ws = termios::Winsize {
             ws_row: rows,
@@ -524,7 +513,7 @@ mod real_vm_cli {
             .prefix("cli-tty")
             .tempdir_in("/tmp")
             .expect("runtime root");
-        let (master, slave) = pty();
+        let (master, slave) = uvmctl::terminal::pty_pair().expect("a pty pair");
         set_size(&master, 30, 100);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_uvmctl"));
         cmd.args([
