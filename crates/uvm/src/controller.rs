@@ -13,7 +13,6 @@
 //!
 //! The state diagram is in [`crate::state`].
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -22,11 +21,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{ControllerError, GuestError, HostError};
+use crate::machine::{Admit, ExitStatus, Machine, Outcome, Transition};
 use crate::seams::{
     CpuLimits, ExecRequest, Guest, GuestInfo, GuestStats, HostStats, HostVm, LinkHealth,
     PolicyFragment, VmBackend, VmConfig,
 };
-use crate::state::{plan, Operation, Plan, Reason, State, VmExit};
+use crate::state::{Operation, Reason, State, VmExit};
 
 /// Deadlines of the controller's steps. Every step that waits on the guest or the VM process has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,32 +59,12 @@ impl Default for Timeouts {
     }
 }
 
-/// One state change, kept for diagnosis (the last [`HISTORY_LEN`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transition {
-    pub from: State,
-    pub to: State,
-    pub operation: Operation,
-}
-
-/// How many transitions [`Controller::history`] keeps.
-pub const HISTORY_LEN: usize = 32;
-
 /// A consistent view of the VM: state, why, and the guest link's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     pub state: State,
     pub reason: Option<Reason>,
     pub link: LinkHealth,
-}
-
-/// What `exit_status` reports about a Terminated VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitStatus {
-    pub stopped_at: SystemTime,
-    pub reason: Reason,
-    /// How the VM process ended, when it was ever started.
-    pub exit: Option<VmExit>,
 }
 
 /// The controller of one utility VM. Cheap to clone; clones drive the same VM.
@@ -122,8 +102,8 @@ impl Drop for Inner {
 }
 
 pub(crate) struct Core {
-    pub(crate) state: State,
-    pub(crate) reason: Option<Reason>,
+    /// The state; changed only through its `commit`.
+    pub(crate) machine: Machine,
     pub(crate) config: Option<VmConfig>,
     pub(crate) vm: Option<Arc<dyn HostVm>>,
     /// Cancels the in-flight `start_vm`, if any.
@@ -138,7 +118,6 @@ pub(crate) struct Core {
     pub(crate) exit: Option<VmExit>,
     /// What the guest said when it connected.
     pub(crate) guest_info: Option<GuestInfo>,
-    pub(crate) history: VecDeque<Transition>,
 }
 
 /// Who runs the cleanup chain: `terminate_vm`, or the waiter after the VM ended by itself.
@@ -149,24 +128,13 @@ pub(crate) enum CleanupOwner {
 }
 
 impl Core {
-    /// The only place the state is written.
-    pub(crate) fn commit(&mut self, operation: Operation, to: State, reason: Option<Reason>) {
-        let from = self.state;
-        if from == to {
-            return;
-        }
-        tracing::info!(%from, %to, %operation, reason = ?reason, "state change");
-        if self.history.len() == HISTORY_LEN {
-            self.history.pop_front();
-        }
-        self.history.push_back(Transition {
-            from,
-            to,
-            operation,
-        });
-        self.state = to;
-        if reason.is_some() {
-            self.reason = reason;
+    /// How the VM ended, for the commit into Terminated: the exit the waiter recorded, if any,
+    /// and when it was recorded (now, if nothing was).
+    pub(crate) fn ending(&mut self, reason: Reason) -> ExitStatus {
+        ExitStatus {
+            stopped_at: *self.stopped_at.get_or_insert_with(SystemTime::now),
+            reason,
+            exit: self.exit.clone(),
         }
     }
 }
@@ -187,8 +155,7 @@ impl Controller {
                 backend,
                 guest,
                 core: Mutex::new(Core {
-                    state: State::NotCreated,
-                    reason: None,
+                    machine: Machine::new(),
                     config: None,
                     vm: None,
                     start_cancel: None,
@@ -199,7 +166,6 @@ impl Controller {
                     stopped_at: None,
                     exit: None,
                     guest_info: None,
-                    history: VecDeque::new(),
                 }),
                 op_lock: tokio::sync::Mutex::new(()),
                 exited,
@@ -218,14 +184,14 @@ impl Controller {
 
     /// The current state. Never waits behind another operation.
     pub fn state(&self) -> State {
-        self.core().state
+        self.core().machine.state()
     }
 
     /// State, reason and guest link health. Never waits behind another operation.
     pub fn status(&self) -> Status {
         let (state, reason) = {
             let core = self.core();
-            (core.state, core.reason.clone())
+            (core.machine.state(), core.machine.reason().cloned())
         };
         Status {
             state,
@@ -236,7 +202,7 @@ impl Controller {
 
     /// The last [`HISTORY_LEN`] state changes, oldest first.
     pub fn history(&self) -> Vec<Transition> {
-        self.core().history.iter().cloned().collect()
+        self.core().machine.history().cloned().collect()
     }
 
     /// What the guest agent reported when it connected (version, capabilities, boot marks).
@@ -249,16 +215,15 @@ impl Controller {
         self.core().vm.as_ref().map(|vm| vm.runtime_id())
     }
 
-    /// Checks `operation` against the state table; on success returns the plan and the VM if any.
-    pub(crate) fn guard(
+    /// Asks the table whether `operation` may run now, with the state lock held by the caller.
+    pub(crate) fn admit(
         &self,
+        core: &Core,
         operation: Operation,
-    ) -> Result<(Plan, Option<Arc<dyn HostVm>>), ControllerError> {
-        let core = self.core();
-        match plan(core.state, operation) {
-            Plan::Refuse => Err(self.wrong_state(operation, core.state)),
-            p => Ok((p, core.vm.clone())),
-        }
+    ) -> Result<Admit, ControllerError> {
+        core.machine
+            .admit(operation)
+            .map_err(|state| self.wrong_state(operation, state))
     }
 
     pub(crate) fn wrong_state(&self, operation: Operation, state: State) -> ControllerError {
@@ -271,9 +236,12 @@ impl Controller {
 
     /// Guard for operations that need the VM Running, returning it.
     fn running_vm(&self, operation: Operation) -> Result<Arc<dyn HostVm>, ControllerError> {
-        match self.guard(operation)? {
-            (Plan::Run { .. }, Some(vm)) => Ok(vm),
-            _ => Err(self.wrong_state(operation, self.state())),
+        let core = self.core();
+        match (self.admit(&core, operation)?, &core.vm) {
+            (Admit::Run, Some(vm)) => Ok(vm.clone()),
+            (Admit::NoOp, _) | (Admit::Run, None) => {
+                Err(self.wrong_state(operation, core.machine.state()))
+            }
         }
     }
 
@@ -327,9 +295,12 @@ impl Controller {
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "create_vm"))]
     pub async fn create_vm(&self, config: VmConfig) -> Result<(), ControllerError> {
         let _op = self.inner.op_lock.lock().await;
-        let (Plan::Run { on_success, .. }, _) = self.guard(Operation::Create)? else {
-            return Err(self.wrong_state(Operation::Create, self.state()));
-        };
+        {
+            let core = self.core();
+            if self.admit(&core, Operation::Create)? == Admit::NoOp {
+                return Ok(());
+            }
+        }
         let vm = self
             .inner
             .backend
@@ -342,7 +313,7 @@ impl Controller {
         let mut core = self.core();
         core.vm = Some(vm);
         core.config = Some(config);
-        core.commit(Operation::Create, on_success, None);
+        core.machine.commit(Operation::Create, Outcome::Succeeded);
         Ok(())
     }
 
@@ -444,19 +415,19 @@ impl Controller {
     /// When the VM reached Running; `None` for a VM terminated without ever running.
     /// Only in Running or Terminated.
     pub fn start_time(&self) -> Result<Option<SystemTime>, ControllerError> {
-        self.guard(Operation::StartTime)?;
-        Ok(self.core().started_at)
+        let core = self.core();
+        self.admit(&core, Operation::StartTime)?;
+        Ok(core.started_at)
     }
 
     /// How and when the VM ended. Only in Terminated.
     pub fn exit_status(&self) -> Result<ExitStatus, ControllerError> {
-        self.guard(Operation::ExitStatus)?;
         let core = self.core();
-        Ok(ExitStatus {
-            stopped_at: core.stopped_at.unwrap_or(SystemTime::UNIX_EPOCH),
-            reason: core.reason.clone().unwrap_or(Reason::TerminateRequested),
-            exit: core.exit.clone(),
-        })
+        self.admit(&core, Operation::ExitStatus)?;
+        core.machine
+            .exit_status()
+            .cloned()
+            .ok_or_else(|| self.wrong_state(Operation::ExitStatus, core.machine.state()))
     }
 }
 

@@ -27,13 +27,13 @@
 mod controller;
 pub mod error;
 mod lifecycle;
+mod machine;
 pub mod seams;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use controller::{
-    normalize_memory, Controller, ExitStatus, Status, Timeouts, Transition, HISTORY_LEN,
-};
+pub use controller::{normalize_memory, Controller, Status, Timeouts};
 pub use error::{error_chain, ControllerError, GuestError, HostError, Rejection, SeamError};
+pub use machine::{ExitStatus, Transition, HISTORY_LEN};
 pub use state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};

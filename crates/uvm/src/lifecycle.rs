@@ -7,8 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controller::{lock, with_deadline, CleanupOwner, Controller, Inner};
 use crate::error::{error_chain, ControllerError, HostError, SeamError};
+use crate::machine::{Admit, Outcome};
 use crate::seams::HostVm;
-use crate::state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};
+use crate::state::{Operation, Reason, StartStep, State, VmExit};
 
 /// Why the start steps stopped early.
 enum StartAbort {
@@ -30,13 +31,11 @@ impl Controller {
         let _op = self.inner.op_lock.lock().await;
         let (token, vm) = {
             let mut core = self.core();
-            match plan(core.state, Operation::Start) {
-                Plan::NoOp => return Ok(()),
-                Plan::Refuse => return Err(self.wrong_state(Operation::Start, core.state)),
-                Plan::Run { .. } => {}
+            if self.admit(&core, Operation::Start)? == Admit::NoOp {
+                return Ok(());
             }
             let Some(vm) = core.vm.clone() else {
-                return Err(self.wrong_state(Operation::Start, core.state));
+                return Err(self.wrong_state(Operation::Start, core.machine.state()));
             };
             let token = CancellationToken::new();
             core.start_cancel = Some(token.clone());
@@ -52,7 +51,7 @@ impl Controller {
         match result {
             Ok(()) if !token.is_cancelled() => {
                 core.started_at = Some(SystemTime::now());
-                core.commit(Operation::Start, State::Running, None);
+                core.machine.commit(Operation::Start, Outcome::Succeeded);
                 Ok(())
             }
             // Cancelled: the state stays Created and the cancelling terminate_vm finishes the job.
@@ -61,10 +60,9 @@ impl Controller {
             }),
             Err(StartAbort::Failed { step, source }) => {
                 tracing::warn!(%step, error = %source, "start failed; VM is Invalid");
-                core.commit(
+                core.machine.commit(
                     Operation::Start,
-                    State::Invalid,
-                    Some(Reason::StartFailed {
+                    Outcome::Failed(Reason::StartFailed {
                         step,
                         message: error_chain(&source),
                     }),
@@ -179,19 +177,15 @@ impl Controller {
             {
                 let mut core = self.core();
                 if core.cleanup != Some(CleanupOwner::Waiter) {
-                    match plan(core.state, Operation::Terminate) {
-                        Plan::NoOp => return Ok(()),
-                        Plan::Refuse => {
-                            return Err(self.wrong_state(Operation::Terminate, core.state))
-                        }
-                        Plan::Run { .. } => {}
+                    if self.admit(&core, Operation::Terminate)? == Admit::NoOp {
+                        return Ok(());
                     }
                     core.cleanup = Some(CleanupOwner::Terminate);
                     break (
                         core.vm.clone(),
                         core.vm_started,
                         core.waiter.take(),
-                        core.state,
+                        core.machine.state(),
                     );
                 }
             }
@@ -215,10 +209,9 @@ impl Controller {
             let mut core = self.core();
             core.cleanup = None;
             core.waiter = waiter;
-            core.commit(
+            core.machine.commit(
                 Operation::Terminate,
-                State::Invalid,
-                Some(Reason::ReleaseFailed {
+                Outcome::Failed(Reason::ReleaseFailed {
                     message: error_chain(&source),
                 }),
             );
@@ -240,10 +233,9 @@ impl Controller {
         } else {
             Reason::TerminateRequested
         };
-        if let Plan::Run { on_success, .. } = plan(core.state, Operation::Terminate) {
-            core.stopped_at.get_or_insert_with(SystemTime::now);
-            core.commit(Operation::Terminate, on_success, Some(reason));
-        }
+        let ending = core.ending(reason);
+        core.machine
+            .commit(Operation::Terminate, Outcome::Ended(ending));
         drop(core);
         self.inner.exited.send_replace(true);
         Ok(())
@@ -253,7 +245,7 @@ impl Controller {
     /// NotCreated. Returns [`ControllerError::Cancelled`] when `cancel` fires first.
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "wait"))]
     pub async fn wait(&self, cancel: &CancellationToken) -> Result<(), ControllerError> {
-        self.guard(Operation::Wait)?;
+        self.admit(&self.core(), Operation::Wait)?;
         let mut exited = self.inner.exited.subscribe();
         let guest = self.inner.guest.clone();
         let done = async move {
@@ -279,36 +271,33 @@ async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
     let Some(inner) = weak.upgrade() else {
         return;
     };
-    let (vm, on_success, on_failure) = {
+    let vm = {
         let mut core = lock(&inner.core);
-        tracing::info!(vm = %inner.id, %exit, state = %core.state, "VM process ended");
+        let state = core.machine.state();
+        tracing::info!(vm = %inner.id, %exit, %state, "VM process ended");
         core.exit = Some(exit.clone());
         core.stopped_at.get_or_insert_with(SystemTime::now);
-        match plan(core.state, Operation::VmExited) {
-            Plan::Run {
-                on_success,
-                on_failure,
-            } if on_success != core.state && core.cleanup.is_none() => {
+        // Only the table decides whether the exit is ours to clean up; a terminate already
+        // running the chain owns it even then.
+        match (core.machine.admit(Operation::VmExited), core.cleanup) {
+            (Ok(Admit::Run), None) => {
                 core.cleanup = Some(CleanupOwner::Waiter);
-                (core.vm.clone(), on_success, on_failure)
+                core.vm.clone()
             }
-            _ => (None, core.state, core.state),
+            (Ok(Admit::Run), Some(_)) | (Ok(Admit::NoOp), _) | (Err(_), _) => None,
         }
     };
     if let Some(vm) = vm {
         let released = close_and_release(&inner, Some(&*vm)).await;
         let mut core = lock(&inner.core);
         core.cleanup = None;
-        match released {
-            Ok(()) => core.commit(Operation::VmExited, on_success, Some(Reason::Exited(exit))),
-            Err(e) => core.commit(
-                Operation::VmExited,
-                on_failure,
-                Some(Reason::ReleaseFailed {
-                    message: error_chain(&e),
-                }),
-            ),
-        }
+        let outcome = match released {
+            Ok(()) => Outcome::Ended(core.ending(Reason::Exited(exit))),
+            Err(e) => Outcome::Failed(Reason::ReleaseFailed {
+                message: error_chain(&e),
+            }),
+        };
+        core.machine.commit(Operation::VmExited, outcome);
     }
     inner.exited.send_replace(true);
 }

@@ -148,73 +148,81 @@ impl Plan {
 }
 
 /// The state table: for (state, operation), whether it is allowed and what it leads to.
+///
+/// Every pair is spelled out — no wildcard state and no wildcard operation — so a new [`State`] or
+/// [`Operation`] does not compile until each of its pairs is decided here.
 pub const fn plan(state: State, op: Operation) -> Plan {
     use Operation as O;
     use State as S;
-    match (state, op) {
+    match op {
         // → Created; a failed create leaves nothing behind.
-        (S::NotCreated, O::Create) => Plan::Run {
-            on_success: S::Created,
-            on_failure: S::NotCreated,
+        O::Create => match state {
+            S::NotCreated => Plan::Run {
+                on_success: S::Created,
+                on_failure: S::NotCreated,
+            },
+            S::Created | S::Running | S::Terminated | S::Invalid => Plan::Refuse,
         },
-        (_, O::Create) => Plan::Refuse,
 
         // Created → Running; any failure once started may have left a process or listener behind → Invalid.
-        (S::Created, O::Start) => Plan::Run {
-            on_success: S::Running,
-            on_failure: S::Invalid,
+        O::Start => match state {
+            S::Created => Plan::Run {
+                on_success: S::Running,
+                on_failure: S::Invalid,
+            },
+            S::Running => Plan::NoOp,
+            S::NotCreated | S::Terminated | S::Invalid => Plan::Refuse,
         },
-        (S::Running, O::Start) => Plan::NoOp,
-        (_, O::Start) => Plan::Refuse,
 
         // → Terminated; only a failed release (the last step) leaves the VM Invalid.
-        (S::Created | S::Running | S::Invalid, O::Terminate) => Plan::Run {
-            on_success: S::Terminated,
-            on_failure: S::Invalid,
+        O::Terminate => match state {
+            S::Created | S::Running | S::Invalid => Plan::Run {
+                on_success: S::Terminated,
+                on_failure: S::Invalid,
+            },
+            S::NotCreated | S::Terminated => Plan::NoOp,
         },
-        (S::NotCreated | S::Terminated, O::Terminate) => Plan::NoOp,
 
-        (S::NotCreated, O::Wait) => Plan::Refuse,
-        (state, O::Wait) => Plan::stay(state),
-
-        (
-            S::Running,
-            O::ExecIntoHost
-            | O::DumpStacks
-            | O::Stats
-            | O::GuestStats
-            | O::UpdateCpuGroup
-            | O::UpdateCpuLimits
-            | O::UpdateMemory
-            | O::UpdatePolicyFragment,
-        ) => Plan::stay(S::Running),
-        (
-            _,
-            O::ExecIntoHost
-            | O::DumpStacks
-            | O::Stats
-            | O::GuestStats
-            | O::UpdateCpuGroup
-            | O::UpdateCpuLimits
-            | O::UpdateMemory
-            | O::UpdatePolicyFragment,
-        ) => Plan::Refuse,
-
-        (S::Running | S::Terminated, O::StartTime) => Plan::stay(state),
-        (_, O::StartTime) => Plan::Refuse,
-        (S::Terminated, O::ExitStatus) => Plan::stay(S::Terminated),
-        (_, O::ExitStatus) => Plan::Refuse,
-
-        // Running → Terminated when the VM ends by itself and the waiter released it; a failed
-        // release leaves it Invalid, as in terminate_vm.
-        (S::Running, O::VmExited) => Plan::Run {
-            on_success: S::Terminated,
-            on_failure: S::Invalid,
+        O::Wait => match state {
+            S::Created | S::Running | S::Terminated | S::Invalid => Plan::stay(state),
+            S::NotCreated => Plan::Refuse,
         },
-        // During start the start itself fails (→ Invalid); an Invalid VM stays Invalid until a
-        // terminate releases what it holds: an exited process does not mean released resources.
-        (S::Created | S::Invalid, O::VmExited) => Plan::stay(state),
-        (S::NotCreated | S::Terminated, O::VmExited) => Plan::NoOp,
+
+        O::ExecIntoHost
+        | O::DumpStacks
+        | O::Stats
+        | O::GuestStats
+        | O::UpdateCpuGroup
+        | O::UpdateCpuLimits
+        | O::UpdateMemory
+        | O::UpdatePolicyFragment => match state {
+            S::Running => Plan::stay(S::Running),
+            S::NotCreated | S::Created | S::Terminated | S::Invalid => Plan::Refuse,
+        },
+
+        O::StartTime => match state {
+            S::Running | S::Terminated => Plan::stay(state),
+            S::NotCreated | S::Created | S::Invalid => Plan::Refuse,
+        },
+
+        O::ExitStatus => match state {
+            S::Terminated => Plan::stay(S::Terminated),
+            S::NotCreated | S::Created | S::Running | S::Invalid => Plan::Refuse,
+        },
+
+        O::VmExited => match state {
+            // Running → Terminated when the VM ends by itself and the waiter released it; a
+            // failed release leaves it Invalid, as in terminate_vm.
+            S::Running => Plan::Run {
+                on_success: S::Terminated,
+                on_failure: S::Invalid,
+            },
+            // During start the start itself fails (→ Invalid) and cleans up through terminate;
+            // an Invalid VM stays Invalid until a terminate releases what it holds: an exited
+            // process does not mean released resources. In every state the exit is recorded;
+            // only Running moves.
+            S::NotCreated | S::Created | S::Terminated | S::Invalid => Plan::NoOp,
+        },
     }
 }
 
