@@ -21,15 +21,7 @@ fn queries(c: &mut Criterion) {
     let mut group = c.benchmark_group("queries");
 
     // Baseline: a Running VM, nothing in flight.
-    let idle = rt.block_on(async {
-        let f = Fakes::new();
-        f.controller
-            .create_vm(VmConfig::default())
-            .await
-            .expect("create");
-        f.controller.start_vm().await.expect("start");
-        f
-    });
+    let idle = rt.block_on(Fakes::running());
     group.bench_function("state/idle", |b| b.iter(|| idle.controller.state()));
     group.bench_function("stats/idle", |b| {
         b.to_async(&rt)
@@ -38,11 +30,7 @@ fn queries(c: &mut Criterion) {
 
     // A start blocked inside the backend for the whole measurement.
     let (busy, hold, task) = rt.block_on(async {
-        let f = Fakes::new();
-        f.controller
-            .create_vm(VmConfig::default())
-            .await
-            .expect("create");
+        let f = Fakes::created().await;
         let hold = f.script.hold(Call::Start);
         let c = f.controller.clone();
         let task = tokio::spawn(async move { c.start_vm().await });

@@ -14,13 +14,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::controller::lock;
-use crate::error::{GuestError, HostError};
+use crate::error::{ControllerError, GuestError, HostError};
 use crate::seams::{
     Capabilities, CpuLimits, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint,
     GuestExec, GuestInfo, GuestPolicy, GuestStats, HostStats, HostVm, LinkHealth, PolicyFragment,
     SecurityPolicy, VmBackend, VmConfig, VmLifetime, VmResources,
 };
-use crate::state::VmExit;
+use crate::state::{State, VmExit};
 use crate::{Controller, Timeouts};
 
 /// Every call a fake records.
@@ -542,6 +542,65 @@ impl Fakes {
         self.backend
             .last_vm()
             .expect("the test created a VM before asking for it")
+    }
+
+    /// A controller with a created VM (the call log keeps the `Create`).
+    pub async fn created() -> Fakes {
+        let f = Fakes::new();
+        f.controller
+            .create_vm(VmConfig::default())
+            .await
+            .expect("create on fakes");
+        assert_eq!(f.controller.state(), State::Created);
+        f
+    }
+
+    /// A controller with a running VM; the call log is cleared.
+    pub async fn running() -> Fakes {
+        let f = Fakes::created().await;
+        f.controller.start_vm().await.expect("start on fakes");
+        assert_eq!(f.controller.state(), State::Running);
+        f.script.clear_log();
+        f
+    }
+
+    /// A controller with a terminated VM; the call log is cleared.
+    pub async fn terminated() -> Fakes {
+        let f = Fakes::running().await;
+        f.controller
+            .terminate_vm()
+            .await
+            .expect("terminate on fakes");
+        assert_eq!(f.controller.state(), State::Terminated);
+        f.script.clear_log();
+        f
+    }
+
+    /// A controller whose start failed (a scripted `Start` failure), so the VM is Invalid; the
+    /// call log is cleared.
+    pub async fn invalid() -> Fakes {
+        let f = Fakes::created().await;
+        f.script.fail_nth(Call::Start, 1);
+        let err = f
+            .controller
+            .start_vm()
+            .await
+            .expect_err("scripted start failure");
+        assert!(matches!(err, ControllerError::StartFailed { .. }));
+        assert_eq!(f.controller.state(), State::Invalid);
+        f.script.clear_log();
+        f
+    }
+
+    /// Asserts that the whole terminate chain ran — terminate VM, close the guest connection,
+    /// release the VM, in that order — and that it ended Terminated.
+    pub fn assert_terminated_through_the_whole_chain(&self) {
+        assert_eq!(
+            self.script.calls(),
+            vec![Call::Terminate, Call::CloseConnection, Call::Release],
+            "the terminate chain"
+        );
+        assert_eq!(self.controller.state(), State::Terminated);
     }
 }
 

@@ -1,15 +1,13 @@
 //! Concurrency: terminate during a slow start, queries during a slow start, exit racing terminate.
 //! Ordering is asserted with holds (the fake signals when a call is blocked), never wall-clock.
 
-mod common;
-
 use tokio_util::sync::CancellationToken;
-use uvm::testing::Call;
+use uvm::testing::{Call, Fakes};
 use uvm::{ControllerError, Operation, Reason, State, VmExit};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_during_a_slow_start_cancels_it_and_ends_terminated() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     let connect = f.script.hold(Call::Connect); // the guest never answers on its own
     let c = f.controller.clone();
     let starting = tokio::spawn(async move { c.start_vm().await });
@@ -41,7 +39,7 @@ async fn terminate_during_a_slow_start_cancels_it_and_ends_terminated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_during_a_slow_start_is_invalid_only_if_release_fails() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     let _connect = f.script.hold(Call::Connect);
     f.script.fail_nth(Call::Release, 1);
     let c = f.controller.clone();
@@ -61,7 +59,7 @@ async fn terminate_during_a_slow_start_is_invalid_only_if_release_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_stats_answer_while_a_start_is_blocked() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     let start = f.script.hold(Call::Start);
     let c = f.controller.clone();
     let starting = tokio::spawn(async move { c.start_vm().await });
@@ -89,7 +87,7 @@ async fn state_and_stats_answer_while_a_start_is_blocked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_answer_while_a_terminate_is_blocked_in_release() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let release = f.script.hold(Call::Release);
     let c = f.controller.clone();
     let terminating = tokio::spawn(async move { c.terminate_vm().await });
@@ -104,7 +102,7 @@ async fn stats_answer_while_a_terminate_is_blocked_in_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_exit_racing_terminate_ends_terminated_exactly_once() {
     for round in 0..50 {
-        let f = common::running().await;
+        let f = Fakes::running().await;
         let vm = f.vm();
         let c = f.controller.clone();
         let crash = tokio::spawn(async move {
@@ -145,7 +143,7 @@ async fn vm_exit_racing_terminate_ends_terminated_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_starts_boot_once() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     let a = f.controller.clone();
     let b = f.controller.clone();
     let (ra, rb) = tokio::join!(a.start_vm(), b.start_vm());
@@ -157,7 +155,7 @@ async fn concurrent_starts_boot_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_exec_is_released_when_the_vm_exits() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let exec = f.script.hold(Call::Exec);
     let c = f.controller.clone();
     let running = tokio::spawn(async move {

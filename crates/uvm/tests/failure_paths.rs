@@ -1,8 +1,6 @@
 //! Failure paths: state guards, the terminate cleanup chain, start failures, error propagation,
 //! deadlines.
 
-mod common;
-
 use std::time::Duration;
 
 use uvm::seams::{CpuLimits, ExecRequest, PolicyFragment, VmConfig};
@@ -27,11 +25,11 @@ async fn start_vm_is_refused_in_not_created_terminated_and_invalid() {
     let err = f.controller.start_vm().await.expect_err("not created");
     assert_wrong_state(err, Operation::Start, State::NotCreated);
 
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     let err = f.controller.start_vm().await.expect_err("terminated");
     assert_wrong_state(err, Operation::Start, State::Terminated);
 
-    let f = common::invalid().await;
+    let f = Fakes::invalid().await;
     let err = f.controller.start_vm().await.expect_err("invalid");
     assert_wrong_state(err, Operation::Start, State::Invalid);
     assert!(f.script.calls().is_empty(), "refusals touch no seam");
@@ -39,7 +37,7 @@ async fn start_vm_is_refused_in_not_created_terminated_and_invalid() {
 
 #[tokio::test]
 async fn exec_into_host_is_refused_when_terminated() {
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     let err = f
         .controller
         .exec_into_host(ExecRequest::new(["true"]))
@@ -89,7 +87,7 @@ async fn exec_into_host_refuses_a_terminal_size_without_a_terminal_before_lookin
 
 #[tokio::test]
 async fn update_operations_are_refused_when_not_running() {
-    for f in [common::created().await, common::terminated().await] {
+    for f in [Fakes::created().await, Fakes::terminated().await] {
         let state = f.controller.state();
         let c = &f.controller;
         assert_wrong_state(
@@ -122,7 +120,7 @@ async fn update_operations_are_refused_when_not_running() {
 
 #[tokio::test]
 async fn stats_is_refused_when_terminated() {
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     let err = f.controller.stats().await.expect_err("terminated");
     assert_wrong_state(err, Operation::Stats, State::Terminated);
 }
@@ -140,14 +138,14 @@ async fn wait_is_refused_when_not_created() {
 
 #[tokio::test]
 async fn dump_stacks_is_refused_when_terminated() {
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     let err = f.controller.dump_stacks().await.expect_err("terminated");
     assert_wrong_state(err, Operation::DumpStacks, State::Terminated);
 }
 
 #[tokio::test]
 async fn update_cpu_group_rejects_an_empty_id_even_when_running() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let err = f
         .controller
         .update_cpu_group("")
@@ -165,7 +163,7 @@ async fn update_cpu_group_rejects_an_empty_id_even_when_running() {
 
 #[tokio::test]
 async fn create_vm_twice_is_refused_and_keeps_the_first_vm() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     let err = f
         .controller
         .create_vm(VmConfig::default())
@@ -202,13 +200,9 @@ async fn create_vm_failure_leaves_not_created() {
 
 #[tokio::test]
 async fn terminate_runs_terminate_then_close_connection_then_release() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.controller.terminate_vm().await.expect("terminate");
-    assert_eq!(
-        f.script.calls(),
-        vec![Call::Terminate, Call::CloseConnection, Call::Release]
-    );
-    assert_eq!(f.controller.state(), State::Terminated);
+    f.assert_terminated_through_the_whole_chain();
     assert_eq!(
         f.controller.status().reason,
         Some(Reason::TerminateRequested)
@@ -217,37 +211,29 @@ async fn terminate_runs_terminate_then_close_connection_then_release() {
 
 #[tokio::test]
 async fn terminate_swallows_a_close_connection_failure_and_still_releases() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_always(Call::CloseConnection);
     f.controller
         .terminate_vm()
         .await
         .expect("close failure is swallowed");
-    assert_eq!(
-        f.script.calls(),
-        vec![Call::Terminate, Call::CloseConnection, Call::Release]
-    );
-    assert_eq!(f.controller.state(), State::Terminated);
+    f.assert_terminated_through_the_whole_chain();
 }
 
 #[tokio::test]
 async fn terminate_swallows_a_vm_terminate_failure_and_still_closes_and_releases() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_always(Call::Terminate);
     f.controller
         .terminate_vm()
         .await
         .expect("terminate failure is swallowed");
-    assert_eq!(
-        f.script.calls(),
-        vec![Call::Terminate, Call::CloseConnection, Call::Release]
-    );
-    assert_eq!(f.controller.state(), State::Terminated);
+    f.assert_terminated_through_the_whole_chain();
 }
 
 #[tokio::test]
 async fn terminate_leaves_the_vm_invalid_when_release_fails() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_always(Call::Release);
     let err = f
         .controller
@@ -270,7 +256,7 @@ async fn terminate_leaves_the_vm_invalid_when_release_fails() {
 
 #[tokio::test]
 async fn terminate_from_invalid_recovers_to_terminated() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_nth(Call::Release, 1);
     let _ = f
         .controller
@@ -279,17 +265,13 @@ async fn terminate_from_invalid_recovers_to_terminated() {
         .expect_err("first release fails");
     f.script.clear_log();
     f.controller.terminate_vm().await.expect("retry succeeds");
-    assert_eq!(
-        f.script.calls(),
-        vec![Call::Terminate, Call::CloseConnection, Call::Release]
-    );
-    assert_eq!(f.controller.state(), State::Terminated);
+    f.assert_terminated_through_the_whole_chain();
     assert_eq!(f.vm().successful_releases(), 1);
 }
 
 #[tokio::test]
 async fn terminate_retry_that_fails_again_stays_invalid() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_always(Call::Release);
     let _ = f.controller.terminate_vm().await.expect_err("first");
     let err = f.controller.terminate_vm().await.expect_err("second");
@@ -300,7 +282,7 @@ async fn terminate_retry_that_fails_again_stays_invalid() {
 
 #[tokio::test]
 async fn terminate_of_a_never_started_vm_skips_the_terminate_step() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     f.script.clear_log();
     f.controller.terminate_vm().await.expect("terminate");
     assert_eq!(f.script.calls(), vec![Call::CloseConnection, Call::Release]);
@@ -312,7 +294,7 @@ async fn terminate_of_a_never_started_vm_skips_the_terminate_step() {
 
 #[tokio::test]
 async fn start_failure_of_the_vm_leaves_invalid_and_names_the_step() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     f.script.fail_nth(Call::Start, 1);
     let err = f.controller.start_vm().await.expect_err("scripted");
     assert!(matches!(
@@ -334,16 +316,12 @@ async fn start_failure_of_the_vm_leaves_invalid_and_names_the_step() {
     // A half-started VM is cleaned up by terminate, including the terminate step.
     f.script.clear_log();
     f.controller.terminate_vm().await.expect("cleanup");
-    assert_eq!(
-        f.script.calls(),
-        vec![Call::Terminate, Call::CloseConnection, Call::Release]
-    );
-    assert_eq!(f.controller.state(), State::Terminated);
+    f.assert_terminated_through_the_whole_chain();
 }
 
 #[tokio::test]
 async fn start_failure_to_prepare_the_listener_leaves_invalid_before_the_vm_starts() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     f.script.fail_nth(Call::PrepareConnection, 1);
     let err = f.controller.start_vm().await.expect_err("scripted");
     assert!(matches!(
@@ -362,7 +340,7 @@ async fn start_failure_to_prepare_the_listener_leaves_invalid_before_the_vm_star
 
 #[tokio::test]
 async fn start_failure_to_connect_the_guest_leaves_invalid() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     f.script.fail_nth(Call::Connect, 1);
     let err = f.controller.start_vm().await.expect_err("scripted");
     assert!(matches!(
@@ -424,7 +402,7 @@ async fn start_fails_at_the_guest_connect_deadline_when_the_guest_never_answers(
 
 #[tokio::test]
 async fn start_fails_when_the_vm_exits_before_the_guest_connects() {
-    let f = common::created().await;
+    let f = Fakes::created().await;
     let connect = f.script.hold(Call::Connect);
     let c = f.controller.clone();
     let starting = tokio::spawn(async move { c.start_vm().await });
@@ -462,7 +440,7 @@ use uvm::VmExit;
 
 #[tokio::test]
 async fn exec_into_host_propagates_a_guest_error() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_nth(Call::Exec, 1);
     let err = f
         .controller
@@ -486,7 +464,7 @@ async fn exec_into_host_propagates_a_guest_error() {
 
 #[tokio::test]
 async fn dump_stacks_propagates_a_guest_error() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_nth(Call::DumpStacks, 1);
     let err = f.controller.dump_stacks().await.expect_err("scripted");
     assert!(matches!(
@@ -500,7 +478,7 @@ async fn dump_stacks_propagates_a_guest_error() {
 
 #[tokio::test]
 async fn update_policy_fragment_propagates_a_guest_error() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_nth(Call::InjectPolicyFragment, 1);
     let err = f
         .controller
@@ -518,10 +496,10 @@ async fn update_policy_fragment_propagates_a_guest_error() {
 
 #[tokio::test]
 async fn exit_status_is_refused_before_terminated() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let err = f.controller.exit_status().expect_err("running");
     assert_wrong_state(err, Operation::ExitStatus, State::Running);
-    let err = common::created()
+    let err = Fakes::created()
         .await
         .controller
         .start_time()
@@ -554,7 +532,7 @@ async fn a_guest_call_that_never_answers_fails_at_its_deadline() {
 
 #[tokio::test]
 async fn update_memory_rounds_up_to_the_backend_granularity() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let g = uvm::testing::FAKE_MEMORY_GRANULARITY;
     let got = f.controller.update_memory(g + 1).await.expect("update");
     assert_eq!(got, 2 * g);
@@ -589,7 +567,7 @@ async fn update_memory_rounds_up_to_the_backend_granularity() {
 
 #[tokio::test]
 async fn a_host_update_error_propagates_and_keeps_running() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_nth(Call::UpdateCpuLimits, 1);
     let err = f
         .controller

@@ -1,7 +1,5 @@
 //! Happy paths, idempotency, API delegation, and wait/waiter behaviour.
 
-mod common;
-
 use tokio_util::sync::CancellationToken;
 use uvm::seams::{ExecRequest, SecurityPolicy, VmConfig};
 use uvm::testing::{Call, Capture, Fakes};
@@ -57,7 +55,7 @@ async fn start_applies_the_configured_security_policy_after_connecting() {
 
 #[tokio::test]
 async fn start_vm_on_running_is_a_noop() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.controller
         .start_vm()
         .await
@@ -72,7 +70,7 @@ async fn start_vm_on_running_is_a_noop() {
 
 #[tokio::test]
 async fn terminate_vm_on_terminated_is_a_noop() {
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     f.controller.terminate_vm().await.expect("no-op");
     assert_eq!(f.controller.state(), State::Terminated);
     assert!(f.script.calls().is_empty());
@@ -91,7 +89,7 @@ async fn terminate_vm_on_not_created_is_a_noop() {
 
 #[tokio::test]
 async fn exec_into_host_forwards_the_guest_exit_code_and_output() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.guest.set_exec_result(b"hello\n", 42);
     let sink = Capture::default();
     let mut request = ExecRequest::new(["echo", "hello"]);
@@ -104,7 +102,7 @@ async fn exec_into_host_forwards_the_guest_exit_code_and_output() {
 
 #[tokio::test]
 async fn dump_stacks_returns_the_guest_text_when_capable() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let text = f.controller.dump_stacks().await.expect("dump");
     assert!(text.contains("fake agent"));
     assert_eq!(f.script.calls(), vec![Call::DumpStacks]);
@@ -131,7 +129,7 @@ async fn dump_stacks_is_empty_without_the_guest_capability() {
 
 #[tokio::test]
 async fn exit_status_reports_how_and_when_the_vm_ended() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let started = f.controller.start_time().expect("running has a start time");
     assert!(started.is_some());
     f.vm().exit(VmExit {
@@ -155,7 +153,7 @@ async fn exit_status_reports_how_and_when_the_vm_ended() {
 
 #[tokio::test]
 async fn wait_from_terminated_drains_the_guest_log() {
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     let drain = f.script.hold(Call::LogDrain);
     let c = f.controller.clone();
     let waiting = tokio::spawn(async move { c.wait(&CancellationToken::new()).await });
@@ -173,7 +171,7 @@ async fn wait_from_terminated_drains_the_guest_log() {
 
 #[tokio::test]
 async fn wait_honours_cancellation_during_log_drain() {
-    let f = common::terminated().await;
+    let f = Fakes::terminated().await;
     let drain = f.script.hold(Call::LogDrain);
     let cancel = CancellationToken::new();
     let c = f.controller.clone();
@@ -193,7 +191,7 @@ async fn wait_honours_cancellation_during_log_drain() {
 
 #[tokio::test]
 async fn wait_on_running_returns_after_the_vm_exits() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     let c = f.controller.clone();
     let waiting = tokio::spawn(async move { c.wait(&CancellationToken::new()).await });
     tokio::task::yield_now().await;
@@ -205,7 +203,7 @@ async fn wait_on_running_returns_after_the_vm_exits() {
 
 #[tokio::test]
 async fn waiter_moves_running_to_terminated_and_collapses_the_guest_link() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.vm().exit(VmExit {
         code: None,
         signal: Some(9),
@@ -242,7 +240,7 @@ async fn waiter_moves_running_to_terminated_and_collapses_the_guest_link() {
 /// recorded and a later terminate_vm reaches Terminated.
 #[tokio::test]
 async fn waiter_keeps_an_invalid_vm_invalid_until_terminate_releases_it() {
-    let f = common::running().await;
+    let f = Fakes::running().await;
     f.script.fail_nth(Call::Release, 1);
     let err = f
         .controller
