@@ -4,6 +4,7 @@
 use std::io;
 
 use uvm_agent_proto::ttrpc::{self, Code};
+use uvm_util::error_chain;
 
 /// Why an API request failed.
 #[derive(Debug, thiserror::Error)]
@@ -157,20 +158,8 @@ impl ApiError {
 
 impl From<ApiError> for ttrpc::Error {
     fn from(e: ApiError) -> Self {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), chain(&e)))
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), error_chain(&e)))
     }
-}
-
-/// `error: source: source…` on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        next = source.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -82,9 +82,7 @@ impl LogQueue {
 
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         // A panic while holding this lock leaves only a queue of strings behind: keep using it.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        uvm_util::lock(&self.state)
     }
 
     fn push(&self, line: &str) {

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     match run::as_service(&options, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("uvm-agent: {}", uvm_agent::error::chain(&e));
+            eprintln!("uvm-agent: {}", uvm_util::error_chain(&e));
             ExitCode::FAILURE
         }
     }

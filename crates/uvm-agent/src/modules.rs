@@ -119,7 +119,7 @@ pub fn load_all(dir: &Path) -> LoadReport {
                 path: order_path,
                 source,
             };
-            warn!("{}", crate::error::chain(&e));
+            warn!("{}", uvm_util::error_chain(&e));
             report.failed += 1;
             return report;
         }
@@ -129,7 +129,7 @@ pub fn load_all(dir: &Path) -> LoadReport {
             Ok(true) => report.loaded += 1,
             Ok(false) => report.already_loaded += 1,
             Err(e) => {
-                warn!("{}", crate::error::chain(&e));
+                warn!("{}", uvm_util::error_chain(&e));
                 report.failed += 1;
             }
         }

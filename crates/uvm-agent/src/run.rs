@@ -97,7 +97,7 @@ pub fn as_init(options: &ServiceOptions, started: Duration) -> ! {
         )
     });
     match outcome {
-        Ok(Err(e)) => error!("fatal: {}", crate::error::chain(&e)),
+        Ok(Err(e)) => error!("fatal: {}", uvm_util::error_chain(&e)),
         Ok(Ok(())) => error!("fatal: the agent stopped serving"),
         Err(_) => error!("fatal: the agent panicked"),
     }

@@ -21,6 +21,8 @@ use uvm_agent_proto::announce::{parse_ready_line, read_bounded_line};
 use uvm_agent_proto::{
     ttrpc, AGENT_VSOCK_PORT, HOST_ANNOUNCE_PORT, MAX_ENTROPY_BYTES, MAX_LOG_LINE, PROTOCOL_VERSION,
 };
+// Poisoning is recovered from: the link state and the recent log are only ever replaced whole.
+use uvm_util::lock;
 
 use crate::hybrid;
 
@@ -94,10 +96,6 @@ impl std::fmt::Debug for VsockGuest {
             .field("health", &self.health())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl VsockGuest {

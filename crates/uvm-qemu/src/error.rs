@@ -69,13 +69,11 @@ impl QemuError {
             } => HostError::Gone,
             other => HostError::Failed {
                 operation,
-                message: chain(&other),
+                message: uvm_util::error_chain(&other),
             },
         }
     }
 }
-
-pub(crate) use uvm::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

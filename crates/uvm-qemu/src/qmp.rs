@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,8 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+// The pending map stays consistent across a panic (single inserts and removes): keep using it.
+use uvm_util::lock;
 
 /// Longest QMP line accepted (QEMU's replies to our commands are far smaller).
 const MAX_LINE: usize = 1 << 20;
@@ -273,11 +275,6 @@ impl std::fmt::Debug for QmpClient {
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
-}
-
-fn lock(p: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
-    // The map stays consistent across a panic (single inserts/removes): keep using it.
-    p.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl QmpClient {

@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
@@ -145,7 +145,7 @@ impl Shared {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Procs> {
         // Every update of `Procs` is a single assignment: it stays consistent across a panic.
-        self.procs.lock().unwrap_or_else(PoisonError::into_inner)
+        uvm_util::lock(&self.procs)
     }
 
     pub(crate) fn subscribe_exit(&self) -> watch::Receiver<Option<VmExit>> {
@@ -254,7 +254,8 @@ pub(crate) fn spawn(
     let (tx, rx) = oneshot::channel();
     let span = tracing::info_span!("vm supervisor", vm = %vm_id);
     let handle = std::thread::Builder::new()
-        .name(format!("uvm-sup-{}", short(vm_id)))
+        // Linux keeps 15 bytes of a thread's name.
+        .name(format!("uvm-sup-{}", uvm_util::short_id(vm_id, 6)))
         .spawn(move || {
             let _span = span.entered();
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -280,10 +281,6 @@ pub(crate) fn spawn(
     Ok((handle, rx))
 }
 
-fn short(id: &str) -> String {
-    id.chars().take(6).collect()
-}
-
 #[derive(Default)]
 struct Children {
     vsock: Option<Child>,
@@ -303,7 +300,7 @@ fn run(shared: &Arc<Shared>, launch: &Launch, reply: oneshot::Sender<Started>) {
     let mut children = Children::default();
     let started = start_children(shared, launch, &mut children);
     if let Err(e) = &started {
-        tracing::warn!(error = %crate::error::chain(e), "start failed; killing what was spawned");
+        tracing::warn!(error = %uvm_util::error_chain(e), "start failed; killing what was spawned");
         shared.stop_and_kill();
     }
     // Nobody listening any more (start was cancelled) is fine: terminate/release take over.
@@ -619,7 +616,7 @@ fn reap_all(shared: &Shared, children: &mut Children) {
             Ok(None) => {}
             Err(e) => {
                 // poll on our own pidfds cannot fail for long; do not spin if it does.
-                tracing::error!(error = %crate::error::chain(&e), "waiting for children failed");
+                tracing::error!(error = %uvm_util::error_chain(&e), "waiting for children failed");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

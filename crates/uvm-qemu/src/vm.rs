@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -12,6 +12,7 @@ use uvm::seams::{
     CpuLimits, GuestEndpoint, HostStats, HostVm, VmBackend, VmConfig, VmLifetime, VmResources,
 };
 use uvm::{HostError, VmExit};
+use uvm_util::{lock, short_id};
 
 use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths};
 use crate::error::QemuError;
@@ -156,7 +157,7 @@ impl QemuBackend {
             operation: "resolve the runtime root",
             source,
         })?;
-        let prefix = format!("uvm-{}-", short_id(id));
+        let prefix = format!("uvm-{}-", short_id(id, 12));
         check_runtime_dir("runtime root", &root, &root.join(format!("{prefix}XXXXXX")))?;
         // On any error below, the TempDir's drop removes the directory: nothing is left behind.
         let dir = tempfile::Builder::new()
@@ -288,20 +289,6 @@ fn validate(c: &QemuConfig, config: &VmConfig) -> Result<u64, HostError> {
     Ok(memory_bytes)
 }
 
-/// Up to 12 characters of `id` that are safe in a file name.
-fn short_id(id: &str) -> String {
-    let s: String = id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-        .take(12)
-        .collect();
-    if s.is_empty() {
-        "vm".to_owned()
-    } else {
-        s
-    }
-}
-
 /// One QEMU VM: its runtime directory and, once started, its two processes.
 #[derive(Debug)]
 pub struct QemuVm {
@@ -314,6 +301,7 @@ pub struct QemuVm {
     runtime_dir: PathBuf,
     /// The negotiated QMP connection; (re)made on demand while QEMU runs.
     qmp: tokio::sync::Mutex<Option<Arc<QmpClient>>>,
+    /// Only ever replaced whole, so it is used across a poisoning ([`lock`]).
     supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -458,10 +446,7 @@ impl QemuVm {
                     return Err(e.into_host(OP));
                 }
             };
-        *self
-            .supervisor
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        *lock(&self.supervisor) = Some(handle);
         let stream = answer
             .await
             .map_err(|_| QemuError::SupervisorLost.into_host(OP))?
@@ -580,7 +565,7 @@ impl VmLifetime for QemuVm {
                 tracing::warn!(grace = ?self.grace, "QEMU did not quit in time; killing it");
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %crate::error::chain(&e), "QMP quit failed; killing QEMU")
+                tracing::warn!(error = %uvm_util::error_chain(&e), "QMP quit failed; killing QEMU")
             }
             Err(_) => tracing::warn!(grace = ?self.grace, "QMP quit timed out; killing QEMU"),
         }
@@ -617,11 +602,7 @@ impl VmLifetime for QemuVm {
                 after: KILL_WAIT,
             });
         }
-        let handle = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let handle = lock(&self.supervisor).take();
         if let Some(handle) = handle {
             // It has reaped everything and is returning; it never blocks after `done`.
             if handle.join().is_err() {

@@ -461,6 +461,4 @@ pub(crate) async fn with_deadline<T>(
 
 /// Locks a mutex, recovering from poisoning: the state is written only by `Core::commit`, which
 /// cannot panic half-way, so a poisoned lock still guards a consistent state.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+pub(crate) use uvm_util::lock;

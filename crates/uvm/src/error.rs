@@ -178,13 +178,4 @@ impl ControllerError {
 }
 
 /// An error and its sources, joined with ": ", for logs and state reasons.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
+pub use uvm_util::error_chain;

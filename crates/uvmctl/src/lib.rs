@@ -5,7 +5,7 @@ pub mod bench;
 pub mod terminal;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use uvm::seams::{HostVm, VmBackend, VmConfig};
@@ -124,7 +124,8 @@ pub struct Vm {
     host: HostSlot,
 }
 
-/// Where [`TrackingBackend`] leaves the VM it created.
+/// Where [`TrackingBackend`] leaves the VM it created (only ever replaced whole, so it is used
+/// across a poisoning: [`uvm_util::lock`]).
 type HostSlot = Arc<Mutex<Option<Arc<QemuVm>>>>;
 
 /// The QEMU backend, keeping a handle on the VM it creates so that [`Vm::qemu_vm`] can show its
@@ -138,7 +139,7 @@ struct TrackingBackend {
 impl VmBackend for TrackingBackend {
     async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
         let vm = Arc::new(self.inner.create_vm(id, config)?);
-        *self.created.lock().unwrap_or_else(PoisonError::into_inner) = Some(vm.clone());
+        *uvm_util::lock(&self.created) = Some(vm.clone());
         Ok(vm)
     }
 }
@@ -195,10 +196,7 @@ impl Vm {
     /// The QEMU VM under the controller once `create_vm` succeeded: its process ids, runtime
     /// directory and start marks (QEMU spawn time), for the benchmark and diagnostics.
     pub fn qemu_vm(&self) -> Option<Arc<QemuVm>> {
-        self.host
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        uvm_util::lock(&self.host).clone()
     }
 
     /// create_vm + start_vm, with the boot's phase marks.

@@ -326,7 +326,7 @@ async fn run(args: RunArgs) -> anyhow::Result<u8> {
                 Some(uvm::Rejection::PermissionDenied) if torn_down => 126,
                 _ => return Err(anyhow::Error::new(e).context("running the command in the VM")),
             };
-            eprintln!("uvmctl: {}", uvm::error_chain(&e));
+            eprintln!("uvmctl: {}", uvm_util::error_chain(&e));
             Ok(code)
         }
         (Outcome::Done(Ok(_)), Err(e)) => Err(anyhow::Error::new(e).context("tearing the VM down")),

@@ -156,7 +156,7 @@ impl Processes {
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        uvm_util::lock(&self.table)
     }
 
     /// Starts and tracks a process; must be called inside the runtime (its output is pumped by

@@ -53,7 +53,7 @@ impl OutputBuf {
     }
 
     fn lock(&self) -> MutexGuard<'_, OutState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        uvm_util::lock(&self.state)
     }
 
     /// Waits until some bytes are buffered or the stream ended, then takes up to `max` bytes.

@@ -221,7 +221,7 @@ async fn guest_boot_marks(uds: &Path) -> Result<(Duration, Duration), BenchError
     let client = hybrid_vsock::connect_agent(uds)
         .await
         .map_err(|e| BenchError::Guest {
-            message: format!("connecting to the agent: {}", uvm::error_chain(&e)),
+            message: format!("connecting to the agent: {}", uvm_util::error_chain(&e)),
         })?;
     let request = HandshakeRequest {
         protocol_version: PROTOCOL_VERSION,

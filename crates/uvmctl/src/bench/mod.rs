@@ -176,7 +176,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     progress!(
         opts,
         "image {} (kernel {flavor}), accel {}, machine {machine}",
-        short(&image.id),
+        uvm_util::short_id(&image.id, 12),
         accel.as_str()
     );
 
@@ -320,10 +320,6 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 
 fn summary(samples: &[Duration], what: &'static str) -> Result<Summary, BenchError> {
     Summary::of_durations(samples).ok_or(BenchError::NoSamples(what))
-}
-
-fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
 }
 
 /// `/proc/loadavg`'s three averages.

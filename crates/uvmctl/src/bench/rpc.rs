@@ -64,7 +64,7 @@ impl Probe {
         let client = hybrid_vsock::connect_agent(uds)
             .await
             .map_err(|e| BenchError::Guest {
-                message: format!("connecting to the agent: {}", uvm::error_chain(&e)),
+                message: format!("connecting to the agent: {}", uvm_util::error_chain(&e)),
             })?;
         Ok(Probe { client })
     }
