@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use uvm_host::tcg_kernel_args;
 use uvm_image::{ensure_image, Image, ImageSpec, KernelFlavor};
-use uvm_qemu::tcg_kernel_args;
 
 const TEST_INIT: &str = r#"#!/bin/busybox sh
 export PATH=/bin

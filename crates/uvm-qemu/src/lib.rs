@@ -20,7 +20,6 @@ mod qmp;
 mod stale;
 mod stats;
 mod supervisor;
-mod tsc;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -32,12 +31,8 @@ pub use cmdline::{
 };
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
-pub use stale::{processes_mentioning, sweep_stale_runtime_dirs, OWNER_FILE};
-pub use supervisor::{log_tail, tethered_command, unix_socket_listening, BootMarks};
-pub use tsc::{
-    host_tsc_khz, host_tsc_khz_with, tcg_kernel_args, tcg_kernel_args_with, TscError,
-    TCG_APIC_TIMER_KHZ,
-};
+pub use stale::{sweep_stale_runtime_dirs, OWNER_FILE};
+pub use supervisor::BootMarks;
 pub use vm::{CommandLines, QemuBackend, QemuVm, MAX_CPUS, MEMORY_GRANULARITY, MIN_MEMORY_MIB};
 
 /// The machine model a VM runs on.
@@ -186,7 +181,7 @@ pub struct QemuConfig {
     /// How long `terminate` waits after QMP `quit` before SIGKILL.
     pub terminate_grace: Duration,
     /// Where the host's measured TSC frequency is kept for the rest of the host's boot (see
-    /// [`host_tsc_khz_with`]); `None`: measured once per process (≈50 ms, under TCG only).
+    /// [`uvm_host::host_tsc_khz_with`]); `None`: measured once per process (≈50 ms, under TCG only).
     pub tsc_cache: Option<PathBuf>,
 }
 

@@ -8,6 +8,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use uvm_host::processes_mentioning;
+
 /// The file in each runtime directory naming the process that owns it: `<pid> <start time>`.
 pub const OWNER_FILE: &str = "owner";
 
@@ -98,30 +100,6 @@ pub fn sweep_stale_runtime_dirs(root: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
-}
-
-/// Processes (other than this one) whose command line mentions `dir`.
-pub fn processes_mentioning(dir: &Path) -> Vec<u32> {
-    let needle = dir.as_os_str().as_encoded_bytes();
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| contains(&cmdline, needle))
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -218,15 +196,5 @@ mod tests {
         std::os::unix::fs::symlink(target.path(), root.path().join("uvm-g-888888")).unwrap();
         assert!(sweep_stale_runtime_dirs(root.path()).unwrap().is_empty());
         assert!(target.path().join(OWNER_FILE).is_file());
-    }
-
-    #[test]
-    fn a_directory_nobody_mentions_has_no_processes() {
-        assert!(processes_mentioning(Path::new("/nonexistent/uvm-none-XYZ")).is_empty());
-        assert!(!contains(b"abc", b""));
-        assert!(contains(
-            b"--vm\0guest-cid=3,socket=/tmp/uvm-a/vhost.sock",
-            b"/tmp/uvm-a"
-        ));
     }
 }

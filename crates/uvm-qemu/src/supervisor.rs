@@ -10,13 +10,11 @@
 //! Signals go through pidfds, and the supervisor marks a child reaped under the same lock that
 //! senders and `/proc` readers take, so nothing ever signals or reads a recycled PID.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,6 +23,7 @@ use rustix::fs::inotify;
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 use tokio::sync::{oneshot, watch};
 use uvm::VmExit;
+use uvm_host::{log_tail, tethered_command, unix_socket_listening};
 
 use crate::cmdline::RuntimePaths;
 use crate::error::QemuError;
@@ -38,9 +37,6 @@ pub(crate) const READY_DEADLINE: Duration = Duration::from_secs(10);
 /// the wait; it is not the mechanism.
 const RECHECK_FIRST: Duration = Duration::from_millis(1);
 const RECHECK_MAX: Duration = Duration::from_millis(20);
-
-/// Bytes of a child's log quoted in an error.
-const LOG_TAIL: u64 = 2048;
 
 /// When the VM's processes reached each step of the start (`None`: not reached).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -375,40 +371,6 @@ fn start_children(
     )
 }
 
-/// A command for a child that must not outlive this process: its own process group (a
-/// terminal's Ctrl-C reaches the controller, which decides), SIGKILL as its parent-death signal
-/// (checked against a parent that died before the prctl), stdin from /dev/null, stdout and
-/// stderr into `log_path`. Note: the parent-death signal fires when the *spawning thread* exits.
-pub fn tethered_command(
-    program: &Path,
-    args: &[String],
-    log_path: &Path,
-) -> std::io::Result<Command> {
-    let log = File::create(log_path)?;
-    let log_err = log.try_clone()?;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        .process_group(0);
-    let parent = rustix::process::getpid();
-    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
-    // calls are allowed: it makes two raw syscalls (prctl, getppid) through rustix, allocates
-    // nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-            // The parent may have died before the prctl: then nobody will ever kill us.
-            if rustix::process::getppid() != Some(parent) {
-                return Err(std::io::Error::other("the parent exited during spawn"));
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
-}
-
 /// Spawn `which` into its own process group, with SIGKILL as its parent-death signal, and
 /// register it (PID + pidfd) — unless the VM is stopping.
 fn spawn_child(
@@ -620,71 +582,5 @@ fn reap_all(shared: &Shared, children: &mut Children) {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-    }
-}
-
-/// Whether a unix socket bound at `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`),
-/// without connecting to it (vhost-device-vsock serves a single frontend connection).
-pub fn unix_socket_listening(path: &Path) -> std::io::Result<bool> {
-    let table = std::fs::read_to_string("/proc/net/unix")?;
-    Ok(listening_in(&table, path))
-}
-
-/// `/proc/net/unix` lines: `Num RefCount Protocol Flags Type St Inode Path`.
-pub(crate) fn listening_in(table: &str, path: &Path) -> bool {
-    const SO_ACCEPTCON: u32 = 0x0001_0000;
-    let path = path.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_ascii_whitespace();
-        let flags = fields.nth(3);
-        let bound = fields.nth(3);
-        bound == Some(path.as_ref())
-            && flags
-                .and_then(|f| u32::from_str_radix(f, 16).ok())
-                .is_some_and(|f| f & SO_ACCEPTCON != 0)
-    })
-}
-
-/// The end of a child's log (its last 2 KiB), for error messages.
-pub fn log_tail(path: &Path) -> String {
-    let read = || -> std::io::Result<String> {
-        let mut f = File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)))?;
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
-    };
-    match read() {
-        Ok(s) if s.is_empty() => "(nothing)".to_owned(),
-        Ok(s) => s,
-        Err(e) => format!("(log unreadable: {e})"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TABLE: &str = "Num       RefCount Protocol Flags    Type St Inode Path\n\
-        0000000000000000: 00000002 00000000 00010000 0001 01 12345 /tmp/uvm-a/vhost.sock\n\
-        0000000000000000: 00000002 00000000 00000000 0001 01 12346 /tmp/uvm-b/vhost.sock\n\
-        0000000000000000: 00000003 00000000 00000000 0001 03  9999\n";
-
-    #[test]
-    fn listening_needs_the_accept_flag_on_that_path() {
-        assert!(listening_in(TABLE, Path::new("/tmp/uvm-a/vhost.sock")));
-        // Bound but not yet listening.
-        assert!(!listening_in(TABLE, Path::new("/tmp/uvm-b/vhost.sock")));
-        assert!(!listening_in(TABLE, Path::new("/tmp/uvm-c/vhost.sock")));
-    }
-
-    #[test]
-    fn this_machine_lists_listening_sockets() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("s.sock");
-        assert!(!unix_socket_listening(&path).expect("read /proc/net/unix"));
-        let _l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
-        assert!(unix_socket_listening(&path).expect("read /proc/net/unix"));
     }
 }

@@ -40,7 +40,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 pub struct QemuBackend {
     config: Arc<QemuConfig>,
     accel: AccelKind,
-    /// Clock arguments for guests under TCG ([`crate::tcg_kernel_args`]), when measurable.
+    /// Clock arguments for guests under TCG ([`uvm_host::tcg_kernel_args`]), when measurable.
     tcg_clock: Option<String>,
 }
 
@@ -49,10 +49,10 @@ impl QemuBackend {
     pub fn new(config: QemuConfig) -> Self {
         let accel = config.accel.resolve();
         // Under TCG the guest's TSC is the host's: hand its frequency over, so the guest neither
-        // calibrates badly (q35) nor hangs calibrating (microvm). See `tsc`.
+        // calibrates badly (q35) nor hangs calibrating (microvm). See `uvm_host::tsc`.
         let tcg_clock = match accel {
             AccelKind::Kvm => None,
-            AccelKind::Tcg => match crate::tcg_kernel_args_with(config.tsc_cache.as_deref()) {
+            AccelKind::Tcg => match uvm_host::tcg_kernel_args_with(config.tsc_cache.as_deref()) {
                 Ok(args) => Some(args),
                 Err(e) => {
                     tracing::warn!(error = %e, "no TSC frequency for TCG guests");

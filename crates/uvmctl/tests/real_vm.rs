@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use uvm::seams::ExecRequest;
 use uvm::testing::Capture;
 use uvm::{ControllerError, GuestError, Reason, SeamError, StartStep, State, Timeouts};
-use uvmctl::bench::procs::processes_mentioning;
+use uvm_host::processes_mentioning;
 use uvmctl::{default_image, Machine, Vm, VmOptions};
 
 /// A VM under test with its own runtime root, so leaks can be found by path.
@@ -323,7 +323,7 @@ mod real_vm_restart {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
-    use uvmctl::bench::procs::processes_mentioning;
+    use uvm_host::processes_mentioning;
 
     fn runtime_dirs(root: &Path) -> Vec<PathBuf> {
         std::fs::read_dir(root)
@@ -417,7 +417,7 @@ mod real_vm_cli {
 
     use rustix::termios;
 
-    use uvmctl::bench::procs::processes_mentioning;
+    use uvm_host::processes_mentioning;
 
     /// `uvmctl run ARGS` with a runtime root of its own (TMPDIR); asserts nothing of the VM
     /// is left behind, whatever the outcome.

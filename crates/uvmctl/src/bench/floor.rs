@@ -62,7 +62,7 @@ impl ChildGuard {
         log: &Path,
     ) -> Result<ChildGuard, BenchError> {
         let mut cmd =
-            uvm_qemu::tethered_command(program, args, log).map_err(|source| BenchError::Io {
+            uvm_host::tethered_command(program, args, log).map_err(|source| BenchError::Io {
                 operation: "create a process log",
                 source,
             })?;
@@ -94,7 +94,7 @@ impl ChildGuard {
                 Err(BenchError::ChildExited {
                     name: self.name,
                     status: status.to_string(),
-                    log: uvm_qemu::log_tail(&self.log),
+                    log: uvm_host::log_tail(&self.log),
                 })
             }
             Err(source) => Err(BenchError::Io {
@@ -253,7 +253,7 @@ async fn wait_listening(
 ) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let listening = uvm_qemu::unix_socket_listening(path).map_err(|source| BenchError::Io {
+        let listening = uvm_host::unix_socket_listening(path).map_err(|source| BenchError::Io {
             operation: "read /proc/net/unix",
             source,
         })?;

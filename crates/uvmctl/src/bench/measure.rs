@@ -98,7 +98,7 @@ fn check_clean(vm: &Vm, dir: Option<PathBuf>) -> Result<(), BenchError> {
     let Some(dir) = dir else {
         return Ok(());
     };
-    let pids = procs::processes_mentioning(&dir);
+    let pids = uvm_host::processes_mentioning(&dir);
     if !pids.is_empty() || dir.exists() {
         return Err(BenchError::Leaked { dir, pids });
     }

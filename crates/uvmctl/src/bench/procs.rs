@@ -1,5 +1,4 @@
-//! What `/proc` says about processes: resident memory, and which processes still mention a VM's
-//! runtime directory on their command line (a leak check after teardown).
+//! What `/proc` says about the memory of processes: resident and proportional set sizes.
 
 /// `VmRSS` of process `pid` in bytes; `None` if it is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
@@ -34,8 +33,6 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
 fn vm_rss(process: procfs::process::Process) -> Option<u64> {
     process.status().ok()?.vmrss?.checked_mul(1024)
 }
-
-pub use uvm_qemu::processes_mentioning;
 
 /// Bytes in MiB.
 pub fn mib(bytes: u64) -> f64 {
