@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt as _};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncReadExt as _};
 
 use crate::{AGENT_VSOCK_PORT, MAX_LOG_LINE, PROTOCOL_VERSION};
 
@@ -45,6 +45,33 @@ pub enum AnnounceError {
     /// The line is not UTF-8.
     #[error("ready line is not valid UTF-8")]
     NotUtf8,
+}
+
+/// Why the announce stream did not begin with a ready line the host can accept
+/// ([`read_ready_line`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    /// Reading the stream failed.
+    #[error("the announce stream could not be read")]
+    Io(#[source] std::io::Error),
+    /// The stream ended before the first byte of the ready line.
+    #[error("the announce stream ended before the ready line")]
+    Ended,
+    /// The stream ended after part of the ready line.
+    #[error("the announce stream ended inside the ready line")]
+    EndedInside,
+    /// No `\n` within [`MAX_LOG_LINE`] bytes.
+    #[error("the ready line is longer than {MAX_LOG_LINE} bytes")]
+    TooLong,
+    /// The line is not a ready line.
+    #[error(transparent)]
+    Malformed(#[from] AnnounceError),
+    /// The agent speaks another protocol version than ours.
+    #[error("the agent speaks protocol v{agent}, we speak v{PROTOCOL_VERSION}")]
+    Incompatible {
+        /// The version the agent announced.
+        agent: u32,
+    },
 }
 
 /// A parsed ready line.
@@ -159,6 +186,38 @@ pub fn parse_ready_line(line: &[u8]) -> Result<ReadyLine, AnnounceError> {
     })
 }
 
+/// Reads the ready line that begins the announce stream, reading no more than [`MAX_LOG_LINE`]
+/// bytes and a `\n`, and checks that the agent speaks our [`PROTOCOL_VERSION`]. What follows
+/// (the agent's log lines) stays in `reader`. Bound the wait with a timeout: a guest may send
+/// nothing at all.
+pub async fn read_ready_line<R>(reader: &mut R) -> Result<ReadyLine, ReadyError>
+where
+    R: AsyncBufRead + Unpin + ?Sized,
+{
+    let mut line = Vec::with_capacity(128);
+    let limit = u64::try_from(MAX_LOG_LINE).unwrap_or(u64::MAX) + 1;
+    reader
+        .take(limit)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(ReadyError::Io)?;
+    match line.last() {
+        Some(b'\n') => {
+            line.pop();
+        }
+        None => return Err(ReadyError::Ended),
+        Some(_) if line.len() > MAX_LOG_LINE => return Err(ReadyError::TooLong),
+        Some(_) => return Err(ReadyError::EndedInside),
+    }
+    let ready = parse_ready_line(&line)?;
+    if !ready.is_compatible() {
+        return Err(ReadyError::Incompatible {
+            agent: ready.protocol_version,
+        });
+    }
+    Ok(ready)
+}
+
 /// One line read by [`read_bounded_line`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundedLine {
@@ -229,6 +288,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt as _;
+
     use super::*;
 
     #[test]
@@ -294,6 +355,58 @@ mod tests {
             parse_ready_line(&long),
             Err(AnnounceError::TooLong { len }) if len == MAX_LOG_LINE + 1
         ));
+    }
+
+    /// [`read_ready_line`] on `input`, and what it left unread.
+    fn ready_of(input: &[u8]) -> (Result<ReadyLine, ReadyError>, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut reader = tokio::io::BufReader::with_capacity(3, input);
+            let ready = read_ready_line(&mut reader).await;
+            let mut rest = Vec::new();
+            reader
+                .read_to_end(&mut rest)
+                .await
+                .expect("reading a slice cannot fail");
+            (ready, rest)
+        })
+    }
+
+    #[test]
+    fn the_ready_line_is_read_and_the_log_lines_stay_in_the_stream() {
+        let input = format!("{}log one\n", ready_line());
+        let (ready, rest) = ready_of(input.as_bytes());
+        let ready = ready.expect("our own ready line");
+        assert_eq!(ready.agent_port(), Some(AGENT_VSOCK_PORT));
+        assert_eq!(rest, b"log one\n");
+    }
+
+    #[test]
+    fn a_missing_or_unacceptable_ready_line_says_why() {
+        assert!(matches!(ready_of(b"").0, Err(ReadyError::Ended)));
+        assert!(matches!(
+            ready_of(b"UVM-AGENT READY v1").0,
+            Err(ReadyError::EndedInside)
+        ));
+        assert!(matches!(
+            ready_of(b"hello\n").0,
+            Err(ReadyError::Malformed(AnnounceError::NotReadyLine))
+        ));
+        let (ready, rest) = ready_of(b"UVM-AGENT READY v7\nlog\n");
+        assert!(matches!(ready, Err(ReadyError::Incompatible { agent: 7 })));
+        assert_eq!(rest, b"log\n");
+        // A line without its `\n` within the bound: no more than the bound and one byte is read.
+        let long = vec![b'x'; MAX_LOG_LINE * 2];
+        let (ready, rest) = ready_of(&long);
+        assert!(matches!(ready, Err(ReadyError::TooLong)));
+        assert_eq!(rest.len(), MAX_LOG_LINE - 1);
+        // Exactly at the bound is still a line.
+        let mut at_bound = b"UVM-AGENT READY v1 pad=".to_vec();
+        at_bound.resize(MAX_LOG_LINE, b'p');
+        at_bound.push(b'\n');
+        assert!(ready_of(&at_bound).0.is_ok());
     }
 
     fn lines_of(input: &[u8], limit: usize) -> Vec<BoundedLine> {

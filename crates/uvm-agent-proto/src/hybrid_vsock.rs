@@ -6,6 +6,9 @@
 //! The reply is read one byte at a time, so not a byte of the ttrpc stream after it is
 //! consumed, and it is bounded ([`MAX_REPLY`]). A guest port nobody listens on yields no reply
 //! or a closed stream, depending on the proxy: wrap [`connect_agent`] in a timeout.
+//!
+//! The other way, guest → host connections to host port P arrive on the unix socket
+//! `<uds>_<P>` ([`host_port_path`]), where the host listens before the guest connects.
 
 use std::path::{Path, PathBuf};
 
@@ -49,6 +52,13 @@ pub enum HybridVsockError {
         /// What came back (lossily decoded, bounded).
         reply: String,
     },
+}
+
+/// The unix socket path on which guest connections to host `port` arrive.
+pub fn host_port_path(uds: &Path, port: u32) -> PathBuf {
+    let mut s = uds.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    PathBuf::from(s)
 }
 
 /// Runs the `CONNECT <port>` exchange on an open stream; returns the host-side port number of
@@ -151,6 +161,14 @@ mod tests {
             host.read_exact(&mut rest).await.expect("rest");
         }
         (result, rest)
+    }
+
+    #[test]
+    fn host_port_paths_append_the_port() {
+        assert_eq!(
+            host_port_path(Path::new("/tmp/x/vsock.sock"), 1025),
+            PathBuf::from("/tmp/x/vsock.sock_1025")
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! `uvm_agent_proto::MAX_*`), and garbage is an error, never a panic.
 
 mod exec;
-pub mod hybrid;
+mod hybrid;
 mod link;
 
 pub use link::{GuestLinkConfig, LinkMarks, VsockGuest};

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,9 +17,10 @@ use uvm::seams::{
 use uvm::{GuestError, Rejection};
 use uvm_agent_proto::agent::{Empty, HandshakeRequest};
 use uvm_agent_proto::agent_ttrpc::AgentClient;
-use uvm_agent_proto::announce::{parse_ready_line, read_bounded_line};
+use uvm_agent_proto::announce::{read_bounded_line, read_ready_line, ReadyError, ReadyLine};
 use uvm_agent_proto::{
-    ttrpc, AGENT_VSOCK_PORT, HOST_ANNOUNCE_PORT, MAX_ENTROPY_BYTES, MAX_LOG_LINE, PROTOCOL_VERSION,
+    hybrid_vsock, ttrpc, AGENT_VSOCK_PORT, HOST_ANNOUNCE_PORT, MAX_ENTROPY_BYTES, MAX_LOG_LINE,
+    PROTOCOL_VERSION,
 };
 // Poisoning is recovered from: the link state and the recent log are only ever replaced whole.
 use uvm_util::lock;
@@ -294,7 +295,7 @@ impl GuestConnection for VsockGuest {
                 operation: "a guest endpoint other than hybrid vsock",
             });
         };
-        let path = hybrid::host_port_path(uds, HOST_ANNOUNCE_PORT);
+        let path = hybrid_vsock::host_port_path(uds, HOST_ANNOUNCE_PORT);
         let listener = UnixListener::bind(&path).map_err(|source| GuestError::Io {
             operation: "bind the guest announce listener",
             source,
@@ -329,44 +330,7 @@ impl GuestConnection for VsockGuest {
             source,
         })?;
         let mut reader = BufReader::with_capacity(MAX_LOG_LINE, stream);
-        let mut line = Vec::with_capacity(128);
-        let limit = u64::try_from(MAX_LOG_LINE).unwrap_or(u64::MAX) + 1;
-        self.call_io(
-            "read the ready line",
-            (&mut reader).take(limit).read_until(b'\n', &mut line),
-        )
-        .await?;
-        match line.last() {
-            Some(b'\n') => {
-                line.pop();
-            }
-            None => {
-                return Err(GuestError::Protocol {
-                    message: "the announce stream ended before the ready line".into(),
-                })
-            }
-            Some(_) if line.len() > MAX_LOG_LINE => {
-                return Err(GuestError::Protocol {
-                    message: format!("the ready line is longer than {MAX_LOG_LINE} bytes"),
-                })
-            }
-            Some(_) => {
-                return Err(GuestError::Protocol {
-                    message: "the announce stream ended inside the ready line".into(),
-                })
-            }
-        }
-        let ready = parse_ready_line(&line).map_err(|e| GuestError::Protocol {
-            message: e.to_string(),
-        })?;
-        if !ready.is_compatible() {
-            return Err(GuestError::Protocol {
-                message: format!(
-                    "the agent speaks protocol v{}, we speak v{PROTOCOL_VERSION}",
-                    ready.protocol_version
-                ),
-            });
-        }
+        let ready = self.read_ready(&mut reader).await?;
         {
             let mut s = self.state();
             s.forwarder_started = true;
@@ -376,12 +340,10 @@ impl GuestConnection for VsockGuest {
 
         let port = ready.agent_port().unwrap_or(AGENT_VSOCK_PORT);
         let stream = self
-            .call_io_result("connect to the agent", hybrid::connect(&uds, port))
+            .connect_step("connect to the agent", hybrid::connect(&uds, port))
             .await?;
         self.state().marks.connected = Some(Instant::now());
-        let client = AgentClient::new(ttrpc::r#async::Client::new(
-            ttrpc::r#async::transport::Socket::from(stream),
-        ));
+        let client = hybrid_vsock::client_from_stream(stream);
         let mut entropy = vec![0u8; MAX_ENTROPY_BYTES.min(64)];
         rustix::rand::getrandom(&mut entropy, rustix::rand::GetRandomFlags::empty()).map_err(
             |e| GuestError::Io {
@@ -471,21 +433,29 @@ impl GuestConnection for VsockGuest {
 }
 
 impl VsockGuest {
-    /// An I/O step of `connect`, released when the connection closes and bounded by the call
-    /// deadline.
-    async fn call_io<T>(
+    /// The guest's ready line, as a step of `connect`.
+    async fn read_ready(
         &self,
-        operation: &'static str,
-        fut: impl std::future::Future<Output = std::io::Result<T>>,
-    ) -> Result<T, GuestError> {
-        self.call_io_result(operation, async {
-            fut.await
-                .map_err(|source| GuestError::Io { operation, source })
+        reader: &mut BufReader<UnixStream>,
+    ) -> Result<ReadyLine, GuestError> {
+        const OP: &str = "read the ready line";
+        self.connect_step(OP, async {
+            read_ready_line(reader).await.map_err(|e| match e {
+                ReadyError::Io(source) => GuestError::Io {
+                    operation: OP,
+                    source,
+                },
+                other => GuestError::Protocol {
+                    message: other.to_string(),
+                },
+            })
         })
         .await
     }
 
-    async fn call_io_result<T>(
+    /// A step of `connect`, released when the connection closes and bounded by the call
+    /// deadline.
+    async fn connect_step<T>(
         &self,
         operation: &'static str,
         fut: impl std::future::Future<Output = Result<T, GuestError>>,

@@ -19,10 +19,10 @@ use uvm_agent::power::ShutdownAction;
 use uvm_agent::process::{Limits, Processes, ReapMode};
 use uvm_agent::service::{serve, AgentService, ServiceConfig};
 use uvm_agent_proto::announce::ready_line;
+use uvm_agent_proto::hybrid_vsock::host_port_path;
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::Server;
 use uvm_agent_proto::HOST_ANNOUNCE_PORT;
-use uvm_guest::hybrid::host_port_path;
 use uvm_guest::{GuestLinkConfig, VsockGuest};
 
 /// What the fake proxy does after a `CONNECT`.

@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::io::BufReader;
 use tokio::net::UnixListener;
 use uvm::seams::VmConfig;
 use uvm_agent_proto::agent::HandshakeRequest;
-use uvm_agent_proto::announce::parse_ready_line;
-use uvm_agent_proto::{hybrid_vsock, HOST_ANNOUNCE_PORT, MAX_LOG_LINE, PROTOCOL_VERSION};
+use uvm_agent_proto::announce::read_ready_line;
+use uvm_agent_proto::{hybrid_vsock, HOST_ANNOUNCE_PORT, PROTOCOL_VERSION};
 use uvm_qemu::{vhost_vsock_command_line, QemuBackend, RuntimePaths};
 
 use super::phases::{BootMarks, Phases};
@@ -144,7 +144,7 @@ pub async fn floor_once(cfg: &FloorConfig) -> Result<FloorSample, BenchError> {
         &paths.vhost_log,
     )?;
     wait_listening(&paths.vhost_socket, &mut vsock, cfg.timeout).await?;
-    let announce = uvm_guest::hybrid::host_port_path(&paths.vsock_socket, HOST_ANNOUNCE_PORT);
+    let announce = hybrid_vsock::host_port_path(&paths.vsock_socket, HOST_ANNOUNCE_PORT);
     let listener = UnixListener::bind(&announce).map_err(|source| BenchError::Io {
         operation: "bind the announce listener",
         source,
@@ -159,32 +159,14 @@ pub async fn floor_once(cfg: &FloorConfig) -> Result<FloorSample, BenchError> {
             source,
         })?;
         let mut reader = BufReader::new(stream);
-        let mut line = Vec::with_capacity(128);
-        let limit = u64::try_from(MAX_LOG_LINE).unwrap_or(u64::MAX) + 1;
-        (&mut reader)
-            .take(limit)
-            .read_until(b'\n', &mut line)
+        read_ready_line(&mut reader)
             .await
-            .map_err(|source| BenchError::Io {
-                operation: "read the guest's ready line",
-                source,
-            })?;
+            .map_err(BenchError::ReadyLine)?;
         let at = begin.elapsed();
-        Ok::<_, BenchError>((at, line, reader))
+        Ok::<_, BenchError>((at, reader))
     };
-    let (ready_at, line, _announce_stream) =
-        with_child_watch(ready, &mut qemu, cfg.timeout).await?;
-    let parsed = parse_ready_line(&line).map_err(|e| BenchError::Guest {
-        message: format!("bad ready line: {e}"),
-    })?;
-    if !parsed.is_compatible() {
-        return Err(BenchError::Guest {
-            message: format!(
-                "the agent speaks protocol v{}, we speak v{PROTOCOL_VERSION}",
-                parsed.protocol_version
-            ),
-        });
-    }
+    // The announce stream stays open until the floor is torn down, as the guest link keeps it.
+    let (ready_at, _announce_stream) = with_child_watch(ready, &mut qemu, cfg.timeout).await?;
 
     // Not timed: ask the agent for its own boot marks, to split the floor into phases.
     let (kernel_to_init, init_to_ready) =

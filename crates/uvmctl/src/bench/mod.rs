@@ -74,6 +74,8 @@ pub enum BenchError {
     Timeout { what: &'static str, after: Duration },
     #[error("the guest misbehaved: {message}")]
     Guest { message: String },
+    #[error("the floor's guest did not announce itself")]
+    ReadyLine(#[source] uvm_agent_proto::announce::ReadyError),
     #[error("a boot mark is missing: {mark}")]
     MissingMark { mark: &'static str },
     #[error("`{command}` exited with {exit_code} after writing {bytes} bytes to stdout")]
