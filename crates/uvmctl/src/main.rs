@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::task::AbortOnDropHandle;
 use uvm::seams::ExecRequest;
-use uvmctl::{image_with, BootTimings, Vm, VmOptions};
+use uvm_vm::{image_with, BootTimings, Vm, VmOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -108,13 +108,13 @@ impl VmArgs {
             memory_mib: self.memory,
             cpus: self.cpus,
             accel: match self.accel {
-                AccelArg::Auto => uvm_qemu::Accel::Auto,
-                AccelArg::Kvm => uvm_qemu::Accel::Kvm,
-                AccelArg::Tcg => uvm_qemu::Accel::Tcg,
+                AccelArg::Auto => uvm_vm::Accel::Auto,
+                AccelArg::Kvm => uvm_vm::Accel::Kvm,
+                AccelArg::Tcg => uvm_vm::Accel::Tcg,
             },
             machine: match self.machine {
-                MachineArg::Q35 => uvmctl::Machine::Q35,
-                MachineArg::Microvm => uvmctl::Machine::Microvm,
+                MachineArg::Q35 => uvm_vm::Machine::Q35,
+                MachineArg::Microvm => uvm_vm::Machine::Microvm,
             },
             extra_cmdline: self.append.clone(),
             ..VmOptions::default()
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
     };
     // Directories a killed uvmctl left behind (its VMs' processes died with it).
     if matches!(cli.command, Action::Run(_) | Action::Bench(_)) {
-        uvmctl::sweep_stale_runtime_dirs(&uvmctl::VmOptions::default());
+        uvm_vm::sweep_stale_runtime_dirs(&VmOptions::default());
     }
     let result = runtime.block_on(async {
         match cli.command {
@@ -231,7 +231,7 @@ fn parse_env(entry: &str) -> Result<String, String> {
 
 fn command_line(args: &CommandLineArgs) -> anyhow::Result<u8> {
     let image = args.vm.image()?;
-    let lines = uvmctl::command_lines(&image, &args.vm.options(), &args.runtime_dir)?;
+    let lines = uvm_vm::command_lines(&image, &args.vm.options(), &args.runtime_dir)?;
     if args.json {
         println!("{}", serde_json::to_string(&lines)?);
     } else {

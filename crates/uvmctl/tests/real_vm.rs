@@ -11,7 +11,7 @@ use uvm::seams::ExecRequest;
 use uvm::testing::Capture;
 use uvm::{ControllerError, GuestError, Reason, SeamError, StartStep, State, Timeouts};
 use uvm_host::processes_mentioning;
-use uvmctl::{default_image, Machine, Vm, VmOptions};
+use uvm_vm::{default_image, Machine, Vm, VmOptions};
 
 /// A VM under test with its own runtime root, so leaks can be found by path.
 struct TestVm {

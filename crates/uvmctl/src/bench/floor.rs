@@ -26,7 +26,7 @@ use super::BenchError;
 /// What the floor boots: the controller's inputs, without the controller.
 #[derive(Debug, Clone)]
 pub struct FloorConfig {
-    /// The backend a [`crate::Vm`] with the same options uses: it gives the binaries, the
+    /// The backend a [`uvm_vm::Vm`] with the same options uses: it gives the binaries, the
     /// runtime root and the exact QEMU arguments ([`QemuBackend::qemu_args`]). Nothing else of
     /// it runs.
     pub backend: QemuBackend,

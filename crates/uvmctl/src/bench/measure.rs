@@ -19,7 +19,7 @@ use uvm_image::Image;
 use super::phases::{BootMarks, Phases};
 use super::procs;
 use super::BenchError;
-use crate::{Vm, VmOptions};
+use uvm_vm::{Vm, VmOptions};
 
 /// Bytes the bulk exec writes to stdout.
 pub const BULK_BYTES: u64 = 1 << 20;

@@ -11,7 +11,7 @@
 //!    the largest run.
 //!
 //! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
-//! [`crate::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
+//! [`uvm_vm::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
 //! (`/proc`), [`report`] (JSON, table), [`plot`] (PNG). How to read the results: `BENCHMARKS.md`.
 
 pub mod cli;
@@ -39,7 +39,7 @@ use phases::Phases;
 use report::{BenchReport, BreakdownSummary};
 use stats::Summary;
 
-use crate::VmOptions;
+use uvm_vm::VmOptions;
 
 /// What can go wrong while benchmarking.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +163,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     );
     let loadavg = read_loadavg();
     let (image, flavor) = image_for(opts.kernel)?;
-    let backend = QemuBackend::new(crate::qemu_config(&image, &opts.vm));
+    let backend = QemuBackend::new(uvm_vm::qemu_config(&image, &opts.vm));
     let accel = backend.accel();
     let machine = opts.vm.machine;
     let floor_cfg = FloorConfig {
