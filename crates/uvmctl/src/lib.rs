@@ -1,5 +1,4 @@
-//! uvmctl as a library: the benchmark and the terminal handling, shared by the CLI and its
-//! tests. The VM itself is `uvm-vm`'s.
+//! uvmctl as a library: the terminal handling that the CLI and its tests share. The VM itself
+//! is `uvm-vm`'s, the benchmark `uvm-bench`'s.
 
-pub mod bench;
 pub mod terminal;

@@ -35,7 +35,7 @@ enum Action {
         command: ImageCommand,
     },
     /// Benchmark real VMs: raw-QEMU floor vs start, exec, terminate, memory, density.
-    Bench(uvmctl::bench::cli::BenchArgs),
+    Bench(uvm_bench::cli::BenchArgs),
     /// Print the exact vhost-device-vsock and QEMU command lines `run` would start, without
     /// starting anything (to run or profile a VM by hand).
     CommandLine(CommandLineArgs),
@@ -185,9 +185,7 @@ fn main() -> ExitCode {
             Action::Image {
                 command: ImageCommand::Build { force },
             } => image_build(force),
-            Action::Bench(args) => uvmctl::bench::cli::run(args)
-                .await
-                .map_err(anyhow::Error::new),
+            Action::Bench(args) => uvm_bench::cli::run(args).await.map_err(anyhow::Error::new),
             Action::CommandLine(args) => command_line(&args),
         }
     });

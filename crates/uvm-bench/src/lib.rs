@@ -1,5 +1,7 @@
-//! `uvmctl bench`: whole-VM latencies and costs of real QEMU VMs, against a floor of the same
-//! QEMU started with no controller.
+//! # uvm-bench — `uvmctl bench`
+//!
+//! Whole-VM latencies and costs of real QEMU VMs, against a floor of the same QEMU started with
+//! no controller. `uvmctl bench` parses [`cli::BenchArgs`] and calls [`cli::run`].
 //!
 //! One run measures, in this order:
 //! 1. *floor* and *start* alternately (floor, start, floor, start, …, after one untimed warm-up

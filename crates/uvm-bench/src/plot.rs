@@ -177,7 +177,7 @@ mod tests {
     fn the_plot_is_a_png() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("phases.png");
-        let p = crate::bench::report::tests::sample_report().phases_start;
+        let p = crate::report::tests::sample_report().phases_start;
         write_phase_plot(&path, "boot phases", &p, &p).expect("plot");
         let bytes = std::fs::read(&path).expect("read");
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
