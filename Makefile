@@ -7,7 +7,11 @@ TARGET := x86_64-unknown-linux-gnu
 AGENT := target/$(TARGET)/agent/uvm-agent
 CMD ?= uname -a
 
-.PHONY: setup agent build run test lint
+.PHONY: setup toolchain agent build run test lint
+
+# The toolchain rust-toolchain.toml pins, known to rustup by that name (seconds; setup does it too).
+toolchain:
+	bash scripts/setup.sh toolchain
 
 # Machine set-up (idempotent, seconds when done), then our guest kernel (minutes the first time,
 # under a second when up to date).
@@ -16,7 +20,7 @@ setup:
 	bash scripts/build-kernel.sh
 
 # The in-guest agent is PID 1 of the VM: a static binary.
-agent:
+agent: toolchain
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
 		$(CARGO) build --profile agent -p uvm-agent --target $(TARGET)
 
@@ -30,6 +34,6 @@ test: setup agent
 	$(CARGO) nextest run --workspace --profile ci --run-ignored all
 	$(CARGO) test --workspace --doc
 
-lint:
+lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
