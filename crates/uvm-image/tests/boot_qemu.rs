@@ -7,7 +7,6 @@
 //! does with the image (mount, load `/lib/modules/uvm/load-order` if there is one), prints what
 //! it sees (virtio devices and their drivers, guest uptime at `/init` and at the end) and powers
 //! off. The tests print the host-side times to `/init` and to `READY` and QEMU's peak RSS.
-#![allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -52,7 +51,7 @@ fn default_cache() -> PathBuf {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap();
+            let home = std::env::var_os("HOME").expect("HOME is set");
             PathBuf::from(home).join(".cache/uvmctl")
         })
 }
@@ -61,8 +60,9 @@ fn default_cache() -> PathBuf {
 fn test_image(dir: &Path, flavor: KernelFlavor) -> Image {
     let cache = default_cache();
     let init = dir.join("init.sh");
-    std::fs::write(&init, TEST_INIT).unwrap();
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&init, TEST_INIT).expect("write the test init");
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))
+        .expect("make the test init executable");
     let spec = ImageSpec {
         kernel: flavor,
         kernel_root: cache.join("kernel/debian"),
@@ -72,7 +72,7 @@ fn test_image(dir: &Path, flavor: KernelFlavor) -> Image {
         cache_dir: dir.join("cache"),
     };
     let started = Instant::now();
-    let image = ensure_image(&spec).unwrap();
+    let image = ensure_image(&spec).expect("build the image");
     eprintln!(
         "{flavor} image {} built in {:?}",
         image.id,
@@ -167,8 +167,8 @@ fn boot(image: &Image, machine: Machine, cmdline: &str, extra: &[&str], timeout:
         .stderr(Stdio::inherit());
     eprintln!("{cmd:?}");
     let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = cmd.spawn().expect("spawn QEMU");
+    let stdout = child.stdout.take().expect("QEMU's stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -209,10 +209,10 @@ fn boot(image: &Image, machine: Machine, cmdline: &str, extra: &[&str], timeout:
     }
     // The console closes a moment before the process is reaped: give it a little time.
     let reap_deadline = Instant::now() + Duration::from_secs(5);
-    while child.try_wait().unwrap().is_none() && Instant::now() < reap_deadline {
+    while child.try_wait().expect("try_wait").is_none() && Instant::now() < reap_deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    boot.exited = child.try_wait().unwrap().is_some();
+    boot.exited = child.try_wait().expect("try_wait").is_some();
     stop(&mut child);
     for line in &boot.lines {
         eprintln!("guest| {line}");
@@ -261,7 +261,7 @@ impl VhostVsock {
             ))
             .stdin(Stdio::null())
             .spawn()
-            .unwrap();
+            .expect("spawn vhost-device-vsock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !vhost_sock.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -284,9 +284,8 @@ impl Drop for VhostVsock {
 fn disk(dir: &Path, name: &str) -> String {
     let path = dir.join(name);
     std::fs::File::create(&path)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create the disk image");
     format!("file={},format=raw,if=none,id={name}", path.display())
 }
 
