@@ -6,18 +6,21 @@
 #   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
 #   - linux-source-6.1 and the kernel build tools (for scripts/build-kernel.sh);
 #   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
-#   - cargo-nextest;
+#   - cargo-nextest and cargo-deny;
 #   - the Rust toolchain rust-toolchain.toml pins, made known to rustup under its name.
 # Idempotent: a second run only checks and takes seconds. Needs root (or sudo) for apt.
 # Works with no stdin and CI=true.
 #
 #   scripts/setup.sh             everything above
 #   scripts/setup.sh toolchain   only the pinned toolchain (what every cargo command here needs)
+#   scripts/setup.sh lint-tools  the toolchain and cargo-deny (what `make lint` needs)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${UVMCTL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/uvmctl}"
 VHOST_VSOCK_VERSION="0.3.0"
+# The newest cargo-deny when this was written; it needs Rust >= 1.88.
+CARGO_DENY_VERSION="0.20.2"
 QEMU_MIN_MAJOR=10
 BACKPORTS_FILE=/etc/apt/sources.list.d/uvmctl-backports.sources
 
@@ -282,6 +285,16 @@ setup_nextest() {
     cargo install --locked --quiet cargo-nextest </dev/null
 }
 
+setup_cargo_deny() {
+    if cargo deny --version 2>/dev/null | grep -qw "$CARGO_DENY_VERSION"; then
+        say "cargo-deny $CARGO_DENY_VERSION present"
+        return
+    fi
+    command -v cc >/dev/null || apt_install build-essential
+    say "cargo install cargo-deny $CARGO_DENY_VERSION (takes a few minutes)"
+    cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION" </dev/null
+}
+
 # ---------------------------------------------------------------- kernel sources
 # scripts/build-kernel.sh builds our own guest kernel (kernel/uvm.config) from Debian's kernel
 # source package; these are the source tarball and what `make vmlinux` needs.
@@ -305,8 +318,13 @@ main() {
         setup_toolchain
         return
         ;;
+    lint-tools)
+        setup_toolchain
+        setup_cargo_deny
+        return
+        ;;
     all) ;;
-    *) die "unknown argument '$1' (toolchain, or none for everything)" ;;
+    *) die "unknown argument '$1' (toolchain, lint-tools, or none for everything)" ;;
     esac
     setup_toolchain
     setup_qemu
@@ -316,6 +334,7 @@ main() {
     setup_kernel_source
     setup_vhost_vsock
     setup_nextest
+    setup_cargo_deny
     say "done in $((SECONDS - start)) s"
 }
 
