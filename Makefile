@@ -40,7 +40,7 @@ run: setup build
 	target/release/uvmctl run -- $(CMD)
 
 test: setup agent
-	$(CARGO) nextest run --workspace --profile ci --locked --run-ignored all
+	$(CARGO) nextest run --workspace --profile ci --locked
 	$(CARGO) test --workspace --doc --locked
 
 # cargo-deny reports duplicate crate versions as warnings; run it without --hide-inclusion-graph to

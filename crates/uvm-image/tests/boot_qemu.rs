@@ -1,7 +1,8 @@
-//! Real-VM checks of the image (ignored by default: they need `scripts/setup.sh` — and for our
-//! kernel `scripts/build-kernel.sh` — to have run, and boot QEMU under TCG for a few seconds
-//! each). Run them with
-//! `cargo test -p uvm-image --test boot_qemu -- --ignored --test-threads 1 --nocapture`.
+//! Real-VM checks of the image: each boots QEMU under TCG for a few seconds. They are named
+//! `real_vm_*`, so nextest runs them in the `real-vm` group (`.config/nextest.toml`) and `make
+//! check` leaves them out. They need `make setup` (QEMU, vhost-device-vsock, busybox, Debian's
+//! kernel and ours); a machine without it fails them, naming what is missing. Run them alone
+//! with `cargo nextest run -p uvm-image --test boot_qemu --no-capture`.
 //!
 //! Instead of the agent, `/init` is a busybox shell script that does what the agent's early boot
 //! does with the image (mount, load `/lib/modules/uvm/load-order` if there is one), prints what
@@ -46,6 +47,34 @@ sleep 0.5
 poweroff -f
 "#;
 
+/// Fails the test: a real-VM test whose prerequisites are missing says which, and how to get it.
+fn missing(what: impl std::fmt::Display) -> ! {
+    panic!(
+        "real-VM test prerequisite missing: {what}\n\
+         (`make test` provides every prerequisite: it runs `make setup` first)"
+    )
+}
+
+/// Whether `name` is an executable on `PATH`, where the tests spawn it from.
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+fn require_binaries(names: &[&str]) {
+    for name in names {
+        if !on_path(name) {
+            missing(format_args!(
+                "{name} is not on PATH; `make setup` installs it"
+            ));
+        }
+    }
+}
+
 fn default_cache() -> PathBuf {
     std::env::var_os("UVMCTL_CACHE")
         .filter(|v| !v.is_empty())
@@ -71,6 +100,8 @@ fn test_image(dir: &Path, flavor: KernelFlavor) -> Image {
         busybox: PathBuf::from("/bin/busybox"),
         cache_dir: dir.join("cache"),
     };
+    // The kernel and busybox; its errors name the command that provides them.
+    spec.check().unwrap_or_else(|e| missing(e));
     let started = Instant::now();
     let image = ensure_image(&spec).expect("build the image");
     eprintln!(
@@ -136,6 +167,12 @@ const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
 impl Machine {
     fn args(self) -> Vec<String> {
+        require_binaries(&["qemu-system-x86_64"]);
+        if matches!(self, Machine::Microvm) && !Path::new(QBOOT).is_file() {
+            missing(format_args!(
+                "{QBOOT} (QEMU's qboot firmware) does not exist; `make setup` installs it"
+            ));
+        }
         match self {
             Machine::Q35 => vec!["-M".into(), "q35,accel=tcg".into()],
             Machine::Microvm => vec![
@@ -250,6 +287,7 @@ struct VhostVsock {
 
 impl VhostVsock {
     fn start(dir: &Path) -> VhostVsock {
+        require_binaries(&["vhost-device-vsock"]);
         let vhost_sock = dir.join("vhost.sock");
         let uds = dir.join("vsock.sock");
         let child = Command::new("vhost-device-vsock")
@@ -290,8 +328,7 @@ fn disk(dir: &Path, name: &str) -> String {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) on the Debian kernel from scripts/setup.sh"]
-fn debian_kernel_boots_and_loads_the_modules() {
+fn real_vm_debian_kernel_boots_and_loads_the_modules() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Debian);
     let boot = boot(&image, Machine::Q35, "", &[], Duration::from_secs(60));
@@ -312,8 +349,7 @@ fn debian_kernel_boots_and_loads_the_modules() {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) with vhost-device-vsock from scripts/setup.sh"]
-fn vsock_device_appears_with_vhost_device_vsock() {
+fn real_vm_vsock_device_appears_with_vhost_device_vsock() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Debian);
     let vhost = VhostVsock::start(dir.path());
@@ -411,8 +447,7 @@ fn assert_all_bound(boot: &Boot) {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) on our kernel from scripts/build-kernel.sh"]
-fn our_kernel_boots_on_q35_with_every_device_bound() {
+fn real_vm_our_kernel_boots_on_q35_with_every_device_bound() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Ours);
     // Bare, as the Debian test boots: the kernel's own time to /init.
@@ -427,8 +462,7 @@ fn our_kernel_boots_on_q35_with_every_device_bound() {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) microvm + qboot on our kernel from scripts/build-kernel.sh"]
-fn our_kernel_boots_on_microvm_with_every_device_bound() {
+fn real_vm_our_kernel_boots_on_microvm_with_every_device_bound() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Ours);
     // `tsc_early_khz=`: without it the kernel's early TSC calibration can hang, as microvm
