@@ -6,13 +6,21 @@
 #   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
 #   - linux-source-6.1 and the kernel build tools (for scripts/build-kernel.sh);
 #   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
-#   - cargo-nextest.
+#   - cargo-nextest and cargo-deny;
+#   - the Rust toolchain rust-toolchain.toml pins, made known to rustup under its name.
 # Idempotent: a second run only checks and takes seconds. Needs root (or sudo) for apt.
 # Works with no stdin and CI=true.
+#
+#   scripts/setup.sh             everything above
+#   scripts/setup.sh toolchain   only the pinned toolchain (what every cargo command here needs)
+#   scripts/setup.sh lint-tools  the toolchain and cargo-deny (what `make lint` needs)
 set -euo pipefail
 
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${UVMCTL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/uvmctl}"
 VHOST_VSOCK_VERSION="0.3.0"
+# The newest cargo-deny when this was written; it needs Rust >= 1.88.
+CARGO_DENY_VERSION="0.20.2"
 QEMU_MIN_MAJOR=10
 BACKPORTS_FILE=/etc/apt/sources.list.d/uvmctl-backports.sources
 
@@ -27,9 +35,14 @@ die() {
 }
 
 SUDO=()
+# Checked when apt is first needed: the toolchain and the cargo tools need no root.
+CAN_APT=1
 if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "not root and no sudo: cannot install Debian packages"
-    SUDO=(sudo -n)
+    if command -v sudo >/dev/null; then
+        SUDO=(sudo -n)
+    else
+        CAN_APT=0
+    fi
 fi
 
 # apt-get update at most once per run, and only when something must be fetched.
@@ -45,6 +58,7 @@ apt_update() {
 APT_LOG="$CACHE/setup-apt.log"
 # Runs an apt-get command with its (long, dpkg-verbose) output in $APT_LOG, shown on failure.
 apt_quiet() {
+    [ "$CAN_APT" -eq 1 ] || die "not root and no sudo: cannot install Debian packages"
     mkdir -p "$CACHE"
     if ! "${SUDO[@]}" apt-get "$@" </dev/null >"$APT_LOG" 2>&1; then
         tail -n 30 "$APT_LOG" >&2
@@ -213,6 +227,41 @@ setup_kernel() {
     say "kernel present: $(basename "$(compgen -G "$root/boot/vmlinuz-*" | head -n1)")"
 }
 
+# ---------------------------------------------------------------- Rust toolchain
+# rust-toolchain.toml pins a version; rustup refuses to build with anything else and cannot
+# download it here. A machine's one toolchain is usually installed as `stable`: when an
+# installed toolchain is the pinned version, make it known under the pinned name too. rustup's
+# own `toolchain link` refuses names of official releases, so this is a symlink in rustup's
+# toolchain directory, which rustup then lists and uses as that release.
+setup_toolchain() {
+    local want tc version sysroot host
+    want="$(sed -n 's/^channel *= *"\(.*\)"$/\1/p' "$REPO/rust-toolchain.toml")"
+    [ -n "$want" ] || die "no channel in $REPO/rust-toolchain.toml"
+    if ! command -v rustup >/dev/null; then
+        # Without rustup, rust-toolchain.toml is not read: the rustc on PATH must be the one.
+        version="$(rustc --version 2>/dev/null | awk '{print $2}')"
+        [ "$version" = "$want" ] || die "rustc is ${version:-missing}, rust-toolchain.toml pins $want"
+        say "rustc $want present"
+        return
+    fi
+    if rustup toolchain list | grep -q "^$want-"; then
+        say "Rust toolchain $want present"
+        return
+    fi
+    for tc in $(rustup toolchain list | awk '{print $1}'); do
+        version="$(rustup run "$tc" rustc --version 2>/dev/null | awk '{print $2}')"
+        if [ "$version" = "$want" ]; then
+            sysroot="$(rustup run "$tc" rustc --print sysroot)"
+            host="$(rustup run "$tc" rustc -vV | sed -n 's/^host: //p')"
+            say "linking the installed toolchain $tc as $want-$host (rust-toolchain.toml)"
+            ln -s "$sysroot" "${RUSTUP_HOME:-$HOME/.rustup}/toolchains/$want-$host"
+            rustup toolchain list | grep -q "^$want-" || die "rustup does not list $want after linking it"
+            return
+        fi
+    done
+    die "no installed Rust toolchain is $want (rust-toolchain.toml): rustup toolchain install $want"
+}
+
 # ---------------------------------------------------------------- cargo tools
 setup_vhost_vsock() {
     if command -v vhost-device-vsock >/dev/null &&
@@ -236,6 +285,16 @@ setup_nextest() {
     cargo install --locked --quiet cargo-nextest </dev/null
 }
 
+setup_cargo_deny() {
+    if cargo deny --version 2>/dev/null | grep -qw "$CARGO_DENY_VERSION"; then
+        say "cargo-deny $CARGO_DENY_VERSION present"
+        return
+    fi
+    command -v cc >/dev/null || apt_install build-essential
+    say "cargo install cargo-deny $CARGO_DENY_VERSION (takes a few minutes)"
+    cargo install --locked --quiet cargo-deny --version "$CARGO_DENY_VERSION" </dev/null
+}
+
 # ---------------------------------------------------------------- kernel sources
 # scripts/build-kernel.sh builds our own guest kernel (kernel/uvm.config) from Debian's kernel
 # source package; these are the source tarball and what `make vmlinux` needs.
@@ -254,6 +313,20 @@ setup_kernel_source() {
 
 main() {
     local start=$SECONDS
+    case "${1:-all}" in
+    toolchain)
+        setup_toolchain
+        return
+        ;;
+    lint-tools)
+        setup_toolchain
+        setup_cargo_deny
+        return
+        ;;
+    all) ;;
+    *) die "unknown argument '$1' (toolchain, lint-tools, or none for everything)" ;;
+    esac
+    setup_toolchain
     setup_qemu
     setup_debs
     [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
@@ -261,6 +334,7 @@ main() {
     setup_kernel_source
     setup_vhost_vsock
     setup_nextest
+    setup_cargo_deny
     say "done in $((SECONDS - start)) s"
 }
 

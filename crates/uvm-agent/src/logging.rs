@@ -158,7 +158,7 @@ pub fn host_queue() -> Option<&'static LogQueue> {
 }
 
 /// Formats and queues one log line. Use the [`info!`](crate::info), [`warn!`](crate::warn) and
-/// [`error!`](crate::error) macros.
+/// [`error!`](macro@crate::error) macros.
 pub fn emit(level: Level, args: fmt::Arguments<'_>) {
     let line = format_line(level, args);
     match LOGGER.get() {

@@ -12,6 +12,9 @@
 //!
 //! The guest is untrusted: every line and frame read from it is bounded (see
 //! `uvm_agent_proto::MAX_*`), and garbage is an error, never a panic.
+//!
+//! [`GuestError::ConnectionLost`]: uvm::GuestError::ConnectionLost
+//! [`LinkHealth::Lost`]: uvm::seams::LinkHealth::Lost
 
 mod exec;
 mod hybrid;

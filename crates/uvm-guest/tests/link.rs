@@ -1,13 +1,19 @@
 //! The guest link end to end without a VM: the real agent service in-process on a unix socket,
 //! reached through a fake hybrid-vsock proxy (what vhost-device-vsock does), and a fake guest
 //! announcing itself — plus a hostile guest sending garbage.
+//!
+//! Events are ordered by what the tests observe (output arriving, a future parked on its first
+//! poll), never by sleeping.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 use uvm::seams::{
     ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, LinkHealth,
     TerminalSize,
@@ -80,11 +86,12 @@ fn spawn_proxy(uds: &Path, agent: Option<PathBuf>, peer: Peer) {
                         let mut upstream = UnixStream::connect(agent).await.expect("agent");
                         let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
                     }
+                    // Then hold the connection open until the test ends.
                     (Peer::Garbage(bytes), _) => {
                         let _ = conn.write_all(bytes).await;
-                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        std::future::pending::<()>().await;
                     }
-                    _ => tokio::time::sleep(Duration::from_secs(30)).await,
+                    _ => std::future::pending::<()>().await,
                 }
             });
         }
@@ -117,14 +124,62 @@ async fn harness(peer: Peer, call_timeout: Duration) -> Harness {
     }
 }
 
-/// The guest side of the announce stream: connect to `<uds>_1025`, send `lines`, stay open.
+/// The guest side of the announce stream: connect to `<uds>_1025`, send `lines`, stay open
+/// until the test ends.
 async fn announce(uds: &Path, payload: Vec<u8>) -> tokio::task::JoinHandle<()> {
     let path = host_port_path(uds, HOST_ANNOUNCE_PORT);
     let mut s = UnixStream::connect(path).await.expect("announce connect");
     tokio::spawn(async move {
         let _ = s.write_all(&payload).await;
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        std::future::pending::<()>().await;
     })
+}
+
+/// An exec's output that a test can wait on: everything written so far, published on a watch
+/// channel, so that "the command printed X" is an event rather than a buffer polled on a clock.
+#[derive(Clone)]
+struct WatchedOutput(Arc<watch::Sender<Vec<u8>>>);
+
+impl WatchedOutput {
+    fn new() -> WatchedOutput {
+        WatchedOutput(Arc::new(watch::channel(Vec::new()).0))
+    }
+
+    fn writer(&self) -> Box<dyn AsyncWrite + Send + Unpin> {
+        Box::new(self.clone())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.borrow()).into_owned()
+    }
+
+    /// Resolves once the output contains `needle` (at once if it already does).
+    async fn shows(&self, needle: &str) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in `self`: the channel cannot close while this waits.
+        let _ = rx
+            .wait_for(|bytes| String::from_utf8_lossy(bytes).contains(needle))
+            .await;
+    }
+}
+
+impl AsyncWrite for WatchedOutput {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.send_modify(|bytes| bytes.extend_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
 }
 
 fn ready(log: &[&str]) -> Vec<u8> {
@@ -188,8 +243,14 @@ async fn closing_the_connection_releases_a_pending_exec() {
     let _guest = announce(&h.uds, ready(&[])).await;
     h.link.connect().await.expect("connect");
     let link = h.link.clone();
-    let pending = tokio::spawn(async move { link.exec(ExecRequest::new(["sleep", "100"])).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = WatchedOutput::new();
+    let mut req = ExecRequest::new(["sh", "-c", "echo running; exec sleep 100"]);
+    req.stdout = Some(out.writer());
+    let pending = tokio::spawn(async move { link.exec(req).await });
+    // The command runs in the agent, and the exec waits for it to end.
+    tokio::time::timeout(Duration::from_secs(20), out.shows("running\n"))
+        .await
+        .expect("the command starts");
     h.link.close_connection().await.expect("close");
     let err = pending.await.expect("join").expect_err("released");
     assert!(matches!(err, GuestError::ConnectionLost), "{err:?}");
@@ -275,11 +336,12 @@ async fn a_guest_that_connects_and_hangs_up_is_a_protocol_error() {
 #[tokio::test]
 async fn close_before_connect_releases_a_waiting_connect_and_log_wait() {
     let h = harness(Peer::Silent, CALL).await;
-    let link = h.link.clone();
-    let waiting = tokio::spawn(async move { link.connect().await });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut waiting = h.link.connect();
+    // Its first poll takes the announce listener and parks on it: the connect is waiting.
+    let first = std::future::poll_fn(|cx| Poll::Ready(waiting.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "{first:?}");
     h.link.close_connection().await.expect("close");
-    let err = waiting.await.expect("join").expect_err("released");
+    let err = waiting.await.expect_err("released");
     assert!(matches!(err, GuestError::ConnectionLost), "{err:?}");
     tokio::time::timeout(Duration::from_secs(1), h.link.log_drained())
         .await
@@ -354,7 +416,7 @@ async fn a_terminal_exec_starts_at_its_size_and_follows_every_resize() {
         rows: 30,
         cols: 100,
     });
-    let out = Capture::default();
+    let out = WatchedOutput::new();
     let mut req = ExecRequest::new([
         "sh",
         "-c",
@@ -366,13 +428,9 @@ async fn a_terminal_exec_starts_at_its_size_and_follows_every_resize() {
     let link = h.link.clone();
     let exec = tokio::spawn(async move { link.exec(req).await });
     // The trap is set before the first size is printed.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !out.text().contains("30 100\r\n") {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the initial size is printed");
+    tokio::time::timeout(Duration::from_secs(20), out.shows("30 100\r\n"))
+        .await
+        .expect("the initial size is printed");
     sizes
         .send(TerminalSize {
             rows: 40,

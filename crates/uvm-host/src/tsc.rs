@@ -227,7 +227,6 @@ fn calibrate(_window: Duration) -> Result<u64, TscError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
 

@@ -401,5 +401,4 @@ fn remove_stale(dir: &Path) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests;

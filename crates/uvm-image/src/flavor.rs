@@ -107,7 +107,6 @@ pub(crate) fn check_our_vmlinux(path: &Path, data: &[u8]) -> Result<(), ImageErr
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
 

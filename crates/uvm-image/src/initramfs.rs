@@ -151,7 +151,6 @@ pub(crate) fn write_initramfs<W: Write>(contents: &Contents<'_>, out: W) -> io::
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;

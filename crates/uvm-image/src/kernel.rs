@@ -276,7 +276,6 @@ pub(crate) fn is_dynamic_elf(data: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 pub(crate) mod tests {
     use super::*;
     use std::io::Write;

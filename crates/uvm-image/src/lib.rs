@@ -235,7 +235,6 @@ fn agent_for_exe(exe: &Path) -> Result<PathBuf, ImageError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
     use std::ffi::OsString;

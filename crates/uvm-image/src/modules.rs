@@ -243,7 +243,6 @@ pub(crate) fn read_module_decompressed(path: &Path) -> Result<Vec<u8>, ImageErro
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
 

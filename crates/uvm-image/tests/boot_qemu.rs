@@ -1,13 +1,13 @@
-//! Real-VM checks of the image (ignored by default: they need `scripts/setup.sh` — and for our
-//! kernel `scripts/build-kernel.sh` — to have run, and boot QEMU under TCG for a few seconds
-//! each). Run them with
-//! `cargo test -p uvm-image --test boot_qemu -- --ignored --test-threads 1 --nocapture`.
+//! Real-VM checks of the image: each boots QEMU under TCG for a few seconds. They are named
+//! `real_vm_*`, so nextest runs them in the `real-vm` group (`.config/nextest.toml`) and `make
+//! check` leaves them out. They need `make setup` (QEMU, vhost-device-vsock, busybox, Debian's
+//! kernel and ours); a machine without it fails them, naming what is missing. Run them alone
+//! with `cargo nextest run -p uvm-image --test boot_qemu --no-capture`.
 //!
 //! Instead of the agent, `/init` is a busybox shell script that does what the agent's early boot
 //! does with the image (mount, load `/lib/modules/uvm/load-order` if there is one), prints what
 //! it sees (virtio devices and their drivers, guest uptime at `/init` and at the end) and powers
 //! off. The tests print the host-side times to `/init` and to `READY` and QEMU's peak RSS.
-#![allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -47,12 +47,40 @@ sleep 0.5
 poweroff -f
 "#;
 
+/// Fails the test: a real-VM test whose prerequisites are missing says which, and how to get it.
+fn missing(what: impl std::fmt::Display) -> ! {
+    panic!(
+        "real-VM test prerequisite missing: {what}\n\
+         (`make test` provides every prerequisite: it runs `make setup` first)"
+    )
+}
+
+/// Whether `name` is an executable on `PATH`, where the tests spawn it from.
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+fn require_binaries(names: &[&str]) {
+    for name in names {
+        if !on_path(name) {
+            missing(format_args!(
+                "{name} is not on PATH; `make setup` installs it"
+            ));
+        }
+    }
+}
+
 fn default_cache() -> PathBuf {
     std::env::var_os("UVMCTL_CACHE")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").unwrap();
+            let home = std::env::var_os("HOME").expect("HOME is set");
             PathBuf::from(home).join(".cache/uvmctl")
         })
 }
@@ -61,8 +89,9 @@ fn default_cache() -> PathBuf {
 fn test_image(dir: &Path, flavor: KernelFlavor) -> Image {
     let cache = default_cache();
     let init = dir.join("init.sh");
-    std::fs::write(&init, TEST_INIT).unwrap();
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&init, TEST_INIT).expect("write the test init");
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))
+        .expect("make the test init executable");
     let spec = ImageSpec {
         kernel: flavor,
         kernel_root: cache.join("kernel/debian"),
@@ -71,8 +100,10 @@ fn test_image(dir: &Path, flavor: KernelFlavor) -> Image {
         busybox: PathBuf::from("/bin/busybox"),
         cache_dir: dir.join("cache"),
     };
+    // The kernel and busybox; its errors name the command that provides them.
+    spec.check().unwrap_or_else(|e| missing(e));
     let started = Instant::now();
-    let image = ensure_image(&spec).unwrap();
+    let image = ensure_image(&spec).expect("build the image");
     eprintln!(
         "{flavor} image {} built in {:?}",
         image.id,
@@ -136,6 +167,12 @@ const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
 impl Machine {
     fn args(self) -> Vec<String> {
+        require_binaries(&["qemu-system-x86_64"]);
+        if matches!(self, Machine::Microvm) && !Path::new(QBOOT).is_file() {
+            missing(format_args!(
+                "{QBOOT} (QEMU's qboot firmware) does not exist; `make setup` installs it"
+            ));
+        }
         match self {
             Machine::Q35 => vec!["-M".into(), "q35,accel=tcg".into()],
             Machine::Microvm => vec![
@@ -167,8 +204,8 @@ fn boot(image: &Image, machine: Machine, cmdline: &str, extra: &[&str], timeout:
         .stderr(Stdio::inherit());
     eprintln!("{cmd:?}");
     let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = cmd.spawn().expect("spawn QEMU");
+    let stdout = child.stdout.take().expect("QEMU's stdout is piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -209,10 +246,10 @@ fn boot(image: &Image, machine: Machine, cmdline: &str, extra: &[&str], timeout:
     }
     // The console closes a moment before the process is reaped: give it a little time.
     let reap_deadline = Instant::now() + Duration::from_secs(5);
-    while child.try_wait().unwrap().is_none() && Instant::now() < reap_deadline {
+    while child.try_wait().expect("try_wait").is_none() && Instant::now() < reap_deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    boot.exited = child.try_wait().unwrap().is_some();
+    boot.exited = child.try_wait().expect("try_wait").is_some();
     stop(&mut child);
     for line in &boot.lines {
         eprintln!("guest| {line}");
@@ -250,6 +287,7 @@ struct VhostVsock {
 
 impl VhostVsock {
     fn start(dir: &Path) -> VhostVsock {
+        require_binaries(&["vhost-device-vsock"]);
         let vhost_sock = dir.join("vhost.sock");
         let uds = dir.join("vsock.sock");
         let child = Command::new("vhost-device-vsock")
@@ -261,7 +299,7 @@ impl VhostVsock {
             ))
             .stdin(Stdio::null())
             .spawn()
-            .unwrap();
+            .expect("spawn vhost-device-vsock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !vhost_sock.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -284,15 +322,13 @@ impl Drop for VhostVsock {
 fn disk(dir: &Path, name: &str) -> String {
     let path = dir.join(name);
     std::fs::File::create(&path)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create the disk image");
     format!("file={},format=raw,if=none,id={name}", path.display())
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) on the Debian kernel from scripts/setup.sh"]
-fn debian_kernel_boots_and_loads_the_modules() {
+fn real_vm_debian_kernel_boots_and_loads_the_modules() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Debian);
     let boot = boot(&image, Machine::Q35, "", &[], Duration::from_secs(60));
@@ -313,8 +349,7 @@ fn debian_kernel_boots_and_loads_the_modules() {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) with vhost-device-vsock from scripts/setup.sh"]
-fn vsock_device_appears_with_vhost_device_vsock() {
+fn real_vm_vsock_device_appears_with_vhost_device_vsock() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Debian);
     let vhost = VhostVsock::start(dir.path());
@@ -412,8 +447,7 @@ fn assert_all_bound(boot: &Boot) {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) on our kernel from scripts/build-kernel.sh"]
-fn our_kernel_boots_on_q35_with_every_device_bound() {
+fn real_vm_our_kernel_boots_on_q35_with_every_device_bound() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Ours);
     // Bare, as the Debian test boots: the kernel's own time to /init.
@@ -428,8 +462,7 @@ fn our_kernel_boots_on_q35_with_every_device_bound() {
 }
 
 #[test]
-#[ignore = "boots QEMU (TCG) microvm + qboot on our kernel from scripts/build-kernel.sh"]
-fn our_kernel_boots_on_microvm_with_every_device_bound() {
+fn real_vm_our_kernel_boots_on_microvm_with_every_device_bound() {
     let dir = tempfile::tempdir().unwrap();
     let image = test_image(dir.path(), KernelFlavor::Ours);
     // `tsc_early_khz=`: without it the kernel's early TSC calibration can hang, as microvm

@@ -2,7 +2,6 @@
 //! and `scripts/build-kernel.sh` keys its cache on the fragment and `kernel/patches/` and skips
 //! the build when nothing changed. (The build itself takes minutes and is not run here; `boot_qemu.rs` boots its
 //! result.)
-#![allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -58,7 +57,7 @@ fn parse_line(line: &str) -> Line<'_> {
 }
 
 fn fragment() -> String {
-    std::fs::read_to_string(fragment_path()).unwrap()
+    std::fs::read_to_string(fragment_path()).expect("read kernel/uvm.config")
 }
 
 #[test]
@@ -164,7 +163,7 @@ fn fragment_has_the_required_options() {
 fn build_kernel(cache: &Path, fragment: &Path, args: &[&str]) -> (Output, Duration) {
     let tarball = cache.join("linux-source-stand-in.tar.xz");
     if !tarball.exists() {
-        std::fs::write(&tarball, b"not really a kernel tree").unwrap();
+        std::fs::write(&tarball, b"not really a kernel tree").expect("write the stand-in tarball");
     }
     let started = Instant::now();
     let out = Command::new("bash")
@@ -174,7 +173,7 @@ fn build_kernel(cache: &Path, fragment: &Path, args: &[&str]) -> (Output, Durati
         .env("UVM_KERNEL_CONFIG", fragment)
         .env("UVM_KERNEL_SOURCE", &tarball)
         .output()
-        .unwrap();
+        .expect("run scripts/build-kernel.sh");
     (out, started.elapsed())
 }
 

@@ -103,7 +103,6 @@ pub fn sweep_stale_runtime_dirs(root: &Path) -> io::Result<Vec<PathBuf>> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
 

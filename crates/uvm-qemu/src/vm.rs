@@ -682,7 +682,7 @@ impl VmResources for QemuVm {
                 ),
             ));
         }
-        if bytes % MEMORY_GRANULARITY != 0 {
+        if !bytes.is_multiple_of(MEMORY_GRANULARITY) {
             return Err(invalid(
                 "memory size",
                 format!("{bytes} bytes is not a multiple of {MEMORY_GRANULARITY}"),

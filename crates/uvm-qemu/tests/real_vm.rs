@@ -1,13 +1,14 @@
 //! Real-process tests: they spawn `vhost-device-vsock` and boot `qemu-system-x86_64` (TCG unless
-//! the CPU has vmx/svm). Every test is named `real_vm_*` so the group can be selected
-//! (`cargo test -p uvm-qemu --test real_vm`) or skipped (`--skip real_vm_`), and run with bounded
-//! parallelism (`-- --test-threads=N`). None needs the guest agent: the guest is only booted.
+//! the CPU has vmx/svm). Every test is named `real_vm_*`: nextest runs them in the `real-vm`
+//! group (`.config/nextest.toml`), and `make check` leaves them out. None talks to the guest
+//! agent: the guest is only booted.
 //!
-//! Boot files: `UVM_KERNEL` + `UVM_INITRAMFS`, else the newest `~/.cache/uvmctl/images/*/`
-//! holding `vmlinux` and `initramfs.cpio` (made by uvm-image). Without them (or without the
-//! binaries) a test prints why and passes without running.
+//! They boot the default image, as `uvmctl run` does (`uvm_image::ImageSpec::from_env`: our
+//! kernel when built, the agent from `make agent`). A machine without what they need fails
+//! them, naming what is missing and the command that provides it (`make test` runs the set-up
+//! first); no test passes without running.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
@@ -15,66 +16,41 @@ use std::sync::Arc;
 use uvm::seams::{VmConfig, VmLifetime, VmResources};
 use uvm::testing::{FakeGuest, Script};
 use uvm::{Controller, Reason, State, Timeouts};
+use uvm_image::ImageSpec;
 use uvm_qemu::{find_binary, QemuBackend, QemuConfig, QemuVm};
 
 /// Keeps the guest alive whatever its `/init` does: a panicking kernel halts instead of
 /// rebooting (later `panic=` wins over the base command line's `panic=-1`).
 const HALT_ON_PANIC: &str = "panic=0";
 
-fn boot_files() -> Result<(PathBuf, PathBuf), String> {
-    if let (Some(k), Some(i)) = (
-        std::env::var_os("UVM_KERNEL"),
-        std::env::var_os("UVM_INITRAMFS"),
-    ) {
-        return Ok((k.into(), i.into()));
-    }
-    let home = std::env::var_os("HOME").ok_or("HOME is not set")?;
-    let images = Path::new(&home).join(".cache/uvmctl/images");
-    let entries = std::fs::read_dir(&images)
-        .map_err(|e| format!("no image cache at {}: {e}", images.display()))?;
-    entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|d| d.join("vmlinux").is_file() && d.join("initramfs.cpio").is_file())
-        .max_by_key(|d| {
-            std::fs::metadata(d.join("vmlinux"))
-                .and_then(|m| m.modified())
-                .ok()
-        })
-        .map(|d| (d.join("vmlinux"), d.join("initramfs.cpio")))
-        .ok_or_else(|| format!("no vmlinux + initramfs.cpio under {}", images.display()))
+/// Fails the test: a real-VM test whose prerequisites are missing says which, and how to get it.
+fn missing(what: impl std::fmt::Display) -> ! {
+    panic!(
+        "real-VM test prerequisite missing: {what}\n\
+         (`make test` provides every prerequisite: it runs `make setup` and `make agent` first)"
+    )
 }
 
-fn binaries_present() -> Result<(), String> {
+fn require_binaries() {
     for name in ["qemu-system-x86_64", "vhost-device-vsock"] {
         if !find_binary(name).is_absolute() {
-            return Err(format!("{name} is not installed"));
+            missing(format_args!(
+                "{name} is not installed; `make setup` installs it"
+            ));
         }
     }
-    Ok(())
 }
 
-/// A config for a real boot, or the reason there cannot be one.
-fn real_config(root: &Path) -> Result<QemuConfig, String> {
-    binaries_present()?;
-    let (kernel, initramfs) = boot_files()?;
-    let mut config = QemuConfig::new(kernel, initramfs);
+/// A config for a real boot of the default image.
+fn real_config(root: &Path) -> QemuConfig {
+    require_binaries();
+    let spec = ImageSpec::from_env().unwrap_or_else(|e| missing(e));
+    let image = uvm_image::ensure_image(&spec).expect("build the guest image");
+    let mut config = QemuConfig::new(image.kernel, image.initramfs);
     config.runtime_root = root.to_path_buf();
     config.extra_cmdline = HALT_ON_PANIC.to_owned();
     config.terminate_grace = Duration::from_secs(3);
-    Ok(config)
-}
-
-macro_rules! config_or_skip {
-    ($root:expr) => {
-        match real_config($root) {
-            Ok(c) => c,
-            Err(why) => {
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
+    config
 }
 
 fn short_root() -> tempfile::TempDir {
@@ -146,7 +122,7 @@ fn console_tail(vm: &QemuVm) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_boot_stats_quit_release() {
     let root = short_root();
-    let config = config_or_skip!(root.path());
+    let config = real_config(root.path());
     let vm = started(config, "quit").await;
     let qemu = vm.qemu_pid().expect("qemu spawned");
     let vsock = vm.vsock_pid().expect("vsock spawned");
@@ -198,7 +174,7 @@ async fn real_vm_boot_stats_quit_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_killed_from_outside_reports_the_signal() {
     let root = short_root();
-    let config = config_or_skip!(root.path());
+    let config = real_config(root.path());
     let vm = started(config, "killed").await;
     let qemu = vm.qemu_pid().expect("qemu spawned");
     let vsock = vm.vsock_pid().expect("vsock spawned");
@@ -218,7 +194,7 @@ async fn real_vm_killed_from_outside_reports_the_signal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_terminate_kills_a_qemu_that_does_not_answer() {
     let root = short_root();
-    let mut config = config_or_skip!(root.path());
+    let mut config = real_config(root.path());
     config.terminate_grace = Duration::from_millis(500);
     let vm = started(config, "stopped").await;
     let qemu = vm.qemu_pid().expect("qemu spawned");
@@ -239,7 +215,7 @@ async fn real_vm_terminate_kills_a_qemu_that_does_not_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_dropping_the_vm_kills_and_reaps_its_processes() {
     let root = short_root();
-    let config = config_or_skip!(root.path());
+    let config = real_config(root.path());
     let vm = started(config, "dropped").await;
     let pids = [
         vm.qemu_pid().expect("qemu spawned"),
@@ -258,10 +234,7 @@ async fn real_vm_dropping_the_vm_kills_and_reaps_its_processes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_qemu_exiting_at_once_fails_start_and_ends_the_vsock_device() {
-    if let Err(why) = binaries_present() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
+    require_binaries();
     let root = short_root();
     let files = tempfile::tempdir().expect("tempdir");
     let fake_qemu = files.path().join("qemu");
@@ -318,7 +291,7 @@ fn runtime_dirs(root: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_controller_starts_and_terminates_a_qemu_vm() {
     let root = short_root();
-    let config = config_or_skip!(root.path());
+    let config = real_config(root.path());
     let c = controller(config, "ctl-quit");
     c.create_vm(small_vm()).await.expect("create_vm");
     assert_eq!(runtime_dirs(root.path()), 1);
@@ -348,7 +321,7 @@ async fn real_vm_controller_starts_and_terminates_a_qemu_vm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_controller_sees_a_guest_that_ends_by_itself() {
     let root = short_root();
-    let mut config = config_or_skip!(root.path());
+    let mut config = real_config(root.path());
     // No init anywhere: the kernel panics and reboots (panic=-1), which -no-reboot makes an exit.
     config.extra_cmdline = "rdinit=/nonexistent root=/dev/nonexistent".to_owned();
     let c = controller(config, "ctl-reset");

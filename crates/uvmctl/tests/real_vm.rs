@@ -1,7 +1,8 @@
 //! Real-VM tests: they boot QEMU (TCG here) with the default image (our kernel when built) and
 //! our agent, on each machine profile (`real_vm_q35::*`, `real_vm_microvm::*`). The `real_vm_`
 //! prefix lets nextest run at most a few at once (`.config/nextest.toml`), and every test checks
-//! at its end that no process of its VM remains and its runtime directory is gone.
+//! at its end that no process of its VM remains and its runtime directory is gone. A machine
+//! without what they need (`make setup`, `make agent`) fails them, naming what is missing.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,8 +31,30 @@ fn options(root: &Path) -> VmOptions {
     }
 }
 
+/// Fails the test: a real-VM test whose prerequisites are missing says which, and how to get it.
+fn missing(what: impl std::fmt::Display) -> ! {
+    panic!(
+        "real-VM test prerequisite missing: {what}\n\
+         (`make test` provides every prerequisite: it runs `make setup` and `make agent` first)"
+    )
+}
+
+/// What booting the default image needs: QEMU, vhost-device-vsock and the image's inputs (the
+/// agent, busybox, a kernel), each error naming the command that provides it.
+fn require_prerequisites() {
+    for name in ["qemu-system-x86_64", "vhost-device-vsock"] {
+        if !uvm_qemu::find_binary(name).is_absolute() {
+            missing(format_args!(
+                "{name} is not installed; `make setup` installs it"
+            ));
+        }
+    }
+    uvm_image::ImageSpec::from_env().unwrap_or_else(|e| missing(e));
+}
+
 fn new_vm_with(machine: Machine, f: impl FnOnce(&mut VmOptions)) -> TestVm {
-    let image = default_image().expect("guest image (run `make agent` and scripts/setup.sh)");
+    require_prerequisites();
+    let image = default_image().expect("build the guest image");
     let root = tempfile::Builder::new()
         .prefix("uvmt")
         .tempdir_in("/tmp")
@@ -360,6 +383,7 @@ mod real_vm_restart {
 
     #[test]
     fn a_killed_controller_takes_its_vm_down_and_the_next_sweep_removes_its_directory() {
+        super::require_prerequisites();
         // A runtime root of the test's own (short: socket paths), given to uvmctl as TMPDIR.
         let root = tempfile::Builder::new()
             .prefix("sweep-test")
@@ -422,6 +446,7 @@ mod real_vm_cli {
     /// `uvmctl run ARGS` with a runtime root of its own (TMPDIR); asserts nothing of the VM
     /// is left behind, whatever the outcome.
     fn uvmctl_run(args: &[&str]) -> Output {
+        super::require_prerequisites();
         let root = tempfile::Builder::new()
             .prefix("cli-test")
             .tempdir_in("/tmp")
@@ -509,6 +534,7 @@ mod real_vm_cli {
     /// resize, and the terminal's mode is back when uvmctl exits.
     #[test]
     fn run_with_a_terminal_goes_raw_follows_the_window_size_and_restores_the_terminal() {
+        super::require_prerequisites();
         let root = tempfile::Builder::new()
             .prefix("cli-tty")
             .tempdir_in("/tmp")

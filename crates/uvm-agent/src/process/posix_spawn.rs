@@ -232,7 +232,6 @@ pub(crate) fn spawn_piped(spec: &ExecSpec) -> io::Result<Spawned> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
     use std::io::{Read as _, Write as _};
