@@ -62,8 +62,11 @@ impl Default for Timeouts {
 /// A consistent view of the VM: state, why, and the guest link's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
+    /// Where the VM is in its life.
     pub state: State,
+    /// Why it is Invalid or Terminated; `None` in the other states.
     pub reason: Option<Reason>,
+    /// The health of the link to the guest agent.
     pub link: LinkHealth,
 }
 
@@ -174,6 +177,7 @@ impl Controller {
         }
     }
 
+    /// The VM's id, as given to [`Controller::new`].
     pub fn id(&self) -> &str {
         &self.inner.id
     }
@@ -200,7 +204,7 @@ impl Controller {
         }
     }
 
-    /// The last [`HISTORY_LEN`] state changes, oldest first.
+    /// The last [`crate::HISTORY_LEN`] state changes, oldest first.
     pub fn history(&self) -> Vec<Transition> {
         self.core().machine.history().cloned().collect()
     }

@@ -11,29 +11,44 @@ pub enum HostError {
     /// The backend cannot do this at all; nothing was changed.
     #[error("{operation} is not supported by the {backend} backend")]
     Unsupported {
+        /// The backend's name (`qemu`, `fake`).
         backend: &'static str,
+        /// What was asked.
         operation: &'static str,
     },
     /// The request itself is wrong for this VM (e.g. a size the backend cannot represent).
     #[error("invalid {what}: {message}")]
-    InvalidInput { what: &'static str, message: String },
-    /// The operation was attempted and failed.
-    #[error("{operation} failed: {message}")]
-    Failed {
-        operation: &'static str,
+    InvalidInput {
+        /// The argument at fault.
+        what: &'static str,
+        /// Why it is wrong.
         message: String,
+    },
+    /// The operation was attempted and failed; the backend's own error is the source, its
+    /// causes kept (a plain message where there is no deeper cause).
+    #[error("{operation} failed")]
+    Failed {
+        /// What was attempted.
+        operation: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The operation failed on an OS-level I/O error.
     #[error("{operation} failed")]
     Io {
+        /// What was attempted.
         operation: &'static str,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
     /// The operation did not finish in time.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
+        /// What was attempted.
         operation: &'static str,
+        /// The deadline it missed.
         after: Duration,
     },
     /// The VM process is no longer there.
@@ -58,12 +73,71 @@ pub enum Rejection {
     Other,
 }
 
+/// A request to the guest agent, as errors name it: callers match on it (a refused
+/// [`GuestRequest::ExecProcess`] is the command's fault, a refused later request is not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GuestRequest {
+    /// The version and capability handshake after connecting.
+    Handshake,
+    /// Starting a process.
+    ExecProcess,
+    /// Feeding a process's stdin.
+    WriteStdin,
+    /// Closing a process's stdin.
+    CloseStdin,
+    /// Reading a process's output.
+    ReadOutput,
+    /// Waiting for a process to exit.
+    WaitProcess,
+    /// Sending a process a signal.
+    SignalProcess,
+    /// Resizing a process's terminal.
+    ResizeTerminal,
+    /// Asking what the agent's tasks are doing.
+    DumpStacks,
+    /// Asking for the guest's resource use.
+    GuestStats,
+    /// Setting the guest's security policy.
+    SetSecurityPolicy,
+    /// Adding a fragment to the guest's security policy.
+    InjectPolicyFragment,
+}
+
+impl GuestRequest {
+    /// The request's name for people (`exec`, `write stdin`, …).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GuestRequest::Handshake => "handshake",
+            GuestRequest::ExecProcess => "exec",
+            GuestRequest::WriteStdin => "write stdin",
+            GuestRequest::CloseStdin => "close stdin",
+            GuestRequest::ReadOutput => "read output",
+            GuestRequest::WaitProcess => "wait for the process",
+            GuestRequest::SignalProcess => "signal the process",
+            GuestRequest::ResizeTerminal => "resize the terminal",
+            GuestRequest::DumpStacks => "dump stacks",
+            GuestRequest::GuestStats => "guest stats",
+            GuestRequest::SetSecurityPolicy => "set the security policy",
+            GuestRequest::InjectPolicyFragment => "inject a policy fragment",
+        }
+    }
+}
+
+impl std::fmt::Display for GuestRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An error from the guest side (the agent inside the VM and the link to it).
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// The guest or the link cannot do this; nothing was changed.
     #[error("{operation} is not supported by the guest")]
-    Unsupported { operation: &'static str },
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+    },
     /// No connection to the guest exists (never made, or closed).
     #[error("no connection to the guest")]
     NotConnected,
@@ -71,26 +145,36 @@ pub enum GuestError {
     #[error("the connection to the guest was lost")]
     ConnectionLost,
     /// The guest answered with an error.
-    #[error("the guest refused {operation}: {message}")]
+    #[error("the guest refused {request}: {message}")]
     Rejected {
-        operation: &'static str,
+        /// The request it refused.
+        request: GuestRequest,
+        /// Why, coarsely.
         kind: Rejection,
+        /// The guest's message.
         message: String,
     },
     /// The guest spoke something we do not accept (garbage, oversized, wrong version). The guest
     /// is untrusted: this is never a panic on the host.
     #[error("protocol violation by the guest: {message}")]
-    Protocol { message: String },
+    Protocol {
+        /// What was wrong.
+        message: String,
+    },
     /// The operation did not finish in time.
     #[error("{operation} timed out after {after:?}")]
     Timeout {
+        /// What was attempted.
         operation: &'static str,
+        /// The deadline it missed.
         after: Duration,
     },
     /// The operation failed on an OS-level I/O error.
     #[error("{operation} failed")]
     Io {
+        /// What was attempted.
         operation: &'static str,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
@@ -99,8 +183,10 @@ pub enum GuestError {
 /// Either side of a seam, for errors of steps that may be host or guest.
 #[derive(Debug, thiserror::Error)]
 pub enum SeamError {
+    /// The host side failed.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// The guest side failed.
     #[error(transparent)]
     Guest(#[from] GuestError),
 }
@@ -111,8 +197,11 @@ pub enum ControllerError {
     /// The operation is not allowed in the VM's current state.
     #[error("cannot {operation} VM {id}: it is {state}")]
     WrongState {
+        /// The VM.
         id: String,
+        /// What was refused.
         operation: Operation,
+        /// The state it was refused in.
         state: State,
     },
     /// A terminal merges stdout and stderr, so a separate stderr cannot be honoured.
@@ -120,51 +209,77 @@ pub enum ControllerError {
     TerminalWithStderr,
     /// An argument is invalid before any state is looked at.
     #[error("invalid {what}: {message}")]
-    InvalidArgument { what: &'static str, message: String },
+    InvalidArgument {
+        /// The argument at fault.
+        what: &'static str,
+        /// Why it is wrong.
+        message: String,
+    },
     /// `create_vm` failed; the VM stays NotCreated.
     #[error("creating VM {id} failed")]
     CreateFailed {
+        /// The VM.
         id: String,
+        /// What the backend said.
         #[source]
         source: HostError,
     },
     /// `start_vm` failed at `step`; the VM is now Invalid and needs `terminate_vm`.
     #[error("starting VM {id} failed at step \"{step}\"")]
     StartFailed {
+        /// The VM.
         id: String,
+        /// The step that failed.
         step: StartStep,
+        /// What that step's seam said.
         #[source]
         source: SeamError,
     },
     /// `terminate_vm` cancelled this `start_vm` and cleaned up what it had done.
     #[error("starting VM {id} was cancelled by terminate_vm")]
-    StartCancelled { id: String },
+    StartCancelled {
+        /// The VM.
+        id: String,
+    },
     /// The last step of `terminate_vm` failed; the VM is Invalid and a retry may succeed.
     #[error("releasing VM {id} failed; it is Invalid until a terminate_vm succeeds")]
     ReleaseFailed {
+        /// The VM.
         id: String,
+        /// What the backend said.
         #[source]
         source: HostError,
     },
     /// A host-side operation failed (the state did not change).
     #[error("{operation} on VM {id} failed")]
     Host {
+        /// The VM.
         id: String,
+        /// The controller operation.
         operation: Operation,
+        /// What the backend said.
         #[source]
         source: HostError,
     },
     /// A guest-side operation failed (the state did not change).
     #[error("{operation} on VM {id} failed in the guest")]
     Guest {
+        /// The VM.
         id: String,
+        /// The controller operation.
         operation: Operation,
+        /// What the guest link said.
         #[source]
         source: GuestError,
     },
     /// The caller's cancellation token fired.
     #[error("{operation} on VM {id} was cancelled")]
-    Cancelled { id: String, operation: Operation },
+    Cancelled {
+        /// The VM.
+        id: String,
+        /// The operation that was cancelled.
+        operation: Operation,
+    },
 }
 
 impl ControllerError {

@@ -24,6 +24,8 @@
 //! guest-facing step has a deadline ([`Timeouts`]); the state carries a [`Reason`] and the guest
 //! link its own [`seams::LinkHealth`].
 
+#![warn(missing_docs)]
+
 mod controller;
 pub mod error;
 mod lifecycle;
@@ -34,6 +36,8 @@ pub mod state;
 pub mod testing;
 
 pub use controller::{normalize_memory, Controller, Status, Timeouts};
-pub use error::{error_chain, ControllerError, GuestError, HostError, Rejection, SeamError};
+pub use error::{
+    error_chain, ControllerError, GuestError, GuestRequest, HostError, Rejection, SeamError,
+};
 pub use machine::{ExitStatus, Transition, HISTORY_LEN};
 pub use state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};

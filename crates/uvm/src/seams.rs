@@ -17,7 +17,9 @@ use crate::state::VmExit;
 /// What the caller asks for when creating a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
+    /// Guest memory at boot, in MiB.
     pub memory_mib: u64,
+    /// Virtual CPUs at boot.
     pub cpus: u32,
     /// Applied by `start_vm` once the guest is connected; `None` means no policy.
     pub security_policy: Option<SecurityPolicy>,
@@ -46,9 +48,10 @@ pub struct PolicyFragment(pub String);
 pub enum GuestEndpoint {
     /// Firecracker-style hybrid vsock: a host unix socket that accepts `CONNECT <port>\n`, and
     /// guest-initiated connections to host port P arrive at `<uds>_<P>`.
-    HybridVsock { uds: PathBuf },
-    /// No guest channel (fakes).
-    None,
+    HybridVsock {
+        /// The host side of the vsock device (the proxy's listening socket).
+        uds: PathBuf,
+    },
 }
 
 /// CPU limits (weights and caps), mirroring what hypervisors expose.
@@ -72,12 +75,19 @@ pub struct HostStats {
 /// Guest-side view of resource use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GuestStats {
+    /// Memory the guest kernel manages (`MemTotal`).
     pub mem_total_bytes: u64,
+    /// Memory available to new work (`MemAvailable`).
     pub mem_available_bytes: u64,
+    /// CPU time in user mode, over all guest CPUs.
     pub cpu_user: Duration,
+    /// CPU time in kernel mode, over all guest CPUs.
     pub cpu_system: Duration,
+    /// Idle CPU time, over all guest CPUs.
     pub cpu_idle: Duration,
+    /// Time since the guest kernel booted.
     pub uptime: Duration,
+    /// Processes in the guest.
     pub processes: u32,
 }
 
@@ -85,6 +95,10 @@ pub struct GuestStats {
 #[async_trait]
 pub trait VmBackend: Send + Sync {
     /// Describe and reserve a VM (no guest code runs yet). On error nothing is left behind.
+    ///
+    /// # Errors
+    /// [`HostError::InvalidInput`] for a configuration the backend cannot run, or the failure
+    /// of the reservation.
     async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError>;
 }
 
@@ -96,22 +110,48 @@ pub trait VmLifetime: Send + Sync {
     /// Where the guest link reaches the guest; known from create, before start.
     fn guest_endpoint(&self) -> GuestEndpoint;
     /// Start the VM process. May leave processes behind on error: `terminate`/`release` clean up.
+    ///
+    /// # Errors
+    /// The spawn failed, the VM was already started or is being released, or the VM did not
+    /// get ready.
     async fn start(&self) -> Result<(), HostError>;
     /// Resolve when the VM process has ended. Cancel-safe; may be called more than once.
     async fn wait(&self) -> VmExit;
     /// Ask the VM to stop, forcibly after a deadline. Harmless on a VM that already ended.
+    ///
+    /// # Errors
+    /// The VM could not be asked or made to stop; the controller logs it and releases anyway.
     async fn terminate(&self) -> Result<(), HostError>;
     /// Release everything the VM holds: processes, sockets, directories. The final close.
+    /// Retryable: a later call finishes what a failed one left.
+    ///
+    /// # Errors
+    /// Something could not be released; the controller leaves the VM Invalid.
     async fn release(&self) -> Result<(), HostError>;
 }
 
 /// Resource control and accounting of one VM on the host.
 #[async_trait]
 pub trait VmResources: Send + Sync {
+    /// What the VM's host processes use.
+    ///
+    /// # Errors
+    /// [`HostError::Gone`] when the VM process has ended, or the accounting could not be read.
     async fn stats(&self) -> Result<HostStats, HostError>;
+    /// Move the VM into the host CPU group `group_id` (non-empty).
+    ///
+    /// # Errors
+    /// [`HostError::Unsupported`] where the backend has no CPU groups, or the move failed.
     async fn set_cpu_group(&self, group_id: &str) -> Result<(), HostError>;
+    /// Apply CPU caps and weights.
+    ///
+    /// # Errors
+    /// [`HostError::Unsupported`] where the backend cannot limit CPUs, or the change failed.
     async fn update_cpu_limits(&self, limits: CpuLimits) -> Result<(), HostError>;
     /// Set the guest's memory to `bytes`, already a multiple of [`VmResources::memory_granularity`].
+    ///
+    /// # Errors
+    /// [`HostError::InvalidInput`] for a size the VM cannot take, or the change failed.
     async fn update_memory(&self, bytes: u64) -> Result<(), HostError>;
     /// The unit memory sizes are rounded up to (bytes, a power of two).
     fn memory_granularity(&self) -> u64;
@@ -124,10 +164,12 @@ impl<T: VmLifetime + VmResources + ?Sized> HostVm for T {}
 /// Capabilities the guest advertised in its handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
+    /// The capability names, as the agent spelled them.
     pub names: Vec<String>,
 }
 
 impl Capabilities {
+    /// Whether the guest advertised `name`.
     pub fn has(&self, name: &str) -> bool {
         self.names.iter().any(|n| n == name)
     }
@@ -144,11 +186,15 @@ impl Capabilities {
 /// What the guest told us when it connected.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestInfo {
+    /// The protocol version both sides agreed on.
     pub protocol_version: u32,
+    /// The agent's own version.
     pub agent_version: String,
+    /// What the agent can do.
     pub capabilities: Capabilities,
-    /// Guest boot marks: kernel start → agent start, agent start → ready.
+    /// Guest boot mark: kernel start → agent start.
     pub kernel_to_init: Duration,
+    /// Guest boot mark: agent start → ready.
     pub init_to_ready: Duration,
 }
 
@@ -156,9 +202,13 @@ pub struct GuestInfo {
 /// from control state).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkHealth {
+    /// No connection was made yet.
     NotConnected,
+    /// Connected and answering.
     Connected,
+    /// The connection broke (the VM exited, or the link collapsed).
     Lost,
+    /// The host closed the connection.
     Closed,
 }
 
@@ -166,14 +216,27 @@ pub enum LinkHealth {
 #[async_trait]
 pub trait GuestConnection: Send + Sync {
     /// Listen for the guest before the VM starts, so its announcement cannot be missed.
+    ///
+    /// # Errors
+    /// [`GuestError::Unsupported`] for an endpoint the link cannot use, or the listener could
+    /// not be made.
     async fn prepare_connection(&self, endpoint: &GuestEndpoint) -> Result<(), GuestError>;
     /// Wait for the guest to announce itself, connect and handshake. No deadline of its own: the
     /// controller bounds it.
+    ///
+    /// # Errors
+    /// [`GuestError::NotConnected`] without a prepared listener, [`GuestError::Protocol`] for
+    /// a guest that speaks something else (another protocol version, garbage), or the
+    /// connection failed.
     async fn connect(&self) -> Result<GuestInfo, GuestError>;
     /// Close the connection and release anything waiting on it. Idempotent.
+    ///
+    /// # Errors
+    /// The close failed; the controller logs it and goes on with the release.
     async fn close_connection(&self) -> Result<(), GuestError>;
     /// Capabilities from the handshake (empty before).
     fn capabilities(&self) -> Capabilities;
+    /// The link's health now.
     fn health(&self) -> LinkHealth;
     /// Resolve once the guest's log stream has been fully forwarded (or there never was one).
     async fn log_drained(&self);
@@ -182,21 +245,30 @@ pub trait GuestConnection: Send + Sync {
 /// A terminal's size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TerminalSize {
+    /// Rows (lines).
     pub rows: u16,
+    /// Columns.
     pub cols: u16,
 }
 
 /// A process to run in the guest (not in a container), with its stdio.
 pub struct ExecRequest {
+    /// The program and its arguments; the program is looked up in the `PATH` of `env`.
     pub args: Vec<String>,
+    /// `KEY=VALUE` environment entries.
     pub env: Vec<String>,
+    /// The working directory; `None` is `/`.
     pub cwd: Option<String>,
+    /// Run on a pseudo-terminal (stdout and stderr merged).
     pub terminal: bool,
     /// A terminal's size: its value when the process starts, then every change while it runs
     /// (the guest process gets SIGWINCH). Only with `terminal`; `None` leaves 80×24.
     pub terminal_size: Option<tokio::sync::watch::Receiver<TerminalSize>>,
+    /// Fed to the process's stdin until it ends; `None` gives it an empty stdin.
     pub stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    /// Receives the process's stdout (and, with a terminal, its stderr); `None` discards it.
     pub stdout: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    /// Receives the process's stderr; `None` discards it. Not with a terminal.
     pub stderr: Option<Box<dyn AsyncWrite + Send + Unpin>>,
 }
 
@@ -238,20 +310,41 @@ impl ExecRequest {
 #[async_trait]
 pub trait GuestExec: Send + Sync {
     /// Run the process to completion, streaming its stdio; returns its exit code.
+    ///
+    /// # Errors
+    /// [`GuestError::Rejected`] when the guest refuses to start it (with the kind: not found,
+    /// permission denied, …), [`GuestError::Unsupported`] for a terminal size the guest cannot
+    /// follow, or the link failed while it ran.
     async fn exec(&self, request: ExecRequest) -> Result<i32, GuestError>;
 }
 
 /// Looking inside the guest.
 #[async_trait]
 pub trait GuestDiagnostics: Send + Sync {
+    /// What the agent's tasks are doing, as text.
+    ///
+    /// # Errors
+    /// The guest refused or the link failed.
     async fn dump_stacks(&self) -> Result<String, GuestError>;
+    /// The guest's own view of its memory, CPU time and processes.
+    ///
+    /// # Errors
+    /// The guest refused or the link failed.
     async fn stats(&self) -> Result<GuestStats, GuestError>;
 }
 
 /// Security policy enforcement in the guest.
 #[async_trait]
 pub trait GuestPolicy: Send + Sync {
+    /// Make `policy` the guest's security policy.
+    ///
+    /// # Errors
+    /// [`GuestError::Unsupported`] where the guest enforces no policy, or the guest refused it.
     async fn set_security_policy(&self, policy: &SecurityPolicy) -> Result<(), GuestError>;
+    /// Add `fragment` to the guest's security policy.
+    ///
+    /// # Errors
+    /// [`GuestError::Unsupported`] where the guest enforces no policy, or the guest refused it.
     async fn inject_policy_fragment(&self, fragment: &PolicyFragment) -> Result<(), GuestError>;
 }
 

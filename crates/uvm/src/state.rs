@@ -56,19 +56,33 @@ impl fmt::Display for State {
 /// Everything that can happen to a VM: the controller's public operations plus the VM exiting by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
+    /// [`crate::Controller::create_vm`].
     Create,
+    /// [`crate::Controller::start_vm`].
     Start,
+    /// [`crate::Controller::terminate_vm`].
     Terminate,
+    /// [`crate::Controller::wait`].
     Wait,
+    /// [`crate::Controller::exec_into_host`].
     ExecIntoHost,
+    /// [`crate::Controller::dump_stacks`].
     DumpStacks,
+    /// [`crate::Controller::stats`].
     Stats,
+    /// [`crate::Controller::guest_stats`].
     GuestStats,
+    /// [`crate::Controller::update_cpu_group`].
     UpdateCpuGroup,
+    /// [`crate::Controller::update_cpu_limits`].
     UpdateCpuLimits,
+    /// [`crate::Controller::update_memory`].
     UpdateMemory,
+    /// [`crate::Controller::update_policy_fragment`].
     UpdatePolicyFragment,
+    /// [`crate::Controller::start_time`].
     StartTime,
+    /// [`crate::Controller::exit_status`].
     ExitStatus,
     /// Not a request: the background waiter saw the VM process end.
     VmExited,
@@ -133,7 +147,9 @@ pub enum Plan {
     NoOp,
     /// Allowed; the state becomes `on_success` or `on_failure` when the operation ends.
     Run {
+        /// The state after the operation succeeded.
         on_success: State,
+        /// The state after the operation failed.
         on_failure: State,
     },
 }
@@ -230,9 +246,17 @@ pub const fn plan(state: State, op: Operation) -> Plan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     /// `start_vm` failed at `step`.
-    StartFailed { step: StartStep, message: String },
+    StartFailed {
+        /// The step that failed.
+        step: StartStep,
+        /// The failure and its causes, for people.
+        message: String,
+    },
     /// The last step of `terminate_vm`, releasing the VM, failed.
-    ReleaseFailed { message: String },
+    ReleaseFailed {
+        /// The failure and its causes, for people.
+        message: String,
+    },
     /// `terminate_vm` ended the VM.
     TerminateRequested,
     /// `terminate_vm` ended the VM while a `start_vm` was in flight; the start was cancelled.
@@ -256,9 +280,13 @@ impl fmt::Display for Reason {
 /// The steps of `start_vm`, in order; a failure names the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StartStep {
+    /// Listening for the guest's announcement, before the VM exists.
     PrepareGuestListener,
+    /// Starting the VM's processes.
     StartVm,
+    /// Waiting for the guest agent and shaking hands with it.
     ConnectGuest,
+    /// Handing the configured security policy to the guest.
     ApplySecurityPolicy,
 }
 

@@ -7,6 +7,7 @@
 //! the call has entered — for concurrency tests without wall-clock sleeps.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::controller::lock;
-use crate::error::{ControllerError, GuestError, HostError};
+use crate::error::{ControllerError, GuestError, GuestRequest, HostError};
 use crate::seams::{
     Capabilities, CpuLimits, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint,
     GuestExec, GuestInfo, GuestPolicy, GuestStats, HostStats, HostVm, LinkHealth, PolicyFragment,
@@ -26,21 +27,37 @@ use crate::{Controller, Timeouts};
 /// Every call a fake records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Call {
+    /// `VmBackend::create`.
     Create,
+    /// `VmLifetime::start`.
     Start,
+    /// `VmLifetime::terminate`.
     Terminate,
+    /// `VmLifetime::release`.
     Release,
+    /// `VmResources::stats`.
     HostStats,
+    /// `VmResources::set_cpu_group`.
     SetCpuGroup,
+    /// `VmResources::update_cpu_limits`.
     UpdateCpuLimits,
+    /// `VmResources::update_memory`.
     UpdateMemory,
+    /// `GuestConnection::prepare_connection`.
     PrepareConnection,
+    /// `GuestConnection::connect`.
     Connect,
+    /// `GuestConnection::close_connection`.
     CloseConnection,
+    /// `GuestExec::exec`.
     Exec,
+    /// `GuestDiagnostics::dump_stacks`.
     DumpStacks,
+    /// `GuestDiagnostics::stats`.
     GuestStats,
+    /// `GuestPolicy::set_security_policy`.
     SetSecurityPolicy,
+    /// `GuestPolicy::inject_policy_fragment`.
     InjectPolicyFragment,
     /// Not recorded in the log (the waiter calls it at any time); holdable.
     LogDrain,
@@ -66,6 +83,30 @@ impl Call {
             Call::SetSecurityPolicy => "set_security_policy",
             Call::InjectPolicyFragment => "inject_policy_fragment",
             Call::LogDrain => "log_drain",
+        }
+    }
+
+    /// The agent request a guest call stands for; `None` for calls that are not requests (the
+    /// listener, closing) and for host calls.
+    fn guest_request(self) -> Option<GuestRequest> {
+        match self {
+            Call::Connect => Some(GuestRequest::Handshake),
+            Call::Exec => Some(GuestRequest::ExecProcess),
+            Call::DumpStacks => Some(GuestRequest::DumpStacks),
+            Call::GuestStats => Some(GuestRequest::GuestStats),
+            Call::SetSecurityPolicy => Some(GuestRequest::SetSecurityPolicy),
+            Call::InjectPolicyFragment => Some(GuestRequest::InjectPolicyFragment),
+            Call::Create
+            | Call::Start
+            | Call::Terminate
+            | Call::Release
+            | Call::HostStats
+            | Call::SetCpuGroup
+            | Call::UpdateCpuLimits
+            | Call::UpdateMemory
+            | Call::PrepareConnection
+            | Call::CloseConnection
+            | Call::LogDrain => None,
         }
     }
 }
@@ -180,21 +221,27 @@ impl Script {
         if self.enter(call).await {
             return Err(HostError::Failed {
                 operation: call.name(),
-                message: "scripted failure".into(),
+                source: "scripted failure".into(),
             });
         }
         Ok(())
     }
 
     async fn guest(&self, call: Call) -> Result<(), GuestError> {
-        if self.enter(call).await {
-            return Err(GuestError::Rejected {
-                operation: call.name(),
+        if !self.enter(call).await {
+            return Ok(());
+        }
+        Err(match call.guest_request() {
+            Some(request) => GuestError::Rejected {
+                request,
                 kind: crate::Rejection::Other,
                 message: "scripted failure".into(),
-            });
-        }
-        Ok(())
+            },
+            None => GuestError::Io {
+                operation: call.name(),
+                source: std::io::Error::other("scripted failure"),
+            },
+        })
     }
 }
 
@@ -206,6 +253,7 @@ pub struct FakeBackend {
 }
 
 impl FakeBackend {
+    /// A backend whose VMs follow `script`.
     pub fn new(script: Script) -> FakeBackend {
         FakeBackend {
             script,
@@ -239,6 +287,7 @@ impl VmBackend for FakeBackend {
 #[derive(Debug)]
 pub struct FakeVm {
     id: String,
+    /// The configuration it was created with.
     pub config: VmConfig,
     script: Script,
     exit: watch::Sender<Option<VmExit>>,
@@ -278,7 +327,11 @@ impl VmLifetime for FakeVm {
         format!("fake-{}", self.id)
     }
     fn guest_endpoint(&self) -> GuestEndpoint {
-        GuestEndpoint::None
+        // A path no fake opens, unique per VM, so tests can tell which VM's endpoint the guest
+        // link was prepared with.
+        GuestEndpoint::HybridVsock {
+            uds: PathBuf::from(format!("/nonexistent/uvm-fake/{}/vsock.sock", self.id)),
+        }
     }
     async fn start(&self) -> Result<(), HostError> {
         self.script.host(Call::Start).await
@@ -348,6 +401,7 @@ struct GuestLinkState {
     exit_code: i32,
     stdout: Vec<u8>,
     policy: Option<SecurityPolicy>,
+    endpoint: Option<GuestEndpoint>,
 }
 
 /// A fake guest link. `exec` writes the scripted stdout, then waits until released by a hold or
@@ -360,6 +414,7 @@ pub struct FakeGuest {
 }
 
 impl FakeGuest {
+    /// A guest link that follows `script`.
     pub fn new(script: Script) -> FakeGuest {
         FakeGuest {
             script,
@@ -372,6 +427,7 @@ impl FakeGuest {
                 exit_code: 0,
                 stdout: Vec::new(),
                 policy: None,
+                endpoint: None,
             }),
             closed: watch::channel(0).0,
         }
@@ -400,13 +456,19 @@ impl FakeGuest {
     pub fn policy(&self) -> Option<SecurityPolicy> {
         lock(&self.state).policy.clone()
     }
+    /// The endpoint the last listener was prepared for.
+    pub fn prepared_endpoint(&self) -> Option<GuestEndpoint> {
+        lock(&self.state).endpoint.clone()
+    }
 }
 
 #[async_trait]
 impl GuestConnection for FakeGuest {
-    async fn prepare_connection(&self, _endpoint: &GuestEndpoint) -> Result<(), GuestError> {
+    async fn prepare_connection(&self, endpoint: &GuestEndpoint) -> Result<(), GuestError> {
         self.script.guest(Call::PrepareConnection).await?;
-        lock(&self.state).prepared = true;
+        let mut state = lock(&self.state);
+        state.prepared = true;
+        state.endpoint = Some(endpoint.clone());
         Ok(())
     }
     async fn connect(&self) -> Result<GuestInfo, GuestError> {
@@ -512,9 +574,13 @@ impl GuestPolicy for FakeGuest {
 /// A controller wired to fakes, with handles on the fakes.
 #[derive(Debug)]
 pub struct Fakes {
+    /// The script both fakes follow and record into.
     pub script: Script,
+    /// The fake host backend.
     pub backend: Arc<FakeBackend>,
+    /// The fake guest link.
     pub guest: Arc<FakeGuest>,
+    /// The controller under test, over both.
     pub controller: Controller,
 }
 
@@ -524,6 +590,7 @@ impl Fakes {
         Fakes::with_timeouts(Timeouts::default())
     }
 
+    /// A NotCreated controller over fresh fakes, with `timeouts`.
     pub fn with_timeouts(timeouts: Timeouts) -> Fakes {
         let script = Script::default();
         let backend = Arc::new(FakeBackend::new(script.clone()));

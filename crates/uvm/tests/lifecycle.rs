@@ -1,7 +1,7 @@
 //! Happy paths, idempotency, API delegation, and wait/waiter behaviour.
 
 use tokio_util::sync::CancellationToken;
-use uvm::seams::{ExecRequest, SecurityPolicy, VmConfig};
+use uvm::seams::{ExecRequest, SecurityPolicy, VmConfig, VmLifetime};
 use uvm::testing::{Call, Capture, Fakes};
 use uvm::{ControllerError, Operation, Reason, State, VmExit};
 
@@ -52,6 +52,17 @@ async fn start_applies_the_configured_security_policy_after_connecting() {
 }
 
 // --- Idempotency (3) ---
+
+#[tokio::test]
+async fn start_prepares_the_guest_link_at_the_vms_own_endpoint() {
+    let f = Fakes::created().await;
+    f.controller.start_vm().await.expect("start");
+    assert_eq!(
+        f.guest.prepared_endpoint(),
+        Some(f.vm().guest_endpoint()),
+        "the guest link listens where this VM's guest will connect"
+    );
+}
 
 #[tokio::test]
 async fn start_vm_on_running_is_a_noop() {
