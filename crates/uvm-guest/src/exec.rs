@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::task::AbortOnDropHandle;
 use uvm::seams::{ExecRequest, GuestConnection, TerminalSize};
-use uvm::GuestError;
+use uvm::{GuestError, GuestRequest};
 use uvm_agent_proto::agent::{
     ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest, ResizeRequest,
     TerminalSize as WireSize, WriteStdinRequest,
@@ -24,7 +24,7 @@ const STDIN_CHUNK: usize = 64 << 10;
 pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, GuestError> {
     if request.args.is_empty() {
         return Err(GuestError::Rejected {
-            operation: "exec",
+            request: GuestRequest::ExecProcess,
             kind: uvm::Rejection::InvalidArgument,
             message: "empty argument list".into(),
         });
@@ -60,7 +60,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
     };
     let started = link
         .call(
-            "exec",
+            GuestRequest::ExecProcess,
             Some(t),
             client.exec_process(VsockGuest::ctx(), &wire),
         )
@@ -87,7 +87,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
                 let t = link.shared.cfg.call_timeout;
                 if link
                     .call(
-                        "write stdin",
+                        GuestRequest::WriteStdin,
                         Some(t),
                         client.write_stdin(VsockGuest::ctx(), &req),
                     )
@@ -104,7 +104,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
             let t = link.shared.cfg.call_timeout;
             let _ = link
                 .call(
-                    "close stdin",
+                    GuestRequest::CloseStdin,
                     Some(t),
                     client.close_stdin(VsockGuest::ctx(), &req),
                 )
@@ -128,7 +128,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
                 let t = link.shared.cfg.call_timeout;
                 let resized = link
                     .call(
-                        "resize the terminal",
+                        GuestRequest::ResizeTerminal,
                         Some(t),
                         client.resize_terminal(VsockGuest::ctx(), &req),
                     )
@@ -158,7 +158,7 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
     // The process may run as long as it likes: no deadline on the wait; closing the link (VM
     // exit, terminate) releases everything.
     let waited = link.call(
-        "wait for the process",
+        GuestRequest::WaitProcess,
         None,
         client.wait_process(VsockGuest::ctx(), &wait_req),
     );
@@ -219,7 +219,7 @@ async fn pump(
     loop {
         let chunk = match link
             .call(
-                "read output",
+                GuestRequest::ReadOutput,
                 None,
                 client.read_output(VsockGuest::ctx(), &req),
             )

@@ -14,7 +14,7 @@ use uvm::seams::{
     Capabilities, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec,
     GuestInfo, GuestPolicy, GuestStats, LinkHealth, PolicyFragment, SecurityPolicy,
 };
-use uvm::{GuestError, Rejection};
+use uvm::{GuestError, GuestRequest, Rejection};
 use uvm_agent_proto::agent::{Empty, HandshakeRequest};
 use uvm_agent_proto::agent_ttrpc::AgentClient;
 use uvm_agent_proto::announce::{read_bounded_line, read_ready_line, ReadyError, ReadyLine};
@@ -170,7 +170,7 @@ impl VsockGuest {
     /// mapped (a broken transport marks the link lost).
     pub(crate) async fn call<T, F>(
         &self,
-        operation: &'static str,
+        request: GuestRequest,
         timeout: Option<Duration>,
         fut: F,
     ) -> Result<T, GuestError>
@@ -181,7 +181,10 @@ impl VsockGuest {
             match timeout {
                 Some(after) => match tokio::time::timeout(after, fut).await {
                     Ok(r) => Ok(r),
-                    Err(_) => Err(GuestError::Timeout { operation, after }),
+                    Err(_) => Err(GuestError::Timeout {
+                        operation: request.as_str(),
+                        after,
+                    }),
                 },
                 None => Ok(fut.await),
             }
@@ -190,7 +193,7 @@ impl VsockGuest {
             () = self.shared.closing.cancelled() => return Err(GuestError::ConnectionLost),
             r = bounded => r?,
         };
-        result.map_err(|e| self.map_ttrpc(operation, e))
+        result.map_err(|e| self.map_ttrpc(request, e))
     }
 
     /// Whether `e` is the agent's NOT_FOUND (e.g. an exec id it does not know, or no longer
@@ -205,18 +208,18 @@ impl VsockGuest {
         )
     }
 
-    fn map_ttrpc(&self, operation: &'static str, e: ttrpc::Error) -> GuestError {
+    fn map_ttrpc(&self, request: GuestRequest, e: ttrpc::Error) -> GuestError {
         match e {
             ttrpc::Error::RpcStatus(status) => {
                 // A deadline the ttrpc layer enforced is still a deadline.
                 if status.code() == ttrpc::Code::DEADLINE_EXCEEDED {
                     return GuestError::Timeout {
-                        operation,
+                        operation: request.as_str(),
                         after: self.shared.cfg.call_timeout,
                     };
                 }
                 GuestError::Rejected {
-                    operation,
+                    request,
                     kind: match status.code() {
                         ttrpc::Code::NOT_FOUND => Rejection::NotFound,
                         ttrpc::Code::PERMISSION_DENIED => Rejection::PermissionDenied,
@@ -290,11 +293,7 @@ impl VsockGuest {
 #[async_trait]
 impl GuestConnection for VsockGuest {
     async fn prepare_connection(&self, endpoint: &GuestEndpoint) -> Result<(), GuestError> {
-        let GuestEndpoint::HybridVsock { uds } = endpoint else {
-            return Err(GuestError::Unsupported {
-                operation: "a guest endpoint other than hybrid vsock",
-            });
-        };
+        let GuestEndpoint::HybridVsock { uds } = endpoint;
         let path = hybrid_vsock::host_port_path(uds, HOST_ANNOUNCE_PORT);
         let listener = UnixListener::bind(&path).map_err(|source| GuestError::Io {
             operation: "bind the guest announce listener",
@@ -363,7 +362,7 @@ impl GuestConnection for VsockGuest {
         let t = self.shared.cfg.call_timeout;
         let response = self
             .call(
-                "handshake",
+                GuestRequest::Handshake,
                 Some(t),
                 client.handshake(Self::ctx(), &request),
             )
@@ -482,7 +481,7 @@ impl GuestDiagnostics for VsockGuest {
         let t = self.shared.cfg.call_timeout;
         let r = self
             .call(
-                "dump stacks",
+                GuestRequest::DumpStacks,
                 Some(t),
                 client.dump_stacks(Self::ctx(), &Empty::new()),
             )
@@ -495,7 +494,7 @@ impl GuestDiagnostics for VsockGuest {
         let t = self.shared.cfg.call_timeout;
         let r = self
             .call(
-                "guest stats",
+                GuestRequest::GuestStats,
                 Some(t),
                 client.guest_stats(Self::ctx(), &Empty::new()),
             )

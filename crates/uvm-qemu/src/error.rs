@@ -69,7 +69,7 @@ impl QemuError {
             } => HostError::Gone,
             other => HostError::Failed {
                 operation,
-                message: uvm_util::error_chain(&other),
+                source: Box::new(other),
             },
         }
     }
@@ -119,8 +119,8 @@ mod tests {
         }
         .into_host("update memory");
         assert!(
-            matches!(&refused, HostError::Failed { operation: "update memory", message }
-                if message.contains("No balloon device")),
+            matches!(&refused, HostError::Failed { operation: "update memory", .. }
+                if uvm_util::error_chain(&refused).contains("No balloon device")),
             "{refused:?}"
         );
     }

@@ -426,13 +426,13 @@ impl QemuVm {
             if procs.stopping {
                 return Err(HostError::Failed {
                     operation: OP,
-                    message: "the VM was terminated or released".to_owned(),
+                    source: "the VM was terminated or released".into(),
                 });
             }
             if procs.started {
                 return Err(HostError::Failed {
                     operation: OP,
-                    message: "the VM was already started".to_owned(),
+                    source: "the VM was already started".into(),
                 });
             }
             procs.started = true;
@@ -645,7 +645,7 @@ impl VmResources for QemuVm {
                 Err(e) => {
                     return Err(HostError::Failed {
                         operation: "read process statistics",
-                        message: format!("{} (pid {}): {e}", which.name(), p.pid),
+                        source: format!("{} (pid {}): {e}", which.name(), p.pid).into(),
                     })
                 }
             }

@@ -258,8 +258,8 @@ async fn a_vsock_device_that_exits_fails_start_fast_with_its_output() {
         .await
         .expect("start fails fast");
     assert!(
-        matches!(&r, Err(HostError::Failed { operation: "start VM", message })
-            if message.contains("vhost-device-vsock exited") && message.contains("no such device")),
+        matches!(&r, Err(e @ HostError::Failed { operation: "start VM", .. })
+            if { let message = uvm_util::error_chain(e); message.contains("vhost-device-vsock exited") && message.contains("no such device") }),
         "{r:?}"
     );
     assert_eq!(vm.wait().await.reason.as_deref(), Some("not-started"));
@@ -295,7 +295,7 @@ async fn terminate_stops_a_start_that_is_waiting_for_the_vsock_device() {
         .expect("start ends promptly")
         .expect("task ran");
     assert!(
-        matches!(&r, Err(HostError::Failed { operation: "start VM", message }) if message.contains("stopped")),
+        matches!(&r, Err(e @ HostError::Failed { operation: "start VM", .. }) if { let message = uvm_util::error_chain(e); message.contains("stopped") }),
         "{r:?}"
     );
     vm.release().await.expect("release");

@@ -259,8 +259,8 @@ async fn real_vm_qemu_exiting_at_once_fails_start_and_ends_the_vsock_device() {
         .await
         .expect("start fails fast");
     assert!(
-        matches!(&r, Err(uvm::HostError::Failed { operation: "start VM", message })
-            if message.contains("qemu exited") && message.contains("bad option")),
+        matches!(&r, Err(e @ uvm::HostError::Failed { operation: "start VM", .. })
+            if { let message = uvm_util::error_chain(e); message.contains("qemu exited") && message.contains("bad option") }),
         "{r:?}"
     );
     let exit = vm.wait().await;

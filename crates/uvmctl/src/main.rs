@@ -338,7 +338,7 @@ fn exec_refusal(e: &uvm::ControllerError) -> Option<uvm::Rejection> {
         uvm::ControllerError::Guest {
             source:
                 uvm::GuestError::Rejected {
-                    operation: "exec",
+                    request: uvm::GuestRequest::ExecProcess,
                     kind,
                     ..
                 },
