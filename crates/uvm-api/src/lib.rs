@@ -1,12 +1,28 @@
 //! # uvm-api — the public gRPC API of one uvmctl utility VM
 //!
 //! The contract is `proto/uvm/v1/uvm.proto` (package `uvm.v1`): one `VmService` per VM, served by
-//! that VM's supervisor on `<root>/<id>/api.sock`. [`v1`] holds its messages, client and server,
-//! generated at build time by tonic and prost (the proto is parsed by protox, so no `protoc` is
-//! needed).
+//! that VM's supervisor on `<root>/<id>/api.sock`. This crate holds what every Rust side of it
+//! shares:
+//!
+//! - [`v1`]: the messages, the client ([`v1::vm_service_client::VmServiceClient`]) and the server
+//!   trait ([`v1::vm_service_server::VmService`]), generated at build time by tonic and prost
+//!   (the proto is parsed by protox, so no `protoc` is needed);
+//! - [`status`]: how every typed error of the controller becomes a gRPC status, plus the API's own
+//!   errors ([`ApiError`]);
+//! - [`convert`]: the controller's types as API messages (`From`), and the few client inputs the
+//!   server validates (`TryFrom`).
+//!
+//! Other languages generate their client from the same file, e.g. Python with
+//! `python -m grpc_tools.protoc -I crates/uvm-api/proto --python_out=. --grpc_python_out=.
+//! uvm/v1/uvm.proto`.
+
+pub mod convert;
+pub mod status;
 
 /// The generated messages, client and server of proto package `uvm.v1`; their documentation is
 /// the proto's.
 pub mod v1 {
     tonic::include_proto!("uvm.v1");
 }
+
+pub use status::{controller_status, ApiError, STATE_METADATA};
