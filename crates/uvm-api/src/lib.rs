@@ -7,6 +7,8 @@
 //! - [`v1`]: the messages, the client ([`v1::vm_service_client::VmServiceClient`]) and the server
 //!   trait ([`v1::vm_service_server::VmService`]), generated at build time by tonic and prost
 //!   (the proto is parsed by protox, so no `protoc` is needed);
+//! - [`transport`]: [`connect`] to a socket, [`serve`] on one, with the contract's message-size
+//!   limit ([`MAX_MESSAGE_BYTES`]) and the `uvm-vm-id` check;
 //! - [`status`]: how every typed error of the controller becomes a gRPC status, plus the API's own
 //!   errors ([`ApiError`]);
 //! - [`convert`]: the controller's types as API messages (`From`), and the few client inputs the
@@ -18,6 +20,7 @@
 
 pub mod convert;
 pub mod status;
+pub mod transport;
 
 /// The generated messages, client and server of proto package `uvm.v1`; their documentation is
 /// the proto's.
@@ -26,3 +29,7 @@ pub mod v1 {
 }
 
 pub use status::{controller_status, ApiError, STATE_METADATA};
+pub use transport::{
+    client, connect, connect_client, serve, server, ConnectError, VmIdCheck, MAX_MESSAGE_BYTES,
+    VM_ID_METADATA,
+};
