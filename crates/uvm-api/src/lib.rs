@@ -16,7 +16,10 @@
 //!
 //! Other languages generate their client from the same file, e.g. Python with
 //! `python -m grpc_tools.protoc -I crates/uvm-api/proto --python_out=. --grpc_python_out=.
-//! uvm/v1/uvm.proto`.
+//! uvm/v1/uvm.proto` (the package is then `uvm.v1`, modules `uvm_pb2` and `uvm_pb2_grpc`). Such a
+//! client must send the `:authority` `localhost`, which [`connect`] does: the server's HTTP/2
+//! stack refuses the socket path that grpcio sends by default with `PROTOCOL_ERROR`, so a grpcio
+//! channel needs the option `("grpc.default_authority", "localhost")`.
 
 pub mod convert;
 pub mod status;
