@@ -121,9 +121,9 @@ impl BenchOptions {
     /// Iteration counts for a normal run, or for `--quick` (under 5 minutes on 2 cores).
     pub fn new(quick: bool) -> BenchOptions {
         BenchOptions {
-            // The ratio of two medians of ≈650 ms boots is the target: with 10 pairs it
-            // scattered ±0.02 around its true value here (1.007–1.047), with 20 about half.
-            // 20 pairs add ≈13 s to a quick run.
+            // The ratio of two medians of boots is the target, and it scatters with few pairs
+            // (BENCHMARKS.md, "Targets: where each stands"): 20 pairs halve the scatter of 10 for a few
+            // seconds more of a quick run.
             iterations: 20,
             exec_iterations: if quick { 20 } else { 50 },
             density: if quick {

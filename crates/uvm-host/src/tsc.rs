@@ -2,13 +2,14 @@
 //! the other clock arguments such a guest boots with ([`tcg_kernel_args`]).
 //!
 //! Why: `-M microvm` has no PIT, HPET or ACPI PM timer for the guest kernel to calibrate its TSC
-//! against, and its early calibration can then hang the boot (DESIGN.md §4). Under TCG the
+//! against, and its early calibration can then hang the boot (docs/design.md, "The real
+//! path"). Under TCG the
 //! guest's TSC *is* the host's (QEMU's `rdtsc` helper reads the host counter), so the host can
 //! measure it and hand the number over.
 //!
 //! How: `/sys/devices/system/cpu/cpu0/tsc_freq_khz` where the host kernel exposes it (some
 //! distributions' kernels do); otherwise TSC ticks are counted against `CLOCK_MONOTONIC_RAW`
-//! over ≈50 ms. Each end of the interval is a clock read bracketed by two `rdtsc`, the tightest
+//! over a fixed window (`WINDOW`). Each end of the interval is a clock read bracketed by two `rdtsc`, the tightest
 //! of a few tries kept, so the error is a few ppm. (`cpu MHz` in `/proc/cpuinfo` is the core
 //! clock, not the TSC.) When the host's clocksource is the TSC, `CLOCK_MONOTONIC_RAW` advances
 //! at the host kernel's own calibrated rate, so the result is the host kernel's `tsc_khz`.
@@ -34,7 +35,7 @@ const WINDOW: Duration = Duration::from_millis(50);
 /// Plausible TSC frequencies (kHz): anything outside is a broken measurement.
 const PLAUSIBLE_KHZ: std::ops::RangeInclusive<u64> = 100_000..=20_000_000;
 
-/// The host's TSC frequency in kHz (what `tsc_early_khz=` takes). Costs ≈50 ms the first
+/// The host's TSC frequency in kHz (what `tsc_early_khz=` takes). Costs one measuring interval the first
 /// time, nothing afterwards.
 pub fn host_tsc_khz() -> Result<u64, TscError> {
     host_tsc_khz_with(None)

@@ -2,8 +2,8 @@
 //! crate so that device nodes and ownership need no root and no staging directory.
 //!
 //! Uncompressed because the guest pays for decompression on every boot and the host for the
-//! bytes only once: under TCG, inflating the ≈2.2 MB gzip archive costs the kernel ≈90 ms of a
-//! ≈0.6 s boot (measured side by side, BENCHMARKS.md), while the 4.8 MB it inflates to are
+//! bytes only once: under TCG, inflating a gzip archive is a large share of the boot
+//! (measured side by side, BENCHMARKS.md, "Where the kernel's time went"), while the bytes it inflates to are
 //! copied into guest memory by QEMU at host speed.
 //!
 //! Layout (what the agent, as PID 1, can count on):

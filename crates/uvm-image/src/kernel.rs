@@ -1,7 +1,8 @@
 //! Turns Debian's `vmlinuz` (an x86 bzImage) into the uncompressed ELF `vmlinux` inside it.
 //!
 //! Why: QEMU boots an ELF `vmlinux` through its PVH entry note, skipping the bzImage's real-mode
-//! setup and self-decompression; under TCG that halves the time to the agent (DESIGN.md §4).
+//! setup and self-decompression, which under TCG are emulated instruction by instruction
+//! (docs/design.md, "The real path").
 //!
 //! The boot protocol (Documentation/x86/boot.rst, version ≥ 2.08) says where the compressed
 //! payload is: `payload_offset`/`payload_length` at 0x248/0x24c, relative to the start of the

@@ -158,7 +158,7 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 #[derive(Debug, Clone, Copy)]
 enum Machine {
     Q35,
-    /// microvm with qboot (SeaBIOS costs ≈0.2 s), no option ROMs, an ISA UART for the console
+    /// microvm with qboot (SeaBIOS is much slower to boot; BENCHMARKS.md), no option ROMs, an ISA UART for the console
     /// and the RTC for the wall clock.
     Microvm,
 }

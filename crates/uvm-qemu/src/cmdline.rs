@@ -65,16 +65,16 @@ pub struct QemuCommand<'a> {
 /// follow it.
 pub const BASE_KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 
-/// Kernel arguments that only shorten the boot. Each is a cost measured
-/// under TCG (BENCHMARKS.md, "Where the kernel's time went") and harmless under KVM:
+/// Kernel arguments that only shorten the boot. Each removes a cost measured under TCG (the
+/// figures are in BENCHMARKS.md, "Where the kernel's time went") and is harmless under KVM:
 /// - `noreplace-smp`: a kernel that finds one CPU present rewrites every `lock` prefix of its
-///   text, one `text_poke` each (≈6000 here), to run as a uniprocessor: ≈55 ms, for no
-///   measurable gain afterwards.
+///   text, one `text_poke` each, to run as a uniprocessor — emulated instruction by
+///   instruction, for no measurable gain afterwards.
 /// - `no_timer_check`: skips q35's check that the IO-APIC timer interrupt works, which waits
-///   for timer ticks (≈25 ms). KVM guests skip it too.
+///   for timer ticks. KVM guests skip it too.
 /// - `reserved_poison=off` (our kernel's patch 0002; other kernels pass it to init as an
 ///   unused environment variable): frees the init sections and the initrd without filling
-///   ≈8 MB with a poison byte first (≈60 ms).
+///   them with a poison byte first, one emulated store at a time.
 pub const FAST_BOOT_ARGS: &str = "noreplace-smp no_timer_check reserved_poison=off";
 
 /// QEMU's arguments (without the program name).

@@ -181,7 +181,7 @@ pub struct QemuConfig {
     /// How long `terminate` waits after QMP `quit` before SIGKILL.
     pub terminate_grace: Duration,
     /// Where the host's measured TSC frequency is kept for the rest of the host's boot (see
-    /// [`uvm_host::host_tsc_khz_with`]); `None`: measured once per process (≈50 ms, under TCG only).
+    /// [`uvm_host::host_tsc_khz_with`]); `None`: measured once per process (one measuring interval, under TCG only).
     pub tsc_cache: Option<PathBuf>,
 }
 

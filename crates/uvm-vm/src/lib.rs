@@ -89,7 +89,7 @@ pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {
         qemu.runtime_root = root.clone();
     }
     // Each `uvmctl` invocation is a new process: keep the host's TSC frequency for the boot
-    // instead of spending ≈50 ms measuring it every time.
+    // instead of spending a measuring interval on it every time.
     qemu.tsc_cache = uvm_image::cache_dir_from_env()
         .ok()
         .map(|dir| dir.join("host-tsc-khz"));

@@ -34,7 +34,8 @@ pub struct Timeouts {
     /// Starting the VM process (spawn, device set-up), default 30 s.
     pub vm_start: Duration,
     /// From VM start until the guest agent announced itself and finished the handshake, default 60 s
-    /// (a TCG boot takes ≈2 s alone, ≈10 s with 8 VMs booting on 2 cores).
+    /// (generous: TCG boots slow down many times over when several share a small host's cores;
+    /// BENCHMARKS.md has the density figures).
     pub guest_connect: Duration,
     /// One request/response with the guest (not a whole exec), default 10 s.
     pub guest_call: Duration,

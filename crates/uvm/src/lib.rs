@@ -2,22 +2,13 @@
 //!
 //! The Rust counterpart of hcsshim's VM controller (`internal/controller/vm`): one [`Controller`]
 //! per utility VM drives a host backend ([`seams::VmBackend`] / [`seams::HostVm`]) and a guest link
-//! ([`seams::Guest`]) through the lifecycle below. This crate does no I/O of its own: every
-//! failure path is testable with the recording fakes in `uvm::testing` (feature `testing`).
-//!
-//! ```text
-//!                 create_vm ok            start_vm ok
-//!   NotCreated ───────────────▶ Created ───────────────▶ Running
-//!                                 │  │                      │
-//!                                 │  │ start_vm fails       │ VM exits by itself,
-//!                                 │  ▼                      │ or terminate_vm ok
-//!                                 │ Invalid ◀───────────────┤ terminate_vm: release fails
-//!                                 │  │ terminate_vm ok      ▼
-//!                  terminate_vm ok└──┴────────────────▶ Terminated (terminal)
-//! ```
+//! ([`seams::Guest`]) through the lifecycle NotCreated → Created → Running → Terminated, with
+//! Invalid when cleanup fails (the diagram is in [`state`]). This crate does no I/O of its own:
+//! every failure path is testable with the recording fakes in `uvm::testing` (feature `testing`).
 //!
 //! The table behind the diagram is [`state::plan`]: one function deciding, for every (state,
-//! operation) pair, whether the operation is allowed and which state it leads to.
+//! operation) pair, whether the operation is allowed and which state it leads to; the state
+//! changes only through it (module `machine`).
 //!
 //! Beyond hcsshim: [`Controller::state`] and [`Controller::stats`] never wait behind a long
 //! operation; [`Controller::terminate_vm`] cancels an in-flight [`Controller::start_vm`]; every
