@@ -27,6 +27,10 @@ pub mod transport;
 
 /// The generated messages, client and server of proto package `uvm.v1`; their documentation is
 /// the proto's.
+#[expect(
+    clippy::allow_attributes,
+    reason = "tonic's generated code carries its own #[allow]s; it is not ours to lint"
+)]
 pub mod v1 {
     tonic::include_proto!("uvm.v1");
 }

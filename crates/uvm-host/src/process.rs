@@ -88,7 +88,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a test reports failure by panicking")]
 mod tests {
     use super::*;
 
