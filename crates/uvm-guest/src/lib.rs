@@ -16,6 +16,8 @@
 //! [`GuestError::ConnectionLost`]: uvm::GuestError::ConnectionLost
 //! [`LinkHealth::Lost`]: uvm::seams::LinkHealth::Lost
 
+#![warn(missing_docs)]
+
 mod exec;
 mod hybrid;
 mod link;

@@ -41,6 +41,7 @@ pub struct GuestLinkConfig {
 }
 
 impl GuestLinkConfig {
+    /// The defaults for VM `vm_id`: 10 s per call, 2 s of log drain, 200 recent log lines.
     pub fn new(vm_id: impl Into<String>) -> Self {
         GuestLinkConfig {
             vm_id: vm_id.into(),
@@ -100,6 +101,8 @@ impl std::fmt::Debug for VsockGuest {
 }
 
 impl VsockGuest {
+    /// A link configured by `cfg`, not connected yet: it does no I/O until
+    /// [`GuestConnection::prepare_connection`] binds the announce listener.
     pub fn new(cfg: GuestLinkConfig) -> VsockGuest {
         VsockGuest {
             shared: Arc::new(Shared {

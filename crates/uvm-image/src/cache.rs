@@ -29,6 +29,18 @@ const TMP_PREFIXES: &[&str] = &[".build-", ".old-", ".vmlinux-"];
 const STALE_AFTER: Duration = Duration::from_secs(3600);
 
 /// Returns the image for `spec`, building it only if the cache does not already hold it.
+///
+/// # Errors
+///
+/// Any error of [`ImageSpec::check`]; [`ImageError::Read`] for an input that cannot be read;
+/// [`ImageError::ModulesDepMissing`] or [`ImageError::ModuleNotFound`] when Debian's kernel
+/// lacks a module the guest loads; [`ImageError::OurKernelNotElf`] or
+/// [`ImageError::NoPvhEntry`] for our kernel. When it builds, also: the errors of extracting
+/// Debian's `vmlinux` from its bzImage ([`ImageError::NotBzImage`],
+/// [`ImageError::UnsupportedKernelCompression`], [`ImageError::KernelDecompress`],
+/// [`ImageError::NotElf`]), of decompressing a module, of running `busybox --list`
+/// ([`ImageError::BusyboxRun`], [`ImageError::BusyboxList`]), and of writing the image and
+/// moving it into place ([`ImageError::Write`], [`ImageError::Rename`]).
 pub fn ensure_image(spec: &ImageSpec) -> Result<Image, ImageError> {
     let inputs = Inputs::read(spec)?;
     let image = image_paths(&spec.cache_dir, &inputs.id);
@@ -39,6 +51,10 @@ pub fn ensure_image(spec: &ImageSpec) -> Result<Image, ImageError> {
 }
 
 /// Builds the image for `spec`, replacing any cached copy.
+///
+/// # Errors
+///
+/// As [`ensure_image`] when it builds (Debian's `vmlinux` is extracted again, not reused).
 pub fn build_image(spec: &ImageSpec) -> Result<Image, ImageError> {
     let inputs = Inputs::read(spec)?;
     build(spec, &inputs, true)

@@ -14,6 +14,8 @@
 //! and installs busybox-static; `scripts/build-kernel.sh` builds our kernel; `make agent` builds
 //! the agent.
 
+#![warn(missing_docs)]
+
 mod cache;
 mod error;
 mod flavor;
@@ -106,12 +108,23 @@ impl ImageSpec {
     /// `<cache>/kernel/debian`; busybox `/bin/busybox`; agent `$UVM_AGENT`, else
     /// `target/x86_64-unknown-linux-gnu/agent/uvm-agent` in the nearest `target` directory
     /// above the running executable.
+    ///
+    /// # Errors
+    ///
+    /// [`ImageError::NoCacheDir`] when no cache directory can be named,
+    /// [`ImageError::UnknownKernelFlavor`] for a bad `$UVM_KERNEL`, [`ImageError::CurrentExe`]
+    /// or [`ImageError::NoTargetDir`] when the default agent path cannot be found, and any
+    /// error of [`ImageSpec::check`].
     pub fn from_env() -> Result<ImageSpec, ImageError> {
         ImageSpec::from_env_with(None)
     }
 
     /// [`ImageSpec::from_env`] with the kernel flavour given by the caller (a `--kernel` flag)
     /// instead of `$UVM_KERNEL` or the default choice.
+    ///
+    /// # Errors
+    ///
+    /// As [`ImageSpec::from_env`].
     pub fn from_env_with(kernel: Option<KernelFlavor>) -> Result<ImageSpec, ImageError> {
         let cache_dir = default_cache_dir(|k| env::var_os(k))?;
         let our_vmlinux = flavor::our_vmlinux(&cache_dir);
@@ -140,6 +153,15 @@ impl ImageSpec {
 
     /// Checks that the inputs exist (cheaply: no hashing, no reading of big files), with an
     /// error naming the command that produces whatever is missing.
+    ///
+    /// # Errors
+    ///
+    /// [`ImageError::AgentMissing`], [`ImageError::BusyboxMissing`] or
+    /// [`ImageError::OurKernelMissing`] for a missing input; [`ImageError::NotStatic`] for a
+    /// dynamically linked agent or busybox; [`ImageError::OurKernelNotElf`] when our kernel is
+    /// not an x86-64 ELF file; [`ImageError::KernelMissing`],
+    /// [`ImageError::MultipleKernels`] or [`ImageError::Read`] when Debian's kernel cannot be
+    /// located under [`ImageSpec::kernel_root`].
     pub fn check(&self) -> Result<(), ImageError> {
         if !self.agent.is_file() {
             return Err(ImageError::AgentMissing {

@@ -8,6 +8,7 @@ use crate::{AccelKind, Machine};
 /// The files of one VM inside its runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimePaths {
+    /// The runtime directory itself.
     pub dir: PathBuf,
     /// vhost-user control socket between QEMU and vhost-device-vsock.
     pub vhost_socket: PathBuf,
@@ -25,6 +26,7 @@ pub struct RuntimePaths {
 }
 
 impl RuntimePaths {
+    /// The paths of the files in `dir` (nothing is created).
     pub fn new(dir: &Path) -> RuntimePaths {
         RuntimePaths {
             dir: dir.to_path_buf(),
@@ -47,14 +49,21 @@ impl RuntimePaths {
 /// What the QEMU command line is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuCommand<'a> {
+    /// The guest kernel (`-kernel`).
     pub kernel: &'a Path,
+    /// The guest initramfs (`-initrd`).
     pub initramfs: &'a Path,
+    /// The accelerator (`-M <machine>,accel=`); it also picks the CPU model (`host` or `max`).
     pub accel: AccelKind,
+    /// The machine model (`-M`); it also picks the devices' bus (PCI or virtio-mmio).
     pub machine: Machine,
     /// Firmware (`-bios`), for microvm's qboot.
     pub bios: Option<&'a Path>,
+    /// Guest memory in MiB (`-m`, and the size of the shared memfd backing it).
     pub memory_mib: u64,
+    /// Virtual CPUs (`-smp`).
     pub cpus: u32,
+    /// Where the sockets and logs go.
     pub paths: &'a RuntimePaths,
     /// Appended to [`BASE_KERNEL_CMDLINE`] and [`FAST_BOOT_ARGS`].
     pub extra_cmdline: &'a str,

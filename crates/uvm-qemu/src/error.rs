@@ -13,25 +13,35 @@ use crate::qmp::QmpError;
 pub enum QemuError {
     /// A machine name other than `q35` or `microvm`.
     #[error("unknown machine {name:?} (expected q35 or microvm)")]
-    UnknownMachine { name: String },
+    UnknownMachine {
+        /// The name that was given.
+        name: String,
+    },
     /// A process could not be spawned.
     #[error("cannot spawn {program}")]
     Spawn {
+        /// The program that could not be spawned.
         program: PathBuf,
+        /// Why spawning failed.
         #[source]
         source: std::io::Error,
     },
     /// A process exited before it was ready.
     #[error("{process} exited during start ({status}); its output ends with: {output}")]
     ExitedEarly {
+        /// Which process: `vhost-device-vsock` or `qemu`.
         process: &'static str,
+        /// How it exited.
         status: ExitStatus,
+        /// The end of its log (stdout and stderr), for the reason it gave.
         output: String,
     },
     /// A process did not become ready in time.
     #[error("{process} was not ready after {after:?}")]
     NotReady {
+        /// Which process: `vhost-device-vsock` or `qemu`.
         process: &'static str,
+        /// How long it was given to become ready.
         after: Duration,
     },
     /// `terminate`/`release` stopped the start.
@@ -40,14 +50,18 @@ pub enum QemuError {
     /// Talking QMP failed.
     #[error("QMP {command} failed")]
     Qmp {
+        /// The QMP command that failed (`qmp_capabilities`, `quit`, `balloon`, …).
         command: &'static str,
+        /// How it failed.
         #[source]
         source: QmpError,
     },
     /// An OS call failed.
     #[error("{operation} failed")]
     Io {
+        /// What the call was for.
         operation: &'static str,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },

@@ -14,6 +14,8 @@
 //! them: they die with that thread (`PR_SET_PDEATHSIG`), with the controller, and on
 //! [`QemuVm`]'s drop.
 
+#![warn(missing_docs)]
+
 mod cmdline;
 mod error;
 mod qmp;
@@ -49,6 +51,7 @@ pub enum Machine {
 }
 
 impl Machine {
+    /// The name QEMU knows it by (`-M <name>`), which [`Machine`]'s `FromStr` accepts back.
     pub const fn as_str(self) -> &'static str {
         match self {
             Machine::Q35 => "q35",
@@ -96,7 +99,9 @@ pub enum Accel {
 /// The accelerator QEMU actually runs with: what an [`Accel`] resolves to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelKind {
+    /// KVM (hardware virtualization).
     Kvm,
+    /// TCG (software emulation).
     Tcg,
 }
 
@@ -169,6 +174,7 @@ pub struct QemuConfig {
     pub kernel: PathBuf,
     /// The guest initramfs (the agent is its `/init`).
     pub initramfs: PathBuf,
+    /// The accelerator to use; [`QemuBackend::new`] resolves it once.
     pub accel: Accel,
     /// The machine model; [`Machine::Microvm`] boots with [`QemuConfig::qboot`].
     pub machine: Machine,

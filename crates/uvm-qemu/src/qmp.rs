@@ -33,16 +33,23 @@ pub enum QmpError {
     /// QEMU answered the command with an error.
     #[error("QEMU refused {command}: {desc} ({class})")]
     Command {
+        /// The command QEMU refused.
         command: &'static str,
+        /// QEMU's error class (`GenericError`, `DeviceNotActive`, …).
         class: String,
+        /// QEMU's human-readable description of the error.
         desc: String,
     },
     /// QEMU sent something this client does not understand.
     #[error("QMP protocol violation: {message}")]
-    Protocol { message: String },
+    Protocol {
+        /// What was wrong with it.
+        message: String,
+    },
     /// Reading or writing the socket failed.
     #[error("QMP I/O failed")]
     Io {
+        /// The socket error.
         #[source]
         source: std::io::Error,
     },
@@ -62,23 +69,31 @@ impl From<std::io::Error> for QmpError {
 /// QEMU's version, from the greeting.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct QemuVersion {
+    /// The major version (the 9 of 9.2.1).
     pub major: u32,
+    /// The minor version (the 2 of 9.2.1).
     pub minor: u32,
+    /// The micro version (the 1 of 9.2.1).
     pub micro: u32,
 }
 
 /// The first message of a QMP connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QmpGreeting {
+    /// QEMU's version.
     pub version: QemuVersion,
+    /// The distribution's package version string (empty when QEMU sends none).
     pub package: String,
+    /// The QMP capabilities the server offers (empty when it sends none).
     pub capabilities: Vec<String>,
 }
 
 /// An asynchronous event from QEMU.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QmpEvent {
+    /// The event's name (`SHUTDOWN`, `BALLOON_CHANGE`, …).
     pub name: String,
+    /// The event's `data`, untyped (`null` when it has none).
     pub data: Value,
 }
 
@@ -104,18 +119,25 @@ impl QmpEvent {
 /// One message from QEMU's QMP server.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QmpMessage {
+    /// The greeting, the first message of a connection.
     Greeting(QmpGreeting),
     /// A command's success, with the command's `id`.
     Return {
+        /// The `id` the command was sent with, if any.
         id: Option<Value>,
+        /// The command's `return` value.
         value: Value,
     },
     /// A command's failure, with the command's `id`.
     Error {
+        /// The `id` the command was sent with, if any.
         id: Option<Value>,
+        /// QEMU's error class (`GenericError`, `DeviceNotActive`, …).
         class: String,
+        /// QEMU's human-readable description of the error.
         desc: String,
     },
+    /// An asynchronous event.
     Event(QmpEvent),
 }
 
@@ -154,6 +176,11 @@ struct RawError {
 
 impl QmpMessage {
     /// Parse one line (one JSON object) from the server.
+    ///
+    /// # Errors
+    ///
+    /// [`QmpError::Protocol`] when the line is not JSON of a QMP message, or is a message that
+    /// is neither greeting, return, error nor event.
     pub fn parse(line: &[u8]) -> Result<QmpMessage, QmpError> {
         let raw: RawMessage = serde_json::from_slice(line).map_err(|e| QmpError::Protocol {
             message: format!("not a QMP message: {e}"),

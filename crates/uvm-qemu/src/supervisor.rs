@@ -41,9 +41,11 @@ const RECHECK_MAX: Duration = Duration::from_millis(20);
 /// When the VM's processes reached each step of the start (`None`: not reached).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BootMarks {
+    /// vhost-device-vsock was spawned.
     pub vsock_spawned: Option<Instant>,
     /// vhost-device-vsock listens on its vhost-user socket.
     pub vsock_ready: Option<Instant>,
+    /// QEMU was spawned.
     pub qemu_spawned: Option<Instant>,
     /// QMP connected and out of negotiation mode.
     pub qmp_ready: Option<Instant>,

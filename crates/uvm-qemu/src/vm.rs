@@ -68,6 +68,7 @@ impl QemuBackend {
         }
     }
 
+    /// The configuration this backend was made with.
     pub fn config(&self) -> &QemuConfig {
         &self.config
     }
@@ -103,6 +104,13 @@ impl QemuBackend {
     /// Exactly what [`QemuBackend::create_vm`] would run for `config`, with the runtime files
     /// under `dir` (which is neither created nor used), after the same checks: to run or
     /// profile a VM by hand without a copy of the command line that drifts from ours.
+    ///
+    /// # Errors
+    ///
+    /// [`HostError::InvalidInput`] when `config` or the backend's configuration fails the checks
+    /// of [`QemuBackend::create_vm`] (memory, CPUs, kernel, initramfs, binaries, qboot), or
+    /// `dir` contains a comma or is too long for its socket paths; [`HostError::Io`] when `dir`
+    /// cannot be made absolute.
     pub fn command_lines(&self, dir: &Path, config: &VmConfig) -> Result<CommandLines, HostError> {
         self.check(config)?;
         let dir = std::path::absolute(dir).map_err(|source| HostError::Io {
@@ -148,7 +156,16 @@ impl QemuBackend {
         Ok(memory_bytes)
     }
 
-    /// [`VmBackend::create`] with the concrete type.
+    /// [`VmBackend::create`] with the concrete type: checks the request, makes the VM's runtime
+    /// directory (mode 0700, with its owner record) and prepares the command lines. Nothing is
+    /// spawned until [`VmLifetime::start`].
+    ///
+    /// # Errors
+    ///
+    /// [`HostError::InvalidInput`] when memory or CPUs are out of range, the kernel or
+    /// initramfs is not a file, a binary is not executable, microvm lacks qboot or (under TCG)
+    /// the host TSC frequency, or the runtime root contains a comma or is too long for socket
+    /// paths; [`HostError::Io`] when the runtime directory cannot be made or recorded.
     #[tracing::instrument(skip_all, fields(vm = %id, op = "create"))]
     pub fn create_vm(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {
         let c = &self.config;
@@ -207,7 +224,9 @@ impl VmBackend for QemuBackend {
 /// The two programs a VM runs, each as its program path followed by its arguments.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CommandLines {
+    /// vhost-device-vsock, which runs first.
     pub vhost_vsock: Vec<String>,
+    /// QEMU, which runs once vhost-device-vsock listens.
     pub qemu: Vec<String>,
 }
 
@@ -328,6 +347,7 @@ impl QemuVm {
         self.shared.lock().get(Which::Vsock).map(|p| p.pid)
     }
 
+    /// The VM's private runtime directory (`<runtime_root>/uvm-<id>-<random>`).
     pub fn runtime_dir(&self) -> &Path {
         &self.runtime_dir
     }
@@ -337,6 +357,7 @@ impl QemuVm {
         &self.shared.paths
     }
 
+    /// The accelerator this VM runs with.
     pub fn accel(&self) -> AccelKind {
         self.accel
     }
@@ -348,6 +369,12 @@ impl QemuVm {
 
     /// The guest's memory as the balloon device reports it (QMP `query-balloon`), in bytes.
     /// It follows [`VmResources::update_memory`] only once the guest's balloon driver runs.
+    ///
+    /// # Errors
+    ///
+    /// [`HostError::Gone`] once QEMU has exited; [`HostError::Timeout`] when QMP does not
+    /// answer in time; [`HostError::Io`] or [`HostError::Failed`] when connecting to QMP or the
+    /// query fails.
     pub async fn balloon_actual(&self) -> Result<u64, HostError> {
         let qmp = self.qmp().await?;
         match tokio::time::timeout(QMP_TIMEOUT, qmp.execute(&QueryBalloon {})).await {
