@@ -21,6 +21,8 @@
 //! stack refuses the socket path that grpcio sends by default with `PROTOCOL_ERROR`, so a grpcio
 //! channel needs the option `("grpc.default_authority", "localhost")`.
 
+#![warn(missing_docs)]
+
 pub mod convert;
 pub mod status;
 pub mod transport;

@@ -10,6 +10,8 @@
 //! - [`tsc`]: the host's TSC frequency, and the clock arguments a guest kernel under TCG boots
 //!   with ([`tcg_kernel_args`]).
 
+#![warn(missing_docs)]
+
 pub mod process;
 pub mod socket;
 pub mod tsc;

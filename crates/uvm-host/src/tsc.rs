@@ -23,6 +23,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot measure the host TSC frequency: {reason}")]
 pub struct TscError {
+    /// Why not.
     pub reason: String,
 }
 

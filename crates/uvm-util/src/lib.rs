@@ -5,6 +5,8 @@
 //! controller (which does no I/O) and the agent (a static PID 1 that keeps its dependencies
 //! few) can use it as well as the host crates.
 
+#![warn(missing_docs)]
+
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// An error and its sources, joined with ": " on one line, for logs, state reasons and RPC

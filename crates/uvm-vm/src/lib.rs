@@ -5,6 +5,8 @@
 //! link for their boot marks. Shared by the CLI (`uvmctl run`, `command-line`), the benchmark
 //! (`uvm-bench`) and the real-VM tests.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +21,10 @@ use uvm_qemu::{QemuBackend, QemuConfig, QemuVm};
 /// What can go wrong around the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The guest image could not be found or built.
     #[error("preparing the guest image failed")]
     Image(#[from] ImageError),
+    /// The controller refused or failed.
     #[error(transparent)]
     Controller(#[from] ControllerError),
 }
@@ -28,10 +32,15 @@ pub enum VmError {
 /// How to make a VM.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
+    /// Guest memory at boot, in MiB.
     pub memory_mib: u64,
+    /// Virtual CPUs.
     pub cpus: u32,
+    /// KVM or TCG (auto: KVM only where the CPU advertises vmx/svm).
     pub accel: Accel,
+    /// The machine model (q35 or microvm).
     pub machine: Machine,
+    /// The controller's deadlines.
     pub timeouts: Timeouts,
     /// Where runtime directories go (default: the system temp dir).
     pub runtime_root: Option<PathBuf>,
@@ -117,9 +126,13 @@ fn vm_config(options: &VmOptions) -> VmConfig {
 /// One utility VM: its controller and the concrete pieces under it.
 #[derive(Debug)]
 pub struct Vm {
+    /// The VM's id.
     pub id: String,
+    /// The controller driving it.
     pub controller: Controller,
+    /// The guest link (the controller holds it too), for what the controller does not expose.
     pub guest: VsockGuest,
+    /// What it was made with.
     pub options: VmOptions,
     /// The QEMU VM the controller drives, once created.
     host: HostSlot,
