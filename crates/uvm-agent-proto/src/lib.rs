@@ -66,6 +66,14 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub const MAX_OUTPUT_CHUNK: u32 = 1 << 20;
 /// Bound on the data of one `WriteStdin` request.
 pub const MAX_STDIN_CHUNK: usize = 1 << 20;
+/// Bound on the data of one `WriteChunk` request or `ReadChunk` reply (and on its `max_bytes`).
+pub const MAX_FILE_CHUNK: u32 = 1 << 20;
+/// Bound on the length of a path in the file requests (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Files open at once through the file requests; more is `RESOURCE_EXHAUSTED`.
+pub const MAX_OPEN_FILES: usize = 16;
+/// A file handle unused this long is dropped by the agent (an unfinished write leaves nothing).
+pub const FILE_IDLE_TIMEOUT_SECS: u64 = 60;
 /// Bound on the entropy seed of one `Handshake`.
 pub const MAX_ENTROPY_BYTES: usize = 512;
 /// Bound on one line of the announce stream (longer lines are truncated).
@@ -74,6 +82,7 @@ pub const MAX_LOG_LINE: usize = 4096;
 // A full output chunk or stdin chunk plus framing must fit in one message.
 const _: () = assert!((MAX_OUTPUT_CHUNK as usize) + 4096 < MAX_MESSAGE_BYTES);
 const _: () = assert!(MAX_STDIN_CHUNK + 4096 < MAX_MESSAGE_BYTES);
+const _: () = assert!((MAX_FILE_CHUNK as usize) + MAX_PATH_BYTES + 4096 < MAX_MESSAGE_BYTES);
 
 /// Capability names advertised in `HandshakeResponse.capabilities`.
 pub mod capabilities {
@@ -93,6 +102,8 @@ pub mod capabilities {
     pub const SHUTDOWN: &str = "shutdown";
     /// `ExecRequest.size` and `ResizeTerminal` are honoured.
     pub const TERMINAL_RESIZE: &str = "terminal-resize";
+    /// `OpenWrite`, `WriteChunk`, `CommitWrite`, `OpenRead`, `ReadChunk`, `CloseFile`.
+    pub const FILES: &str = "files";
 }
 
 /// The fully qualified ttrpc service name, as registered by [`agent_ttrpc::create_agent`].

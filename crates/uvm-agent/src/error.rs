@@ -109,6 +109,75 @@ pub enum ApiError {
         #[source]
         source: nix::errno::Errno,
     },
+    /// No open file has this handle (never opened, closed, committed or expired).
+    #[error("no open file with handle {handle:?}")]
+    UnknownHandle {
+        /// The handle asked for.
+        handle: String,
+    },
+    /// A read request on a write handle, or the reverse.
+    #[error("file handle {handle:?} is not open for {expected}")]
+    WrongHandle {
+        /// The handle.
+        handle: String,
+        /// What the request needs (`read`, `write`).
+        expected: &'static str,
+    },
+    /// The file table is full.
+    #[error("too many open files: at most {limit} at once (close or commit some first)")]
+    TooManyFiles {
+        /// The bound.
+        limit: usize,
+    },
+    /// A file to read is larger than the host accepts.
+    #[error("{path} has {size} bytes, above the limit of {limit}")]
+    FileTooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: u64,
+        /// The host's limit.
+        limit: u64,
+    },
+    /// A file to read is not a regular file.
+    #[error("{path} is not a regular file")]
+    NotRegular {
+        /// The file.
+        path: String,
+    },
+    /// A file to write would replace a directory.
+    #[error("{path} is a directory")]
+    IsADirectory {
+        /// The path.
+        path: String,
+    },
+    /// The parent of a file to write is not a directory.
+    #[error("{path} is not a directory")]
+    NotADirectory {
+        /// The parent.
+        path: String,
+    },
+    /// A commit before the declared size was written.
+    #[error("file handle {handle:?} got {written} of its {size} bytes")]
+    SizeMismatch {
+        /// The handle.
+        handle: String,
+        /// Bytes written.
+        written: u64,
+        /// Bytes declared.
+        size: u64,
+    },
+    /// A file system call failed.
+    #[error("cannot {op} {path}")]
+    File {
+        /// What was attempted.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A `/proc` file could not be read or understood.
     #[error("cannot read {what}")]
     Proc {
@@ -128,7 +197,16 @@ impl ApiError {
             | ApiError::NotATerminal { .. }
             | ApiError::NoStdin { .. }
             | ApiError::StdinClosed { .. } => Code::FAILED_PRECONDITION,
-            ApiError::UnknownExecId { .. } => Code::NOT_FOUND,
+            ApiError::UnknownExecId { .. } | ApiError::UnknownHandle { .. } => Code::NOT_FOUND,
+            ApiError::WrongHandle { .. } => Code::INVALID_ARGUMENT,
+            ApiError::TooManyFiles { .. } | ApiError::FileTooLarge { .. } => {
+                Code::RESOURCE_EXHAUSTED
+            }
+            ApiError::NotRegular { .. }
+            | ApiError::IsADirectory { .. }
+            | ApiError::NotADirectory { .. }
+            | ApiError::SizeMismatch { .. } => Code::FAILED_PRECONDITION,
+            ApiError::File { source, .. } => file_code(source),
             ApiError::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
             ApiError::TooManyProcesses { .. } => Code::RESOURCE_EXHAUSTED,
             // The request is fine; the guest's file system does not fit it.
@@ -153,6 +231,20 @@ impl ApiError {
             field,
             reason: reason.into(),
         }
+    }
+}
+
+/// The code of a failed file system call: what the host may act on.
+fn file_code(e: &io::Error) -> Code {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => Code::NOT_FOUND,
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => Code::PERMISSION_DENIED,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => Code::RESOURCE_EXHAUSTED,
+        Some(libc::ENOTDIR | libc::EISDIR | libc::ELOOP | libc::ETXTBSY) => {
+            Code::FAILED_PRECONDITION
+        }
+        Some(libc::ENAMETOOLONG) => Code::INVALID_ARGUMENT,
+        _ => Code::INTERNAL,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod announce;
 pub mod clock;
 mod entropy;
 pub mod error;
+pub mod files;
 pub mod modules;
 pub mod power;
 pub mod process;

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uvm_agent_proto::agent::{
-    BootMarks, DumpStacksResponse, Empty, ExecRequest, ExecResponse, GuestStatsResponse,
-    HandshakeRequest, HandshakeResponse, OutputStream, ProcessRef, ReadOutputRequest,
-    ReadOutputResponse, ResizeRequest, SignalRequest, TerminalSize, WaitResponse,
-    WriteStdinRequest, WriteStdinResponse,
+    BootMarks, DumpStacksResponse, Empty, ExecRequest, ExecResponse, FileHandle,
+    GuestStatsResponse, HandshakeRequest, HandshakeResponse, OpenReadRequest, OpenReadResponse,
+    OpenWriteRequest, OutputStream, ProcessRef, ReadChunkRequest, ReadChunkResponse,
+    ReadOutputRequest, ReadOutputResponse, ResizeRequest, SignalRequest, TerminalSize,
+    WaitResponse, WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
 };
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
@@ -20,6 +21,7 @@ use uvm_agent_proto::{
 
 use crate::clock::{self, BootTimes};
 use crate::error::ApiError;
+use crate::files::{FileLimits, Files};
 use crate::power::{self, ShutdownAction};
 use crate::process::{ExecSpec, Processes};
 use crate::{entropy, info, stacks, stats, warn};
@@ -40,6 +42,7 @@ pub struct ServiceConfig {
 #[derive(Debug)]
 pub struct AgentService {
     procs: Arc<Processes>,
+    files: Arc<Files>,
     boot: Arc<BootTimes>,
     config: ServiceConfig,
 }
@@ -49,6 +52,7 @@ impl AgentService {
     pub fn new(procs: Arc<Processes>, boot: Arc<BootTimes>, config: ServiceConfig) -> Self {
         AgentService {
             procs,
+            files: Files::new(FileLimits::default()),
             boot,
             config,
         }
@@ -100,6 +104,7 @@ impl AgentService {
             capabilities::STATS,
             capabilities::SHUTDOWN,
             capabilities::TERMINAL_RESIZE,
+            capabilities::FILES,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -270,6 +275,68 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn open_write(
+        &self,
+        _ctx: &TtrpcContext,
+        req: OpenWriteRequest,
+    ) -> ttrpc::Result<FileHandle> {
+        let handle = self.files.open_write(&req.path, req.mode, req.size).await?;
+        Ok(FileHandle {
+            handle,
+            ..FileHandle::default()
+        })
+    }
+
+    async fn write_chunk(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteChunkRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.files
+            .write_chunk(&req.handle, req.offset, req.data)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn commit_write(&self, _ctx: &TtrpcContext, req: FileHandle) -> ttrpc::Result<Empty> {
+        self.files.commit_write(&req.handle).await?;
+        Ok(Empty::new())
+    }
+
+    async fn open_read(
+        &self,
+        _ctx: &TtrpcContext,
+        req: OpenReadRequest,
+    ) -> ttrpc::Result<OpenReadResponse> {
+        let opened = self.files.open_read(&req.path, req.max_size).await?;
+        Ok(OpenReadResponse {
+            handle: opened.handle,
+            mode: opened.mode,
+            size: opened.size,
+            ..OpenReadResponse::default()
+        })
+    }
+
+    async fn read_chunk(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadChunkRequest,
+    ) -> ttrpc::Result<ReadChunkResponse> {
+        let data = self
+            .files
+            .read_chunk(&req.handle, req.offset, req.max_bytes)
+            .await?;
+        Ok(ReadChunkResponse {
+            data,
+            ..ReadChunkResponse::default()
+        })
+    }
+
+    async fn close_file(&self, _ctx: &TtrpcContext, req: FileHandle) -> ttrpc::Result<Empty> {
+        self.files.close(&req.handle)?;
+        Ok(Empty::new())
+    }
+
     async fn dump_stacks(
         &self,
         _ctx: &TtrpcContext,
@@ -298,6 +365,8 @@ impl agent_ttrpc::Agent for AgentService {
 /// Serves `service` on `listener`; the returned server runs until dropped or shut down.
 /// Must be called inside the runtime.
 pub async fn serve(listener: Listener, service: AgentService) -> ttrpc::Result<Server> {
+    // Ends by itself once the service (and its file table) is gone.
+    tokio::spawn(Files::sweep(Arc::downgrade(&service.files)));
     let mut server = Server::new()
         .add_listener(listener)
         .register_service(agent_ttrpc::create_agent(Arc::new(service)));
