@@ -74,6 +74,8 @@ impl From<Operation> for v1::Operation {
             Operation::UpdateCpuLimits => v1::Operation::UpdateCpuLimits,
             Operation::UpdateMemory => v1::Operation::UpdateMemory,
             Operation::UpdatePolicyFragment => v1::Operation::UpdatePolicyFragment,
+            Operation::CopyIn => v1::Operation::CopyIn,
+            Operation::CopyOut => v1::Operation::CopyOut,
             Operation::StartTime => v1::Operation::StartTime,
             Operation::ExitStatus => v1::Operation::ExitStatus,
             Operation::VmExited => v1::Operation::VmExited,

@@ -35,6 +35,7 @@ pub fn controller_code(err: &ControllerError) -> Code {
         ControllerError::WrongState { .. } => Code::FailedPrecondition,
         ControllerError::TerminalWithStderr => Code::InvalidArgument,
         ControllerError::InvalidArgument { .. } => Code::InvalidArgument,
+        ControllerError::TooLarge { .. } => Code::ResourceExhausted,
         ControllerError::CreateFailed { source, .. } => host_code(source),
         ControllerError::StartFailed { source, .. } => seam_code(source),
         // A concurrent Terminate cancelled the start: the caller may retry at a higher level.
@@ -88,6 +89,7 @@ pub fn rejection_code(kind: Rejection) -> Code {
         Rejection::PermissionDenied => Code::PermissionDenied,
         Rejection::InvalidArgument => Code::InvalidArgument,
         Rejection::FailedPrecondition => Code::FailedPrecondition,
+        Rejection::ResourceExhausted => Code::ResourceExhausted,
         // The guest failed in a way it did not classify: a server-side failure, not the caller's.
         Rejection::Other => Code::Internal,
     }
@@ -358,6 +360,7 @@ mod tests {
             (Rejection::PermissionDenied, Code::PermissionDenied),
             (Rejection::InvalidArgument, Code::InvalidArgument),
             (Rejection::FailedPrecondition, Code::FailedPrecondition),
+            (Rejection::ResourceExhausted, Code::ResourceExhausted),
             (Rejection::Other, Code::Internal),
         ];
         for (kind, code) in cases {

@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 mod exec;
+mod files;
 mod hybrid;
 mod link;
 

@@ -11,8 +11,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uvm::seams::{
-    Capabilities, ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec,
-    GuestInfo, GuestPolicy, GuestStats, LinkHealth, PolicyFragment, SecurityPolicy,
+    Capabilities, CopySink, CopySource, ExecRequest, FileMeta, GuestConnection, GuestDiagnostics,
+    GuestEndpoint, GuestExec, GuestFiles, GuestInfo, GuestPolicy, GuestStats, LinkHealth,
+    PolicyFragment, SecurityPolicy,
 };
 use uvm::{GuestError, GuestRequest, Rejection};
 use uvm_agent_proto::agent::{Empty, HandshakeRequest};
@@ -228,6 +229,7 @@ impl VsockGuest {
                         ttrpc::Code::PERMISSION_DENIED => Rejection::PermissionDenied,
                         ttrpc::Code::INVALID_ARGUMENT => Rejection::InvalidArgument,
                         ttrpc::Code::FAILED_PRECONDITION => Rejection::FailedPrecondition,
+                        ttrpc::Code::RESOURCE_EXHAUSTED => Rejection::ResourceExhausted,
                         _ => Rejection::Other,
                     },
                     message: format!("{:?}: {}", status.code(), status.message()),
@@ -474,6 +476,28 @@ impl VsockGuest {
 impl GuestExec for VsockGuest {
     async fn exec(&self, request: ExecRequest) -> Result<i32, GuestError> {
         crate::exec::run(self, request).await
+    }
+}
+
+#[async_trait]
+impl GuestFiles for VsockGuest {
+    async fn copy_in(
+        &self,
+        path: &str,
+        meta: FileMeta,
+        source: CopySource<'_>,
+    ) -> Result<(), GuestError> {
+        crate::files::copy_in(self, path, meta, source).await
+    }
+
+    async fn copy_out(
+        &self,
+        path: &str,
+        max_size: u64,
+        on_header: &mut (dyn FnMut(FileMeta) + Send),
+        sink: CopySink<'_>,
+    ) -> Result<FileMeta, GuestError> {
+        crate::files::copy_out(self, path, max_size, on_header, sink).await
     }
 }
 

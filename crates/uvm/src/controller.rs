@@ -122,6 +122,8 @@ pub(crate) struct Core {
     pub(crate) exit: Option<VmExit>,
     /// What the guest said when it connected.
     pub(crate) guest_info: Option<GuestInfo>,
+    /// The largest file `copy_in` / `copy_out` accept.
+    pub(crate) copy_limit: u64,
 }
 
 /// Who runs the cleanup chain: `terminate_vm`, or the waiter after the VM ended by itself.
@@ -170,6 +172,7 @@ impl Controller {
                     stopped_at: None,
                     exit: None,
                     guest_info: None,
+                    copy_limit: crate::files::DEFAULT_COPY_LIMIT,
                 }),
                 op_lock: tokio::sync::Mutex::new(()),
                 exited,
@@ -240,7 +243,10 @@ impl Controller {
     }
 
     /// Guard for operations that need the VM Running, returning it.
-    fn running_vm(&self, operation: Operation) -> Result<Arc<dyn HostVm>, ControllerError> {
+    pub(crate) fn running_vm(
+        &self,
+        operation: Operation,
+    ) -> Result<Arc<dyn HostVm>, ControllerError> {
         let core = self.core();
         match (self.admit(&core, operation)?, &core.vm) {
             (Admit::Run, Some(vm)) => Ok(vm.clone()),
@@ -258,7 +264,7 @@ impl Controller {
         }
     }
 
-    fn guest_error(&self, operation: Operation, source: GuestError) -> ControllerError {
+    pub(crate) fn guest_error(&self, operation: Operation, source: GuestError) -> ControllerError {
         ControllerError::Guest {
             id: self.inner.id.clone(),
             operation,

@@ -69,6 +69,8 @@ pub enum Rejection {
     /// The request is well formed but does not fit the guest's state (e.g. a working directory
     /// that does not exist, a resize of a process without a terminal).
     FailedPrecondition,
+    /// Beyond a bound: a file above the size limit, too many open files, a full disk.
+    ResourceExhausted,
     /// Any other refusal.
     Other,
 }
@@ -101,6 +103,18 @@ pub enum GuestRequest {
     SetSecurityPolicy,
     /// Adding a fragment to the guest's security policy.
     InjectPolicyFragment,
+    /// Opening a file to copy into the guest.
+    OpenWrite,
+    /// Writing a chunk of a file copied into the guest.
+    WriteChunk,
+    /// Putting a file copied into the guest in place.
+    CommitWrite,
+    /// Opening a file to copy out of the guest.
+    OpenRead,
+    /// Reading a chunk of a file copied out of the guest.
+    ReadChunk,
+    /// Closing a file handle.
+    CloseFile,
 }
 
 impl GuestRequest {
@@ -119,6 +133,12 @@ impl GuestRequest {
             GuestRequest::GuestStats => "guest stats",
             GuestRequest::SetSecurityPolicy => "set the security policy",
             GuestRequest::InjectPolicyFragment => "inject a policy fragment",
+            GuestRequest::OpenWrite => "open a file for writing",
+            GuestRequest::WriteChunk => "write to a file",
+            GuestRequest::CommitWrite => "commit a written file",
+            GuestRequest::OpenRead => "open a file for reading",
+            GuestRequest::ReadChunk => "read from a file",
+            GuestRequest::CloseFile => "close a file",
         }
     }
 }
@@ -214,6 +234,16 @@ pub enum ControllerError {
         what: &'static str,
         /// Why it is wrong.
         message: String,
+    },
+    /// A size is above the controller's limit; refused before anything was sent.
+    #[error("{what} of {size} bytes is above the limit of {limit} bytes")]
+    TooLarge {
+        /// What is too large (`file`).
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
     },
     /// `create_vm` failed; the VM stays NotCreated.
     #[error("creating VM {id} failed")]

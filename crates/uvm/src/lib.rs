@@ -19,6 +19,7 @@
 
 mod controller;
 pub mod error;
+mod files;
 mod lifecycle;
 mod machine;
 pub mod seams;
@@ -30,5 +31,6 @@ pub use controller::{normalize_memory, Controller, Status, Timeouts};
 pub use error::{
     error_chain, ControllerError, GuestError, GuestRequest, HostError, Rejection, SeamError,
 };
+pub use files::{check_guest_path, DEFAULT_COPY_LIMIT};
 pub use machine::{ExitStatus, Transition, HISTORY_LEN};
 pub use state::{plan, Operation, Plan, Reason, StartStep, State, VmExit};

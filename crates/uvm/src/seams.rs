@@ -2,7 +2,8 @@
 //! whole. The QEMU backend and the vsock guest link implement them; so do the fakes in `testing`.
 //!
 //! Host side: [`VmBackend`] creates a [`HostVm`] = [`VmLifetime`] + [`VmResources`].
-//! Guest side: [`Guest`] = [`GuestConnection`] + [`GuestExec`] + [`GuestDiagnostics`] + [`GuestPolicy`].
+//! Guest side: [`Guest`] = [`GuestConnection`] + [`GuestExec`] + [`GuestDiagnostics`] + [`GuestPolicy`]
+//! + [`GuestFiles`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -181,6 +182,10 @@ impl Capabilities {
     pub fn dump_stacks(&self) -> bool {
         self.has("dump-stacks")
     }
+    /// The guest can copy files to and from the host.
+    pub fn files(&self) -> bool {
+        self.has("files")
+    }
 }
 
 /// What the guest told us when it connected.
@@ -348,6 +353,60 @@ pub trait GuestPolicy: Send + Sync {
     async fn inject_policy_fragment(&self, fragment: &PolicyFragment) -> Result<(), GuestError>;
 }
 
+/// A file's permission bits and size, as copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMeta {
+    /// Permission bits, at most `0o7777`.
+    pub mode: u32,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The reader a file is copied in from.
+pub type CopySource<'a> = &'a mut (dyn AsyncRead + Send + Unpin);
+/// The writer a file is copied out to.
+pub type CopySink<'a> = &'a mut (dyn AsyncWrite + Send + Unpin);
+
+/// Copying single files between the host and the guest. Each request to the guest has its own
+/// deadline (the link's); a whole copy has none, as it may be large.
+#[async_trait]
+pub trait GuestFiles: Send + Sync {
+    /// Write exactly `meta.size` bytes read from `source` (no more are read) to the absolute
+    /// `path` in the guest, with `meta.mode`. A file already there is replaced atomically: a copy
+    /// that fails or is dropped half-way leaves the old file (or none), never a partial one.
+    ///
+    /// # Errors
+    /// [`GuestError::Rejected`] when the guest refuses the path (its kind: not found for a missing
+    /// parent, permission denied, invalid argument, failed precondition for a directory there,
+    /// resource exhausted for a full disk); [`GuestError::Io`] when `source` fails or ends before
+    /// `meta.size` bytes; or the link failed.
+    async fn copy_in(
+        &self,
+        path: &str,
+        meta: FileMeta,
+        source: CopySource<'_>,
+    ) -> Result<(), GuestError>;
+    /// Read the regular file at the absolute `path` in the guest into `sink`: `on_header` gets
+    /// its mode and size first, then `sink` exactly that many bytes. A file above `max_size` is
+    /// refused before any data.
+    ///
+    /// # Errors
+    /// [`GuestError::Rejected`] when the guest refuses (not found, permission denied, failed
+    /// precondition for a file that is not regular, resource exhausted above `max_size`);
+    /// [`GuestError::Protocol`] when the guest sends more or less than it announced;
+    /// [`GuestError::Io`] when `sink` fails; or the link failed.
+    async fn copy_out(
+        &self,
+        path: &str,
+        max_size: u64,
+        on_header: &mut (dyn FnMut(FileMeta) + Send),
+        sink: CopySink<'_>,
+    ) -> Result<FileMeta, GuestError>;
+}
+
 /// The whole guest side, as the controller drives it.
-pub trait Guest: GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy {}
-impl<T: GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + ?Sized> Guest for T {}
+pub trait Guest: GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles {}
+impl<T: GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles + ?Sized> Guest
+    for T
+{
+}

@@ -80,6 +80,10 @@ pub enum Operation {
     UpdateMemory,
     /// [`crate::Controller::update_policy_fragment`].
     UpdatePolicyFragment,
+    /// [`crate::Controller::copy_in`].
+    CopyIn,
+    /// [`crate::Controller::copy_out`].
+    CopyOut,
     /// [`crate::Controller::start_time`].
     StartTime,
     /// [`crate::Controller::exit_status`].
@@ -90,7 +94,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, for tables and property tests.
-    pub const ALL: [Operation; 15] = [
+    pub const ALL: [Operation; 17] = [
         Operation::Create,
         Operation::Start,
         Operation::Terminate,
@@ -103,6 +107,8 @@ impl Operation {
         Operation::UpdateCpuLimits,
         Operation::UpdateMemory,
         Operation::UpdatePolicyFragment,
+        Operation::CopyIn,
+        Operation::CopyOut,
         Operation::StartTime,
         Operation::ExitStatus,
         Operation::VmExited,
@@ -125,6 +131,8 @@ impl Operation {
             Operation::UpdateCpuLimits => "update_cpu_limits",
             Operation::UpdateMemory => "update_memory",
             Operation::UpdatePolicyFragment => "update_policy_fragment",
+            Operation::CopyIn => "copy_in",
+            Operation::CopyOut => "copy_out",
             Operation::StartTime => "start_time",
             Operation::ExitStatus => "exit_status",
             Operation::VmExited => "vm_exited",
@@ -211,7 +219,9 @@ pub const fn plan(state: State, op: Operation) -> Plan {
         | O::UpdateCpuGroup
         | O::UpdateCpuLimits
         | O::UpdateMemory
-        | O::UpdatePolicyFragment => match state {
+        | O::UpdatePolicyFragment
+        | O::CopyIn
+        | O::CopyOut => match state {
             S::Running => Plan::stay(S::Running),
             S::NotCreated | S::Created | S::Terminated | S::Invalid => Plan::Refuse,
         },

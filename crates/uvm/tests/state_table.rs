@@ -52,7 +52,9 @@ fn expected(op: Operation) -> [Plan; 5] {
         | O::UpdateCpuGroup
         | O::UpdateCpuLimits
         | O::UpdateMemory
-        | O::UpdatePolicyFragment => running_only,
+        | O::UpdatePolicyFragment
+        | O::CopyIn
+        | O::CopyOut => running_only,
         O::StartTime => [R, R, stay(S::Running), stay(S::Terminated), R],
         O::ExitStatus => [R, R, R, stay(S::Terminated), R],
         O::VmExited => [N, N, run(S::Terminated, S::Invalid), N, N],
