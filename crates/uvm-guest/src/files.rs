@@ -3,9 +3,9 @@
 //!
 //! The guest is untrusted: the handle it names is bounded, a read reply longer than asked or a
 //! file that ends before its announced size is a protocol violation, and nothing beyond the
-//! announced size is read. A copy that fails — or whose future is dropped — closes its handle
-//! (in the background when dropped), so the agent discards an unfinished write at once; should
-//! that close never arrive, the agent's idle expiry does the same.
+//! announced size is read. A copy that fails closes its handle before it returns, so the agent
+//! has discarded the unfinished write by then; a copy whose future is dropped closes it in the
+//! background; should that close never arrive, the agent's idle expiry does the same.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uvm::seams::{CopySink, CopySource, FileMeta};
@@ -57,6 +57,22 @@ impl OpenHandle {
     /// The agent forgot the handle (committed): nothing to close.
     fn disarm(&mut self) {
         self.armed = false;
+    }
+
+    /// Closes the handle now, best effort (a lost link or an expired handle leave nothing to
+    /// clean up), and passes `result` on.
+    async fn close_after<T>(mut self, result: Result<T, GuestError>) -> Result<T, GuestError> {
+        self.disarm();
+        let t = self.link.shared.cfg.call_timeout;
+        let _ = self
+            .link
+            .call(
+                GuestRequest::CloseFile,
+                Some(t),
+                self.client.close_file(VsockGuest::ctx(), &self.wire()),
+            )
+            .await;
+        result
     }
 }
 
@@ -110,30 +126,9 @@ pub(crate) async fn copy_in(
         )
         .await?;
     let mut handle = OpenHandle::new(link, &client, opened.handle)?;
-    let mut offset = 0u64;
-    let mut buf = vec![0u8; chunk_len(meta.size)];
-    while offset < meta.size {
-        let len = chunk_len(meta.size - offset);
-        source
-            .read_exact(&mut buf[..len])
-            .await
-            .map_err(|source| GuestError::Io {
-                operation: "read the file to copy in",
-                source,
-            })?;
-        let chunk = WriteChunkRequest {
-            handle: handle.handle.clone(),
-            offset,
-            data: buf[..len].to_vec(),
-            ..WriteChunkRequest::default()
-        };
-        link.call(
-            GuestRequest::WriteChunk,
-            t,
-            client.write_chunk(VsockGuest::ctx(), &chunk),
-        )
-        .await?;
-        offset += len as u64;
+    let sent = send_chunks(link, &client, &handle.handle, meta.size, source).await;
+    if sent.is_err() {
+        return handle.close_after(sent).await;
     }
     let wire = handle.wire();
     let committed = link
@@ -146,6 +141,43 @@ pub(crate) async fn copy_in(
     // The agent forgets the handle at a commit, whether it succeeded or not.
     handle.disarm();
     committed.map(drop)
+}
+
+/// Reads `size` bytes from `source` and writes them in chunks to `handle`.
+async fn send_chunks(
+    link: &VsockGuest,
+    client: &AgentClient,
+    handle: &str,
+    size: u64,
+    source: CopySource<'_>,
+) -> Result<(), GuestError> {
+    let t = Some(link.shared.cfg.call_timeout);
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; chunk_len(size)];
+    while offset < size {
+        let len = chunk_len(size - offset);
+        source
+            .read_exact(&mut buf[..len])
+            .await
+            .map_err(|source| GuestError::Io {
+                operation: "read the file to copy in",
+                source,
+            })?;
+        let chunk = WriteChunkRequest {
+            handle: handle.to_owned(),
+            offset,
+            data: buf[..len].to_vec(),
+            ..WriteChunkRequest::default()
+        };
+        link.call(
+            GuestRequest::WriteChunk,
+            t,
+            client.write_chunk(VsockGuest::ctx(), &chunk),
+        )
+        .await?;
+        offset += len as u64;
+    }
+    Ok(())
 }
 
 pub(crate) async fn copy_out(
@@ -170,23 +202,39 @@ pub(crate) async fn copy_out(
         )
         .await?;
     let handle = OpenHandle::new(link, &client, opened.handle)?;
-    let violation = |message: String| GuestError::Protocol { message };
     if opened.size > max_size || opened.mode & !0o7777 != 0 {
-        return Err(violation(format!(
-            "opened {path} with mode {:#o} and {} bytes, asked for at most {max_size}",
-            opened.mode, opened.size
-        )));
+        let bad = Err(GuestError::Protocol {
+            message: format!(
+                "opened {path} with mode {:#o} and {} bytes, asked for at most {max_size}",
+                opened.mode, opened.size
+            ),
+        });
+        return handle.close_after(bad).await;
     }
     let meta = FileMeta {
         mode: opened.mode,
         size: opened.size,
     };
     on_header(meta);
+    let received = receive_chunks(link, &client, &handle.handle, path, meta.size, sink).await;
+    handle.close_after(received.map(|()| meta)).await
+}
+
+/// Reads `size` bytes from `handle` in chunks into `sink`.
+async fn receive_chunks(
+    link: &VsockGuest,
+    client: &AgentClient,
+    handle: &str,
+    path: &str,
+    size: u64,
+    sink: CopySink<'_>,
+) -> Result<(), GuestError> {
+    let t = Some(link.shared.cfg.call_timeout);
     let mut offset = 0u64;
-    while offset < meta.size {
-        let len = chunk_len(meta.size - offset);
+    while offset < size {
+        let len = chunk_len(size - offset);
         let request = ReadChunkRequest {
-            handle: handle.handle.clone(),
+            handle: handle.to_owned(),
             offset,
             // chunk_len is at most MAX_FILE_CHUNK, a u32.
             max_bytes: u32::try_from(len).unwrap_or(MAX_FILE_CHUNK),
@@ -200,11 +248,12 @@ pub(crate) async fn copy_out(
             )
             .await?;
         if reply.data.is_empty() || reply.data.len() > len {
-            return Err(violation(format!(
-                "a read of {len} bytes at {offset} of {path} ({} bytes) returned {}",
-                meta.size,
-                reply.data.len()
-            )));
+            return Err(GuestError::Protocol {
+                message: format!(
+                    "a read of {len} bytes at {offset} of {path} ({size} bytes) returned {}",
+                    reply.data.len()
+                ),
+            });
         }
         sink.write_all(&reply.data)
             .await
@@ -217,8 +266,5 @@ pub(crate) async fn copy_out(
     sink.flush().await.map_err(|source| GuestError::Io {
         operation: "write the copied-out file",
         source,
-    })?;
-    // `handle` closes the file in the background as it goes out of scope.
-    drop(handle);
-    Ok(meta)
+    })
 }

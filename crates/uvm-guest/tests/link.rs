@@ -11,15 +11,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use uvm::seams::{
-    ExecRequest, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, LinkHealth,
-    TerminalSize,
+    ExecRequest, FileMeta, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, GuestFiles,
+    LinkHealth, TerminalSize,
 };
 use uvm::testing::Capture;
-use uvm::{GuestError, Rejection};
+use uvm::{GuestError, GuestRequest, Rejection};
 use uvm_agent::clock::{self, BootTimes};
 use uvm_agent::power::ShutdownAction;
 use uvm_agent::process::{Limits, Processes, ReapMode};
@@ -444,4 +444,195 @@ async fn a_terminal_exec_starts_at_its_size_and_follows_every_resize() {
         .expect("exec");
     assert_eq!(code, 0);
     assert_eq!(out.text(), "30 100\r\n40 120\r\n");
+}
+
+// --- File copies ---
+
+/// A connected link to the in-process agent.
+async fn connected() -> (Harness, tokio::task::JoinHandle<()>) {
+    let h = harness(Peer::Agent, CALL).await;
+    let guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    (h, guest)
+}
+
+/// Deterministic, not repetitive within a chunk: a misplaced chunk shows.
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 + i / 1021) as u8).collect()
+}
+
+fn guest_path(h: &Harness, name: &str) -> String {
+    h.dir.path().join(name).to_str().expect("utf-8").to_owned()
+}
+
+/// Copies `path` out, checking that one header came before the data.
+async fn copy_out(
+    link: &VsockGuest,
+    path: &str,
+    max: u64,
+) -> Result<(FileMeta, Vec<u8>), GuestError> {
+    let sink = Capture::default();
+    let mut headers = Vec::new();
+    let meta = link
+        .copy_out(path, max, &mut |m| headers.push(m), &mut sink.clone())
+        .await?;
+    assert_eq!(headers, vec![meta], "one header, before the data");
+    Ok((meta, sink.bytes()))
+}
+
+fn assert_refused(err: &GuestError, request: GuestRequest, kind: Rejection) {
+    assert!(
+        matches!(err, GuestError::Rejected { request: r, kind: k, .. } if *r == request && *k == kind),
+        "expected {request} refused with {kind:?}, got {err:?}"
+    );
+}
+
+/// Reads fail with an error: a source cut in the middle of a copy.
+struct Broken;
+
+impl AsyncRead for Broken {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Err(std::io::Error::other("the copy was cut")))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_or_unnormalised_path_is_refused_by_the_agent() {
+    let (h, _guest) = connected().await;
+    assert!(h.link.capabilities().files(), "the agent advertises files");
+    let meta = FileMeta {
+        mode: 0o644,
+        size: 1,
+    };
+    for path in ["relative/x", "/a/../b", "/a//b", ""] {
+        let err = h
+            .link
+            .copy_in(path, meta, &mut &b"x"[..])
+            .await
+            .expect_err("refused");
+        assert_refused(&err, GuestRequest::OpenWrite, Rejection::InvalidArgument);
+        let err = copy_out(&h.link, path, 10).await.expect_err("refused");
+        assert_refused(&err, GuestRequest::OpenRead, Rejection::InvalidArgument);
+    }
+    let bad_mode = FileMeta {
+        mode: 0o10644,
+        size: 1,
+    };
+    let err = h
+        .link
+        .copy_in(&guest_path(&h, "x"), bad_mode, &mut &b"x"[..])
+        .await
+        .expect_err("mode");
+    assert_refused(&err, GuestRequest::OpenWrite, Rejection::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_file_or_parent_is_not_found_and_a_directory_is_refused() {
+    let (h, _guest) = connected().await;
+    let err = copy_out(&h.link, &guest_path(&h, "missing"), 10)
+        .await
+        .expect_err("missing");
+    assert_refused(&err, GuestRequest::OpenRead, Rejection::NotFound);
+    let meta = FileMeta {
+        mode: 0o644,
+        size: 1,
+    };
+    let err = h
+        .link
+        .copy_in(&guest_path(&h, "no-dir/x"), meta, &mut &b"x"[..])
+        .await
+        .expect_err("missing parent");
+    assert_refused(&err, GuestRequest::OpenWrite, Rejection::NotFound);
+    let dir = h.dir.path().to_str().expect("utf-8");
+    let err = copy_out(&h.link, dir, 1 << 20)
+        .await
+        .expect_err("a directory");
+    assert_refused(&err, GuestRequest::OpenRead, Rejection::FailedPrecondition);
+    let err = h
+        .link
+        .copy_in(dir, meta, &mut &b"x"[..])
+        .await
+        .expect_err("onto a directory");
+    assert_refused(&err, GuestRequest::OpenWrite, Rejection::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_above_the_limit_is_refused_before_any_data() {
+    let (h, _guest) = connected().await;
+    let path = guest_path(&h, "big");
+    std::fs::write(&path, content(4097)).expect("write");
+    let sink = Capture::default();
+    let mut headers = 0;
+    let err = h
+        .link
+        .copy_out(&path, 4096, &mut |_| headers += 1, &mut sink.clone())
+        .await
+        .expect_err("too large");
+    assert_refused(&err, GuestRequest::OpenRead, Rejection::ResourceExhausted);
+    assert_eq!((headers, sink.bytes().len()), (0, 0), "no header, no data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_mib_round_trip_byte_exact_with_the_mode_kept_replacing_a_file_there() {
+    let (h, _guest) = connected().await;
+    let path = guest_path(&h, "blob");
+    std::fs::write(&path, b"previous").expect("old file");
+    let data = content(10 << 20);
+    let meta = FileMeta {
+        mode: 0o640,
+        size: data.len() as u64,
+    };
+    h.link
+        .copy_in(&path, meta, &mut &data[..])
+        .await
+        .expect("copy in");
+    assert!(
+        std::fs::read(&path).expect("read") == data,
+        "written byte-exact"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&path).expect("stat").permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o640);
+    let (back_meta, back) = copy_out(&h.link, &path, 10 << 20).await.expect("copy out");
+    assert_eq!(back_meta, meta);
+    assert!(back == data, "read back byte-exact");
+    let entries = std::fs::read_dir(h.dir.path()).expect("ls").count();
+    assert_eq!(
+        entries, 3,
+        "the proxy socket, the agent socket and the file; no temp file"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cut_in_the_middle_leaves_no_file_and_the_old_one_intact() {
+    let (h, _guest) = connected().await;
+    let data = content(3 << 20);
+    let meta = FileMeta {
+        mode: 0o644,
+        size: data.len() as u64,
+    };
+    let before: Vec<_> = std::fs::read_dir(h.dir.path()).expect("ls").collect();
+    let fresh = guest_path(&h, "fresh");
+    let mut cut = (&data[..(3 << 19)]).chain(Broken);
+    let err = h
+        .link
+        .copy_in(&fresh, meta, &mut cut)
+        .await
+        .expect_err("cut");
+    assert!(matches!(err, GuestError::Io { .. }), "{err:?}");
+    assert!(!Path::new(&fresh).exists(), "no file at the destination");
+    let after = std::fs::read_dir(h.dir.path()).expect("ls").count();
+    assert_eq!(after, before.len(), "no temporary file left either");
+
+    let old = guest_path(&h, "old");
+    std::fs::write(&old, b"old").expect("old file");
+    let mut cut = (&data[..(3 << 19)]).chain(Broken);
+    h.link.copy_in(&old, meta, &mut cut).await.expect_err("cut");
+    assert_eq!(std::fs::read(&old).expect("read"), b"old");
+    assert_eq!(h.link.health(), LinkHealth::Connected, "the link survives");
 }
