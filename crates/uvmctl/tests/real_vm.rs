@@ -10,7 +10,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uvm::seams::ExecRequest;
 use uvm::testing::Capture;
-use uvm::{ControllerError, GuestError, Reason, SeamError, StartStep, State, Timeouts};
+use uvm::{
+    ControllerError, GuestError, GuestRequest, Reason, Rejection, SeamError, StartStep, State,
+    Timeouts,
+};
 use uvm_host::processes_mentioning;
 use uvm_vm::{default_image, Machine, Vm, VmOptions};
 
@@ -304,6 +307,85 @@ async fn guest_timers_tick_from_the_apic_at_the_right_rate(machine: Machine) {
     t.finish().await;
 }
 
+async fn files_copy_in_and_out_byte_exact_and_refusals_are_typed(machine: Machine) {
+    let t = booted(machine).await;
+    let c = &t.vm.controller;
+    let (code, _, err) = exec(&t.vm, &["mkdir", "-p", "/var/copy"], None).await;
+    assert_eq!(code, 0, "{err}");
+    let data: Vec<u8> = (0..10usize << 20)
+        .map(|i| (i * 31 + i / 1021) as u8)
+        .collect();
+    let mut source = &data[..];
+    c.copy_in("/var/copy/blob", 0o640, data.len() as u64, &mut source)
+        .await
+        .expect("copy in");
+    let sink = Capture::default();
+    let meta = c
+        .copy_out("/var/copy/blob", &mut |_| {}, &mut sink.clone())
+        .await
+        .expect("copy out");
+    assert_eq!((meta.mode, meta.size), (0o640, data.len() as u64));
+    assert!(sink.bytes() == data, "10 MiB came back byte-exact");
+    let (_, out, _) = exec(&t.vm, &["wc", "-c", "/var/copy/blob"], None).await;
+    assert!(out.starts_with(&format!("{} ", data.len())), "{out:?}");
+
+    // A path the guest refuses, a missing file, a file beyond the limit.
+    let mut one = &b"x"[..];
+    let err = c
+        .copy_in("/proc/uvm-copy", 0o644, 1, &mut one)
+        .await
+        .expect_err("the guest refuses /proc");
+    assert!(
+        matches!(
+            &err,
+            ControllerError::Guest {
+                source: GuestError::Rejected {
+                    request: GuestRequest::OpenWrite,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = c
+        .copy_out("/var/copy/missing", &mut |_| {}, &mut Capture::default())
+        .await
+        .expect_err("missing");
+    assert!(
+        matches!(
+            &err,
+            ControllerError::Guest {
+                source: GuestError::Rejected {
+                    kind: Rejection::NotFound,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    c.set_copy_limit(1 << 20);
+    let err = c
+        .copy_out("/var/copy/blob", &mut |_| {}, &mut Capture::default())
+        .await
+        .expect_err("beyond the limit");
+    assert!(
+        matches!(
+            &err,
+            ControllerError::Guest {
+                source: GuestError::Rejected {
+                    kind: Rejection::ResourceExhausted,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    t.finish().await;
+}
+
 /// Every case above, once per machine profile.
 macro_rules! on_each_machine {
     ($($case:ident),* $(,)?) => {
@@ -337,6 +419,7 @@ on_each_machine!(
     terminate_during_boot_cancels_the_start_and_cleans_up,
     virtio_drivers_the_controller_relies_on_are_bound,
     guest_timers_tick_from_the_apic_at_the_right_rate,
+    files_copy_in_and_out_byte_exact_and_refusals_are_typed,
 );
 
 /// A controller that is SIGKILLed with its VM booted: the VM's processes die with it (PDEATHSIG), its
