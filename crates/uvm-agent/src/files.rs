@@ -69,6 +69,7 @@ impl Drop for Writer {
 #[derive(Debug)]
 struct Reader {
     file: File,
+    path: String,
 }
 
 #[derive(Debug, Clone)]
@@ -332,6 +333,7 @@ impl Files {
     pub async fn open_read(&self, path: &str, max_size: u64) -> Result<ReadOpened, ApiError> {
         let target = check_path("path", path)?;
         let path = path.to_owned();
+        let opened_path = path.clone();
         let (file, mode, size) = blocking(move || {
             let err = |op| {
                 let path = path.clone();
@@ -357,7 +359,11 @@ impl Files {
             Ok((file, meta.mode() & 0o7777, meta.len()))
         })
         .await?;
-        let handle = self.insert(|_| Ok(Open::Read(Arc::new(Mutex::new(Reader { file })))))?;
+        let reader = Reader {
+            file,
+            path: opened_path,
+        };
+        let handle = self.insert(|_| Ok(Open::Read(Arc::new(Mutex::new(reader)))))?;
         Ok(ReadOpened { handle, mode, size })
     }
 
@@ -397,7 +403,7 @@ impl Files {
                     Err(source) => {
                         return Err(ApiError::File {
                             op: "read",
-                            path: String::new(),
+                            path: r.path.clone(),
                             source,
                         })
                     }
