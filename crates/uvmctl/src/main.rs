@@ -1,4 +1,8 @@
-//! `uvmctl`: boot a utility VM, run a command in it with stdio streamed, tear it down.
+//! `uvmctl`: boot a utility VM, run a command in it with stdio streamed, tear it down (`run`);
+//! or keep VMs alive, each under its own supervisor, and use them from many commands (`create`,
+//! `exec`, `ps`, `rm`, … in module `vms`).
+
+mod vms;
 
 use std::os::fd::AsFd as _;
 use std::process::ExitCode;
@@ -21,6 +25,10 @@ struct Cli {
     /// Log level for uvmctl's own logs (also RUST_LOG).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// Where long-lived VMs keep their state (default: $UVMCTL_ROOT, else /run/uvmctl for root,
+    /// $XDG_RUNTIME_DIR/uvmctl for others).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Action,
 }
@@ -39,6 +47,29 @@ enum Action {
     /// Print the exact vhost-device-vsock and QEMU command lines `run` would start, without
     /// starting anything (to run or profile a VM by hand).
     CommandLine(CommandLineArgs),
+    /// Create a long-lived VM under its own supervisor; prints its id.
+    Create(vms::CreateArgs),
+    /// Start a created VM.
+    #[command(after_help = "Example:\n  uvmctl start web")]
+    Start(vms::IdArg),
+    /// Run CMD in a running VM; exits with CMD's exit code.
+    Exec(vms::ExecArgs),
+    /// List VMs (running ones; -a for all).
+    Ps(vms::PsArgs),
+    /// Show everything known about a VM.
+    Inspect(vms::InspectArgs),
+    /// Show a running VM's resource use, as the host and the guest see it.
+    Stats(vms::StatsArgs),
+    /// Stop a VM (it stays listed until `rm`).
+    Stop(vms::StopArgs),
+    /// Wait until a VM has stopped; prints why it stopped.
+    #[command(after_help = "Example:\n  uvmctl wait web")]
+    Wait(vms::IdArg),
+    /// Remove VMs (a running one only with -f).
+    Rm(vms::RmArgs),
+    /// The supervisor of one VM (what `create` starts).
+    #[command(hide = true)]
+    Supervise(vms::SuperviseArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +132,55 @@ impl VmArgs {
             KernelArg::Debian => uvm_image::KernelFlavor::Debian,
         });
         image_with(kernel).context("preparing the guest image")
+    }
+
+    /// These options as arguments again (for the supervisor `create` starts).
+    fn to_args(&self) -> Vec<String> {
+        let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
+            v().map(|p| p.get_name().to_owned()).unwrap_or_default()
+        };
+        let mut args = vec![
+            "--memory".into(),
+            self.memory.to_string(),
+            "--cpus".into(),
+            self.cpus.to_string(),
+            "--accel".into(),
+            name(&|| self.accel.to_possible_value()),
+            "--machine".into(),
+            name(&|| self.machine.to_possible_value()),
+            format!("--append={}", self.append),
+        ];
+        if let Some(kernel) = self.kernel {
+            args.push("--kernel".into());
+            args.push(name(&|| kernel.to_possible_value()));
+        }
+        args
+    }
+
+    /// What the VM record says it was created with.
+    fn config_record(&self) -> uvm_supervisor::ConfigRecord {
+        let name = |v: Option<clap::builder::PossibleValue>| {
+            v.map(|p| p.get_name().to_owned()).unwrap_or_default()
+        };
+        let backend = [
+            ("machine", name(self.machine.to_possible_value())),
+            ("accel", name(self.accel.to_possible_value())),
+            (
+                "kernel",
+                self.kernel
+                    .map(|k| name(k.to_possible_value()))
+                    .unwrap_or_else(|| "default".into()),
+            ),
+            ("append", self.append.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        uvm_supervisor::ConfigRecord {
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            backend,
+        }
     }
 
     fn options(&self) -> VmOptions {
@@ -180,6 +260,7 @@ fn main() -> ExitCode {
         uvm_vm::sweep_stale_runtime_dirs(&VmOptions::default());
     }
     let result = runtime.block_on(async {
+        let root = || uvm_supervisor::resolve_root(cli.root.as_deref());
         match cli.command {
             Action::Run(args) => run(args).await,
             Action::Image {
@@ -187,6 +268,16 @@ fn main() -> ExitCode {
             } => image_build(force),
             Action::Bench(args) => uvm_bench::cli::run(args).await.map_err(anyhow::Error::new),
             Action::CommandLine(args) => command_line(&args),
+            Action::Create(args) => vms::create(args, &root()?).await,
+            Action::Start(args) => vms::start(args, &root()?).await,
+            Action::Exec(args) => vms::exec(args, &root()?).await,
+            Action::Ps(args) => vms::ps(args, &root()?),
+            Action::Inspect(args) => vms::inspect(args, &root()?).await,
+            Action::Stats(args) => vms::stats(args, &root()?).await,
+            Action::Stop(args) => vms::stop(args, &root()?).await,
+            Action::Wait(args) => vms::wait(args, &root()?).await,
+            Action::Rm(args) => vms::rm(args, &root()?).await,
+            Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }
     });
     // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.
