@@ -1,0 +1,512 @@
+//! Long-lived VMs through the CLI binary, each command a separate `uvmctl` invocation against
+//! its own temporary `--root`: create, exec, ps, inspect, stats, stop, rm, and their failure
+//! paths. Tests that need the guest image or boot QEMU are named `real_vm_*` (at most a few at
+//! once, failing loudly without `make setup` and `make agent`); the rest need no VM.
+//!
+//! Every test's [`Root`] kills, when dropped, the supervisors its records name (only those, by
+//! pid *and* start time: processes our `create`s started; their VMs die with them) and removes
+//! the root, so a failing test leaves nothing running.
+
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uvm_host::processes_mentioning;
+
+const UVMCTL: &str = env!("CARGO_BIN_EXE_uvmctl");
+
+/// Fails the test: a real-VM test whose prerequisites are missing says which, and how to get it.
+fn missing(what: impl std::fmt::Display) -> ! {
+    panic!(
+        "real-VM test prerequisite missing: {what}\n\
+         (`make test` provides every prerequisite: it runs `make setup` and `make agent` first)"
+    )
+}
+
+fn require_prerequisites() {
+    for name in ["qemu-system-x86_64", "vhost-device-vsock"] {
+        if !uvm_qemu::find_binary(name).is_absolute() {
+            missing(format_args!(
+                "{name} is not installed; `make setup` installs it"
+            ));
+        }
+    }
+    uvm_image::ImageSpec::from_env().unwrap_or_else(|e| missing(e));
+}
+
+/// A temporary state root; dropping it kills what its records name and removes it.
+struct Root {
+    dir: tempfile::TempDir,
+}
+
+impl Root {
+    fn new() -> Root {
+        Root {
+            dir: tempfile::Builder::new()
+                .prefix("uvms")
+                .tempdir_in("/tmp")
+                .expect("temp root"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(UVMCTL);
+        cmd.arg("--root").arg(self.path()).args(args);
+        cmd
+    }
+
+    /// Runs `uvmctl --root <root> ARGS` to completion.
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run uvmctl")
+    }
+
+    /// Runs it and asserts it succeeded; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "uvmctl {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    fn inspect(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["inspect", id, "--json"])).expect("inspect JSON")
+    }
+
+    /// The VM directories under the root.
+    fn vm_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.path())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| !p.ends_with("names"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Nothing of any VM remains: no process mentions the root, no VM directory, no name claim.
+    fn assert_clean(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut left = processes_mentioning(self.path());
+        while !left.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            left = processes_mentioning(self.path());
+        }
+        assert!(left.is_empty(), "processes of the VMs remain: {left:?}");
+        assert_eq!(
+            self.vm_dirs(),
+            Vec::<PathBuf>::new(),
+            "VM directories remain"
+        );
+        let claims: Vec<_> = std::fs::read_dir(self.path().join("names"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert_eq!(claims, Vec::<PathBuf>::new(), "name claims remain");
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        for dir in self.vm_dirs() {
+            let Ok(text) = std::fs::read_to_string(dir.join("vm.json")) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            let supervisor = &record["pids"]["supervisor"];
+            let (Some(pid), start) = (
+                supervisor["pid"].as_u64(),
+                supervisor["start_time"].as_u64(),
+            ) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let now = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(19))
+                .and_then(|s| s.parse::<u64>().ok());
+            // Only the very process our `create` started (same pid, same start time).
+            if let (Some(now), Some(start), Ok(pid)) = (now, start, i32::try_from(pid)) {
+                if now == start {
+                    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path).expect("stat").mode() & 0o777
+}
+
+// ---- No VM needed --------------------------------------------------------------------------
+
+#[test]
+fn an_unknown_id_or_name_is_named_in_the_error_and_exits_125() {
+    let root = Root::new();
+    for args in [
+        &["exec", "nosuch", "--", "true"][..],
+        &["inspect", "nosuch"],
+        &["start", "nosuch"],
+        &["rm", "nosuch"],
+        &["stats", "nosuch"],
+    ] {
+        let out = root.run(args);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no such VM: nosuch"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn a_root_that_is_a_file_or_not_ours_is_refused() {
+    let root = Root::new();
+    let file = root.path().join("file");
+    std::fs::write(&file, b"x").expect("write");
+    let out = Command::new(UVMCTL)
+        .arg("--root")
+        .arg(&file)
+        .args(["create", "--name", "x"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("is not a directory"),
+        "{}",
+        stderr(&out)
+    );
+
+    let theirs = root.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    let nobody = rustix::fs::Uid::from_raw(65534);
+    if rustix::process::geteuid().is_root() {
+        rustix::fs::chown(&theirs, Some(nobody), None).expect("chown");
+    } else {
+        // Not root: a directory of root's stands in for another user's.
+        return check_not_ours(Path::new("/"));
+    }
+    check_not_ours(&theirs);
+}
+
+fn check_not_ours(path: &Path) {
+    let out = Command::new(UVMCTL)
+        .arg("--root")
+        .arg(path)
+        .args(["ps", "-a"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("not by us"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_bad_name_is_refused_and_leaves_nothing() {
+    let root = Root::new();
+    let out = root.run(&["create", "--name", "no/slashes"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("invalid VM name"), "{}", stderr(&out));
+    root.assert_clean();
+}
+
+// ---- Real VMs -------------------------------------------------------------------------------
+
+/// Creates a VM (started unless `created_only`); returns its id.
+fn create(root: &Root, name: &str, created_only: bool) -> String {
+    require_prerequisites();
+    let mut args = vec!["create", "--name", name];
+    if !created_only {
+        args.push("--start");
+    }
+    let id = root.ok(&args).trim().to_owned();
+    assert_eq!(id.len(), 16, "{id:?}");
+    id
+}
+
+#[test]
+fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
+    let root = Root::new();
+    let id = create(&root, "life", true);
+    let dir = root.path().join(&id);
+    assert_eq!(mode(root.path()), 0o700);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("api.sock")), 0o600);
+    assert_eq!(mode(&dir.join("vm.json")), 0o600);
+
+    // Created: exec is refused naming the state.
+    let v = root.inspect("life");
+    assert_eq!(v["state"], "Created", "{v}");
+    let out = root.run(&["exec", "life", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("Created"), "{}", stderr(&out));
+
+    // By a unique id prefix.
+    root.ok(&["start", &id[..6]]);
+    root.ok(&["exec", "life", "--", "sh", "-c", "echo kept > /tmp/state"]);
+    assert_eq!(root.ok(&["exec", &id, "--", "cat", "/tmp/state"]), "kept\n");
+    let out = root.run(&[
+        "exec",
+        "-e",
+        "X=7",
+        "-w",
+        "/tmp",
+        "life",
+        "--",
+        "sh",
+        "-c",
+        "pwd; exit $X",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/tmp\n");
+
+    let v = root.inspect("life");
+    for key in [
+        "id",
+        "name",
+        "state",
+        "reason",
+        "pids",
+        "created_at",
+        "started_at",
+        "config",
+        "devices",
+    ] {
+        assert!(v.get(key).is_some(), "inspect lacks {key}: {v}");
+    }
+    assert_eq!(
+        (v["id"].as_str(), v["name"].as_str(), v["state"].as_str()),
+        (Some(id.as_str()), Some("life"), Some("Running"))
+    );
+    for role in ["supervisor", "qemu", "vhost-device-vsock"] {
+        assert!(v["pids"][role].as_u64().is_some(), "no {role} pid: {v}");
+    }
+    let ps: Value = serde_json::from_str(&root.ok(&["ps", "--json"])).expect("ps JSON");
+    assert_eq!(ps.as_array().map(Vec::len), Some(1), "{ps}");
+    let stats: Value = serde_json::from_str(&root.ok(&["stats", "life", "--json"])).expect("stats");
+    assert!(stats["host"]["rss_bytes"].as_u64() > Some(0), "{stats}");
+    assert!(
+        stats["guest"]["mem_total_bytes"].as_u64() > Some(0),
+        "{stats}"
+    );
+
+    root.ok(&["stop", "life"]);
+    let v = root.inspect("life");
+    assert_eq!(v["state"], "Terminated", "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("terminated on request")),
+        "{v}"
+    );
+    let out = root.run(&["exec", "life", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("Terminated"), "{}", stderr(&out));
+    // Not running any more: listed only with -a.
+    assert_eq!(root.ok(&["ps"]).lines().count(), 1);
+    assert_eq!(root.ok(&["ps", "-a"]).lines().count(), 2);
+
+    root.ok(&["rm", "life"]);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_four_concurrent_execs_stream_their_own_stdin_back_byte_for_byte() {
+    let root = Root::new();
+    let id = create(&root, "four", false);
+    let inputs: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| {
+            (0..200_000u32)
+                .map(|n| (n.wrapping_mul(2_654_435_761) >> 24) as u8 ^ i)
+                .collect()
+        })
+        .collect();
+    let children: Vec<_> = inputs
+        .iter()
+        .map(|input| {
+            let mut child = root
+                .cmd(&["exec", "-i", &id, "--", "cat"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn exec");
+            let mut stdin = child.stdin.take().expect("stdin");
+            let input = input.clone();
+            // Written in pieces while the output streams back.
+            let writer = std::thread::spawn(move || {
+                for piece in input.chunks(7_000) {
+                    stdin.write_all(piece).expect("write stdin");
+                }
+            });
+            (child, writer)
+        })
+        .collect();
+    for ((child, writer), input) in children.into_iter().zip(&inputs) {
+        let out = child.wait_with_output().expect("exec");
+        writer.join().expect("writer");
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            out.stdout == *input,
+            "stdout differs: {} bytes back of {}",
+            out.stdout.len(),
+            input.len()
+        );
+    }
+    root.ok(&["rm", "-f", "four"]);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_rm_refuses_a_running_vm_without_force_and_a_taken_name_is_refused() {
+    let root = Root::new();
+    let id = create(&root, "busy", false);
+    let out = root.run(&["rm", "busy"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("Running"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("-f"), "{}", stderr(&out));
+    root.ok(&["exec", "busy", "--", "true"]);
+
+    let out = root.run(&["create", "--name", "busy"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("already in use by VM"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        root.vm_dirs(),
+        [root.path().join(&id)],
+        "the loser left something"
+    );
+
+    root.ok(&["rm", "-f", "busy"]);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_two_creates_racing_for_one_name_have_one_winner_and_the_loser_leaves_nothing() {
+    require_prerequisites();
+    let root = Root::new();
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            root.cmd(&["create", "--name", "race"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn create")
+        })
+        .collect();
+    let outs: Vec<Output> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("create"))
+        .collect();
+    let winners: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "{:?}",
+        outs.iter().map(stderr).collect::<Vec<_>>()
+    );
+    let loser = outs.iter().find(|o| !o.status.success()).expect("a loser");
+    assert!(
+        stderr(loser).contains("already in use"),
+        "{}",
+        stderr(loser)
+    );
+    let id = String::from_utf8_lossy(&winners[0].stdout)
+        .trim()
+        .to_owned();
+    assert_eq!(root.vm_dirs(), [root.path().join(&id)]);
+    // A Created VM is not Terminated: rm needs -f.
+    root.ok(&["rm", "-f", "race"]);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_a_client_killed_mid_exec_gets_its_guest_process_killed_and_the_vm_runs_on() {
+    let root = Root::new();
+    create(&root, "cut", false);
+    let mut client = root
+        .cmd(&["exec", "cut", "--", "sleep", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn exec");
+    let sleeping = || root.ok(&["exec", "cut", "--", "ps"]).contains("sleep 1000");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sleeping() {
+        assert!(Instant::now() < deadline, "the exec never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client.kill().expect("kill our exec client");
+    client.wait().expect("reap it");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeping() {
+        assert!(
+            Instant::now() < deadline,
+            "the guest process outlived its client"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(root.inspect("cut")["state"], "Running");
+    root.ok(&["rm", "-f", "cut"]);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_a_vm_whose_supervisor_died_shows_so_and_rm_cleans_it() {
+    let root = Root::new();
+    let id = create(&root, "orphan", false);
+    let v = root.inspect("orphan");
+    let pid = v["pids"]["supervisor"].as_u64().expect("supervisor pid");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).expect("pid")).expect("pid");
+    // Our own create started it.
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !root.ok(&["ps", "-a"]).contains("supervisor dead") {
+        assert!(
+            Instant::now() < deadline,
+            "ps never showed the dead supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = root.run(&["exec", "orphan", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("is not running"), "{}", stderr(&out));
+    assert_eq!(root.ok(&["rm", "orphan"]).trim(), id);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_a_create_the_supervisor_refuses_fails_with_its_message_and_leaves_nothing() {
+    require_prerequisites();
+    let root = Root::new();
+    let out = root.run(&["create", "--name", "tiny", "--memory", "1"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("creating VM"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("memory"), "{}", stderr(&out));
+    root.assert_clean();
+}
