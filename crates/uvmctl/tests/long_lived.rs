@@ -510,3 +510,33 @@ fn real_vm_a_create_the_supervisor_refuses_fails_with_its_message_and_leaves_not
     assert!(stderr(&out).contains("memory"), "{}", stderr(&out));
     root.assert_clean();
 }
+
+#[test]
+fn real_vm_a_signal_to_exec_reaches_the_guest_process() {
+    let root = Root::new();
+    create(&root, "sig", false);
+    // The shell traps TERM and says so; `wait` returns early when the trap fires.
+    let script = "trap 'echo got TERM; exit 9' TERM; echo ready; sleep 1000 & wait";
+    let mut client = root
+        .cmd(&["exec", "sig", "--", "sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let mut stdout = client.stdout.take().expect("stdout");
+    let mut first = [0u8; 6];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("ready line");
+    assert_eq!(&first, b"ready\n");
+    let pid =
+        rustix::process::Pid::from_raw(i32::try_from(client.id()).expect("pid")).expect("pid");
+    // Our own exec client: it forwards the signal to the guest process.
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).expect("rest");
+    let status = client.wait().expect("exec");
+    assert_eq!((status.code(), rest.as_str()), (Some(9), "got TERM\n"));
+    // The background sleep is the guest's business; the VM is fine.
+    root.ok(&["exec", "sig", "--", "true"]);
+    root.ok(&["rm", "-f", "sig"]);
+    root.assert_clean();
+}
