@@ -23,6 +23,7 @@ pub mod root;
 pub mod start;
 
 mod exec;
+mod logs;
 mod service;
 mod stacks;
 mod supervisor;

@@ -247,9 +247,10 @@ impl VmService for VmApi {
 
     async fn logs(
         &self,
-        _: Request<v1::LogsRequest>,
+        request: Request<v1::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(not_built("Logs"))
+        let stream = crate::logs::logs(self.shared.clone(), request.get_ref())?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type EventsStream = BoxStream<v1::EventsResponse>;

@@ -67,6 +67,11 @@ enum Action {
     Wait(vms::IdArg),
     /// Remove VMs (a running one only with -f).
     Rm(vms::RmArgs),
+    /// Print a VM's serial console (or, with --guest, its agent's log).
+    Logs(vms::LogsArgs),
+    /// What a running VM's guest agent, supervisor and QEMU threads are doing.
+    #[command(after_help = "Example:\n  uvmctl dump-stacks web")]
+    DumpStacks(vms::IdArg),
     /// The supervisor of one VM (what `create` starts).
     #[command(hide = true)]
     Supervise(vms::SuperviseArgs),
@@ -277,6 +282,8 @@ fn main() -> ExitCode {
             Action::Stop(args) => vms::stop(args, &root()?).await,
             Action::Wait(args) => vms::wait(args, &root()?).await,
             Action::Rm(args) => vms::rm(args, &root()?).await,
+            Action::Logs(args) => vms::logs(args, &root()?).await,
+            Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }
     });

@@ -312,7 +312,31 @@ fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
         "{stats}"
     );
 
+    assert!(
+        root.ok(&["logs", "life"]).contains("uvm-agent"),
+        "no agent lines on the console"
+    );
+    let stacks = root.ok(&["dump-stacks", "life"]);
+    for part in [
+        "=== guest agent",
+        "=== supervisor threads",
+        "=== QEMU threads",
+        "uvm-agent",
+    ] {
+        assert!(
+            stacks.contains(part),
+            "dump-stacks lacks {part:?}:\n{stacks}"
+        );
+    }
+
     root.ok(&["stop", "life"]);
+    let out = root.run(&["logs", "life"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("console log went"),
+        "{}",
+        stderr(&out)
+    );
     let v = root.inspect("life");
     assert_eq!(v["state"], "Terminated", "{v}");
     assert!(

@@ -8,6 +8,8 @@ mod show;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::io::Write as _;
+
 use anyhow::{bail, Context as _};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -317,4 +319,73 @@ async fn rm_one(root: &Path, query: &str, force: bool) -> anyhow::Result<String>
         }
     }
     Ok(target.id)
+}
+
+/// `uvmctl logs`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  uvmctl logs web\n  uvmctl logs -f web\n  uvmctl logs --guest web"
+)]
+pub struct LogsArgs {
+    /// Go on printing new output until the VM stops.
+    #[arg(short, long)]
+    follow: bool,
+    /// The guest agent's forwarded log instead of the serial console.
+    #[arg(long, conflicts_with = "console")]
+    guest: bool,
+    /// The VM's serial console (the default).
+    #[arg(long)]
+    console: bool,
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+pub async fn logs(args: LogsArgs, root: &Path) -> anyhow::Result<u8> {
+    use tokio::io::AsyncWriteExt as _;
+    let target = Target::find(root, &args.id)?;
+    let mut request = v1::LogsRequest {
+        source: 0,
+        follow: args.follow,
+    };
+    request.set_source(if args.guest {
+        v1::LogSource::Guest
+    } else {
+        v1::LogSource::Console
+    });
+    let mut stream = target
+        .client()
+        .await?
+        .logs(target.request(request))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stdout = tokio::io::stdout();
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        stdout.write_all(&chunk.data).await?;
+        stdout.flush().await?;
+    }
+    Ok(0)
+}
+
+pub async fn dump_stacks(args: IdArg, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    let dump = target
+        .client()
+        .await?
+        .dump_stacks(target.request(v1::DumpStacksRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    for (what, text) in [
+        ("guest agent", dump.guest),
+        ("supervisor threads", dump.supervisor),
+        ("QEMU threads", dump.qemu),
+    ] {
+        // A closed pipe (`| head`) ends the output, not with a panic.
+        if writeln!(out, "=== {what}\n{}", text.trim_end()).is_err() {
+            break;
+        }
+    }
+    Ok(0)
 }
