@@ -17,6 +17,7 @@ use tonic::{Status, Streaming};
 use tracing::Instrument as _;
 use uvm::seams::{ExecRequest, TerminalSize};
 use uvm::{ControllerError, Operation, State};
+use uvm_api::v1::events_response::Event;
 use uvm_api::v1::exec_request::Frame as In;
 use uvm_api::v1::exec_response::Frame as Out;
 use uvm_api::{controller_status, v1, ApiError};
@@ -111,7 +112,17 @@ async fn run(
         async move { controller.exec_into_host(request).await }.in_current_span(),
     ));
     let mut out_task = AbortOnDropHandle::new(tokio::spawn(
-        forward_output(started_rx, exec_id, out_r, err_r, tx.clone()).in_current_span(),
+        forward_output(
+            shared.clone(),
+            spec.args.clone(),
+            spec.terminal,
+            started_rx,
+            exec_id,
+            out_r,
+            err_r,
+            tx.clone(),
+        )
+        .in_current_span(),
     ));
 
     let mut exit: Option<Result<i32, ControllerError>> = None;
@@ -158,10 +169,17 @@ async fn run(
         }
     }
     let last = match exit {
-        Some(Ok(code)) => frame(Out::Exited(v1::ExecExited {
-            exit_code: code,
-            signal: 0,
-        })),
+        Some(Ok(code)) => {
+            let exited = v1::ExecExited {
+                exit_code: code,
+                signal: 0,
+            };
+            shared.events.push(Event::ExecExited(v1::ExecExitedEvent {
+                exec_id,
+                exit: Some(exited),
+            }));
+            frame(Out::Exited(exited))
+        }
         Some(Err(e)) => Err(controller_status(&e)),
         None => return,
     };
@@ -241,9 +259,16 @@ async fn apply(
     }
 }
 
-/// Sends `started` once the process exists, then its output until both streams end. Returns
-/// whether the process started.
+/// Sends `started` once the process exists (and records the event), then its output until both
+/// streams end. Returns whether the process started.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one exec's plumbing, named at its one caller"
+)]
 async fn forward_output(
+    shared: Arc<Shared>,
+    args: Vec<String>,
+    terminal: bool,
     started: oneshot::Receiver<u32>,
     exec_id: u64,
     stdout: DuplexStream,
@@ -253,6 +278,12 @@ async fn forward_output(
     let Ok(pid) = started.await else {
         return false;
     };
+    shared.events.push(Event::ExecStarted(v1::ExecStartedEvent {
+        exec_id,
+        pid,
+        args,
+        terminal,
+    }));
     if tx
         .send(frame(Out::Started(v1::ExecStarted { exec_id, pid })))
         .await

@@ -66,7 +66,7 @@ impl VmApi {
                 .into_iter()
                 .map(|(name, pid)| v1::HostProcess { name, pid })
                 .collect(),
-            last_event_sequence: 0,
+            last_event_sequence: s.events.newest(),
         }
     }
 }
@@ -257,9 +257,10 @@ impl VmService for VmApi {
 
     async fn events(
         &self,
-        _: Request<v1::EventsRequest>,
+        request: Request<v1::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        Err(not_built("Events"))
+        let stream = crate::events::events(self.shared.clone(), request.get_ref())?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn remove(

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     pub(crate) next_exec: AtomicU64,
     /// How long the last successful Start took.
     pub(crate) start_total: Mutex<Option<Duration>>,
+    /// The VM's events.
+    pub(crate) events: crate::events::EventLog,
 }
 
 impl Shared {
@@ -146,11 +148,17 @@ impl Shared {
         }
     }
 
-    /// Writes the record if it changed; a removed VM has no record to write.
+    /// Writes the record if it changed, and the new transitions as events; a removed VM has no
+    /// record to write.
     pub(crate) fn persist(&self) {
         if self.removed.is_cancelled() {
             return;
         }
+        let c = &self.vm.controller;
+        self.events.transitions(
+            &c.history(),
+            c.status().reason.map(uvm_api::v1::Reason::from),
+        );
         let record = self.snapshot();
         let mut last = uvm_util::lock(&self.last_record);
         if last.as_ref() == Some(&record) {
@@ -218,6 +226,7 @@ pub async fn run(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorErr
         last_record: Mutex::new(None),
         next_exec: AtomicU64::new(1),
         start_total: Mutex::new(None),
+        events: crate::events::EventLog::default(),
     });
     let listener = match bind(&shared.socket()) {
         Ok(l) => l,

@@ -69,6 +69,8 @@ enum Action {
     Rm(vms::RmArgs),
     /// Print a VM's serial console (or, with --guest, its agent's log).
     Logs(vms::LogsArgs),
+    /// Print a VM's events (transitions, execs) with their sequence numbers.
+    Events(vms::EventsArgs),
     /// What a running VM's guest agent, supervisor and QEMU threads are doing.
     #[command(after_help = "Example:\n  uvmctl dump-stacks web")]
     DumpStacks(vms::IdArg),
@@ -283,6 +285,7 @@ fn main() -> ExitCode {
             Action::Wait(args) => vms::wait(args, &root()?).await,
             Action::Rm(args) => vms::rm(args, &root()?).await,
             Action::Logs(args) => vms::logs(args, &root()?).await,
+            Action::Events(args) => vms::events(args, &root()?).await,
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }

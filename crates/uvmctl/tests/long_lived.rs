@@ -352,6 +352,29 @@ fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
     assert_eq!(root.ok(&["ps"]).lines().count(), 1);
     assert_eq!(root.ok(&["ps", "-a"]).lines().count(), 2);
 
+    // Events: numbered 1, 2, … without gaps; resuming after N gives exactly what followed N.
+    let events = |since: &str| -> Vec<Value> {
+        root.ok(&["events", "--json", "--since", since, "life"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    };
+    let all = events("0");
+    let seqs: Vec<u64> = all.iter().filter_map(|e| e["sequence"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{all:?}");
+    let tos: Vec<&str> = all.iter().filter_map(|e| e["to"].as_str()).collect();
+    assert_eq!(tos, ["CREATED", "RUNNING", "TERMINATED"], "{all:?}");
+    let execs = all.iter().filter(|e| e["type"] == "exec_exited").count();
+    assert_eq!(execs, 3, "{all:?}");
+    assert_eq!(events("3"), all[3..].to_vec());
+    let out = root.run(&["events", "--since", "999", "life"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("beyond the newest"),
+        "{}",
+        stderr(&out)
+    );
+
     root.ok(&["rm", "life"]);
     root.assert_clean();
 }

@@ -19,7 +19,7 @@ use uvm_supervisor::record::{LOG_FILE, SOCKET_FILE};
 use uvm_supervisor::{names, read_record, VmRecord};
 
 pub use exec::{exec, ExecArgs};
-pub use show::{inspect, ps, stats, InspectArgs, PsArgs, StatsArgs};
+pub use show::{events, inspect, ps, stats, EventsArgs, InspectArgs, PsArgs, StatsArgs};
 
 use crate::VmArgs;
 

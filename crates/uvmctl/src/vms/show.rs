@@ -250,3 +250,106 @@ pub async fn stats(args: StatsArgs, root: &Path) -> anyhow::Result<u8> {
     }
     Ok(0)
 }
+
+/// `uvmctl events`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  uvmctl events web\n  uvmctl events -f --since 12 --json web   # resume after event 12"
+)]
+pub struct EventsArgs {
+    /// Only events after this sequence number (resume where you left off).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    since: u64,
+    /// Go on printing new events until the VM is removed.
+    #[arg(short, long)]
+    follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+fn state_name(state: v1::State) -> &'static str {
+    state.as_str_name().trim_start_matches("STATE_")
+}
+
+/// One event as JSON.
+fn event_json(event: &v1::EventsResponse) -> Value {
+    use uvm_api::v1::events_response::Event;
+    let time = event
+        .time
+        .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        .map(uvm_supervisor::record::rfc3339);
+    let body = match &event.event {
+        Some(Event::Transition(t)) => json!({
+            "type": "transition",
+            "from": state_name(t.from_state()),
+            "to": state_name(t.to_state()),
+            "operation": t.operation().as_str_name().trim_start_matches("OPERATION_"),
+            "reason": t.reason.as_ref().map(|r| r.description.clone()),
+        }),
+        Some(Event::BootPhase(b)) => json!({
+            "type": "boot_phase",
+            "step": b.step().as_str_name().trim_start_matches("START_STEP_"),
+        }),
+        Some(Event::ExecStarted(e)) => json!({
+            "type": "exec_started", "exec_id": e.exec_id, "pid": e.pid, "args": e.args,
+        }),
+        Some(Event::ExecExited(e)) => json!({
+            "type": "exec_exited",
+            "exec_id": e.exec_id,
+            "exit_code": e.exit.map(|x| x.exit_code),
+        }),
+        None => json!({"type": "unknown"}),
+    };
+    let mut value = json!({"sequence": event.sequence, "time": time});
+    if let (Value::Object(map), Value::Object(body)) = (&mut value, body) {
+        map.extend(body);
+    }
+    value
+}
+
+pub async fn events(args: EventsArgs, root: &Path) -> anyhow::Result<u8> {
+    use std::io::Write as _;
+    let target = Target::find(root, &args.id)?;
+    let mut stream = target
+        .client()
+        .await?
+        .events(target.request(v1::EventsRequest {
+            since: args.since,
+            follow: args.follow,
+        }))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        let value = event_json(&event);
+        let line = if args.json {
+            value.to_string()
+        } else {
+            let mut fields: Vec<String> = Vec::new();
+            if let Value::Object(map) = &value {
+                for (k, v) in map {
+                    if !matches!(k.as_str(), "sequence" | "time") && !v.is_null() {
+                        fields.push(format!(
+                            "{k}={}",
+                            v.as_str().map_or(v.to_string(), str::to_owned)
+                        ));
+                    }
+                }
+            }
+            format!(
+                "{:>6}  {}  {}",
+                event.sequence,
+                value["time"].as_str().unwrap_or("-"),
+                fields.join(" ")
+            )
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(0)
+}
