@@ -153,8 +153,11 @@ async fn run(
                     inbound_open = false;
                     stdin = None;
                 }
+                // A message the server refused (over the size limit, undecodable) or a client
+                // gone: either way the process is killed. A client still there learns why.
                 Err(status) => {
-                    tracing::debug!(error = %status.message(), "exec client went away; killing the process");
+                    tracing::debug!(error = %status.message(), "exec stream broken; killing the process");
+                    let _ = tx.send(Err(status)).await;
                     return;
                 }
             },
