@@ -450,3 +450,68 @@ fn real_vm_a_signal_to_exec_reaches_the_guest_process() {
     root.ok(&["rm", "-f", "sig"]);
     root.assert_clean();
 }
+
+#[test]
+fn real_vm_a_vm_that_powers_off_by_itself_is_recorded_terminated_and_still_inspectable() {
+    let root = Root::new();
+    create(&root, "off", false);
+    // The guest powers itself off; the exec's own fate (its link goes with the VM) is not the point.
+    let _ = root.run(&["exec", "off", "--", "poweroff", "-f"]);
+    let why = root.ok(&["wait", "off"]);
+    assert!(why.contains("exited"), "{why:?}");
+    let v = root.inspect("off");
+    assert_eq!(
+        (v["state"].as_str(), v["supervisor_alive"].as_bool()),
+        (Some("Terminated"), Some(true)),
+        "{v}"
+    );
+    // The record says so too, without asking the supervisor.
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.path()
+                .join(v["id"].as_str().expect("id"))
+                .join("vm.json"),
+        )
+        .expect("record"),
+    )
+    .expect("record JSON");
+    assert_eq!(record["state"], "Terminated", "{record}");
+    assert!(record["pids"].get("qemu").is_none(), "{record}");
+    root.ok(&["rm", "off"]);
+    root.assert_clean();
+}
+
+#[test]
+fn real_vm_a_terminated_supervisor_takes_its_vm_down_and_leaves_the_record_for_rm() {
+    let root = Root::new();
+    create(&root, "term", false);
+    let v = root.inspect("term");
+    let pid = |role: &str| {
+        v["pids"][role]
+            .as_u64()
+            .and_then(|p| i32::try_from(p).ok())
+            .expect("pid")
+    };
+    let (supervisor, qemu) = (pid("supervisor"), pid("qemu"));
+    let pid = rustix::process::Pid::from_raw(supervisor).expect("pid");
+    // Our own create started it.
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !root
+        .ok(&["ps", "-a"])
+        .contains("Terminated (supervisor dead)")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "ps never showed the VM terminated: {}",
+            root.ok(&["ps", "-a"])
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !Path::new(&format!("/proc/{qemu}")).exists(),
+        "QEMU outlived its supervisor"
+    );
+    root.ok(&["rm", "term"]);
+    root.assert_clean();
+}
