@@ -96,8 +96,9 @@ impl VmService for VmApi {
         &self,
         request: Request<v1::TerminateRequest>,
     ) -> Result<Response<v1::TerminateResponse>, Status> {
-        // Validated; the controller's own terminate deadline applies (a per-call grace period
-        // needs the controller to take one).
+        // Validated, then unused: the QEMU backend stops the VM at once (QMP `quit`), within the
+        // controller's own terminate deadline; a grace period matters once the guest is asked
+        // to shut down cleanly first.
         let _grace = grace_period(request.get_ref().grace_period.as_ref())?;
         let r = self.shared.vm.controller.terminate_vm().await;
         self.shared.persist();

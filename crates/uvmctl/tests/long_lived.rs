@@ -298,6 +298,10 @@ fn real_vm_rm_refuses_a_running_vm_without_force_and_a_taken_name_is_refused() {
     assert!(stderr(&out).contains("Running"), "{}", stderr(&out));
     assert!(stderr(&out).contains("-f"), "{}", stderr(&out));
     root.ok(&["exec", "busy", "--", "true"]);
+    // -t: a terminal in the guest, stderr merged into stdout.
+    let out = root.ok(&["exec", "-t", "busy", "--", "sh", "-c", "tty; echo err >&2"]);
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.contains("err"), "{out:?}");
 
     let out = root.run(&["create", "--name", "busy"]);
     assert_eq!(out.status.code(), Some(125));

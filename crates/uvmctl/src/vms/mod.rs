@@ -70,7 +70,9 @@ pub struct IdArg {
 pub struct StopArgs {
     /// The VM: its name, its id, or a unique prefix of its id.
     id: String,
-    /// Seconds the guest gets to shut down before the VM is stopped by force.
+    /// Seconds the guest gets to shut down before the VM is stopped by force. (Today the QEMU
+    /// backend stops the VM at once, with QMP `quit`: there is no clean guest shutdown to wait
+    /// for yet.)
     #[arg(long, value_name = "S")]
     timeout: Option<u64>,
 }
