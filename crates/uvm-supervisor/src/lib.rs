@@ -22,6 +22,7 @@ pub mod record;
 pub mod root;
 pub mod start;
 
+mod copy;
 mod events;
 mod exec;
 mod logs;

@@ -1,7 +1,7 @@
 //! The `uvm.v1.VmService` of one VM, over its controller: each call maps to one controller
 //! operation, errors through [`uvm_api::controller_status`]; every call that can change the state
-//! rewrites the record afterwards. Calls not built yet answer `UNIMPLEMENTED` naming themselves —
-//! never a fake success.
+//! rewrites the record afterwards. What is not built yet (following the guest log) answers
+//! `UNIMPLEMENTED` naming itself — never a fake success.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -69,11 +69,6 @@ impl VmApi {
             last_event_sequence: s.events.newest(),
         }
     }
-}
-
-/// `UNIMPLEMENTED` for a call this supervisor does not serve yet.
-fn not_built(call: &str) -> Status {
-    Status::unimplemented(format!("{call} is not implemented by this supervisor yet"))
 }
 
 #[tonic::async_trait]
@@ -230,18 +225,20 @@ impl VmService for VmApi {
 
     async fn copy_in(
         &self,
-        _: Request<Streaming<v1::CopyInRequest>>,
+        request: Request<Streaming<v1::CopyInRequest>>,
     ) -> Result<Response<v1::CopyInResponse>, Status> {
-        Err(not_built("CopyIn"))
+        let copied = crate::copy::copy_in(self.shared.clone(), request.into_inner()).await?;
+        Ok(Response::new(copied))
     }
 
     type CopyOutStream = BoxStream<v1::CopyOutResponse>;
 
     async fn copy_out(
         &self,
-        _: Request<v1::CopyOutRequest>,
+        request: Request<v1::CopyOutRequest>,
     ) -> Result<Response<Self::CopyOutStream>, Status> {
-        Err(not_built("CopyOut"))
+        let stream = crate::copy::copy_out(self.shared.clone(), request.into_inner().path).await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type LogsStream = BoxStream<v1::LogsResponse>;

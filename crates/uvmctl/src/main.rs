@@ -71,6 +71,8 @@ enum Action {
     Logs(vms::LogsArgs),
     /// Print a VM's events (transitions, execs) with their sequence numbers.
     Events(vms::EventsArgs),
+    /// Copy a file into a running VM (SRC ID:DST) or out of it (ID:SRC DST).
+    Cp(vms::CpArgs),
     /// What a running VM's guest agent, supervisor and QEMU threads are doing.
     #[command(after_help = "Example:\n  uvmctl dump-stacks web")]
     DumpStacks(vms::IdArg),
@@ -286,6 +288,7 @@ fn main() -> ExitCode {
             Action::Rm(args) => vms::rm(args, &root()?).await,
             Action::Logs(args) => vms::logs(args, &root()?).await,
             Action::Events(args) => vms::events(args, &root()?).await,
+            Action::Cp(args) => vms::cp(args, &root()?).await,
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }

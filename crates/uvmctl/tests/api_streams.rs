@@ -160,6 +160,24 @@ async fn real_vm_malformed_exec_streams_are_refused_and_the_supervisor_keeps_ser
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "in\nafter\n");
 
+    // A copy over the supervisor's limit is refused before any data moves.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(v1::CopyInRequest {
+        frame: Some(v1::copy_in_request::Frame::Header(v1::CopyInHeader {
+            path: "/tmp/huge".into(),
+            mode: 0o644,
+            size: 1 << 40,
+        })),
+    })
+    .await
+    .expect("queue");
+    let err = client
+        .copy_in(ReceiverStream::new(rx))
+        .await
+        .expect_err("too large");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    drop(tx);
+
     // A VM id other than the served one is NOT_FOUND.
     let mut request = tonic::Request::new(v1::InspectRequest {});
     request.metadata_mut().insert(

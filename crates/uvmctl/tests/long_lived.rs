@@ -519,3 +519,45 @@ fn real_vm_a_terminated_supervisor_takes_its_vm_down_and_leaves_the_record_for_r
     root.ok(&["rm", "term"]);
     root.assert_clean();
 }
+
+#[test]
+fn real_vm_cp_of_10_mib_both_ways_is_byte_exact_and_a_refused_path_leaves_nothing() {
+    let root = Root::new();
+    create(&root, "cp", false);
+    let local = tempfile::tempdir().expect("local dir");
+    let src = local.path().join("src.bin");
+    let data: Vec<u8> = (0..10u32 << 20)
+        .map(|n| (n.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).expect("write");
+    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+        .expect("chmod");
+    let src_arg = src.to_str().expect("utf-8 path");
+    root.ok(&["cp", src_arg, "cp:/tmp/big.bin"]);
+    assert_eq!(
+        root.ok(&["exec", "cp", "--", "stat", "-c", "%a %s", "/tmp/big.bin"]),
+        format!("640 {}\n", data.len())
+    );
+    let back = local.path().join("back.bin");
+    root.ok(&["cp", "cp:/tmp/big.bin", back.to_str().expect("utf-8 path")]);
+    assert!(
+        std::fs::read(&back).expect("read back") == data,
+        "the copy out differs"
+    );
+    assert_eq!(mode(&back), 0o640);
+
+    // Refused by the guest: an error, and nothing at the target or beside it.
+    let out = root.run(&["cp", src_arg, "cp:/proc/nope"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("the guest refused"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(root.ok(&["exec", "cp", "--", "ls", "/tmp"]), "big.bin\n");
+    let out = root.run(&["cp", "cp:/nope", back.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("No such file"), "{}", stderr(&out));
+    root.ok(&["rm", "-f", "cp"]);
+    root.assert_clean();
+}

@@ -2,6 +2,7 @@
 //! others are clients of its API or readers of its record. `supervise` (hidden) is the supervisor
 //! itself, so that one binary is all there is to install.
 
+mod copy;
 mod exec;
 mod show;
 
@@ -18,6 +19,7 @@ use uvm_api::{v1, VM_ID_METADATA};
 use uvm_supervisor::record::{LOG_FILE, SOCKET_FILE};
 use uvm_supervisor::{names, read_record, VmRecord};
 
+pub use copy::{cp, CpArgs};
 pub use exec::{exec, ExecArgs};
 pub use show::{events, inspect, ps, stats, EventsArgs, InspectArgs, PsArgs, StatsArgs};
 
