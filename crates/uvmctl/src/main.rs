@@ -73,6 +73,8 @@ enum Action {
     Events(vms::EventsArgs),
     /// Copy a file into a running VM (SRC ID:DST) or out of it (ID:SRC DST).
     Cp(vms::CpArgs),
+    /// Change a running VM's memory, CPU cap or CPU group.
+    Update(vms::UpdateArgs),
     /// What a running VM's guest agent, supervisor and QEMU threads are doing.
     #[command(after_help = "Example:\n  uvmctl dump-stacks web")]
     DumpStacks(vms::IdArg),
@@ -289,6 +291,7 @@ fn main() -> ExitCode {
             Action::Logs(args) => vms::logs(args, &root()?).await,
             Action::Events(args) => vms::events(args, &root()?).await,
             Action::Cp(args) => vms::cp(args, &root()?).await,
+            Action::Update(args) => vms::update(args, &root()?).await,
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }

@@ -175,6 +175,15 @@ fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
         "{stats}"
     );
 
+    assert_eq!(
+        root.ok(&["update", "life", "--memory", "200"]),
+        "memory 200 MiB\n"
+    );
+    // What the backend cannot do is said, never faked.
+    let out = root.run(&["update", "life", "--cpu-limit", "50"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("not supported"), "{}", stderr(&out));
+
     assert!(
         root.ok(&["logs", "life"]).contains("uvm-agent"),
         "no agent lines on the console"

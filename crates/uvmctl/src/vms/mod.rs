@@ -393,3 +393,58 @@ pub async fn dump_stacks(args: IdArg, root: &Path) -> anyhow::Result<u8> {
     }
     Ok(0)
 }
+
+/// `uvmctl update`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl update web --memory 512 --cpu-limit 50")]
+pub struct UpdateArgs {
+    /// The guest's new memory size in MiB.
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// The most of its CPUs the VM may use, in percent (100 = no cap).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=100))]
+    cpu_limit: Option<u32>,
+    /// Move the VM into this host CPU group.
+    #[arg(long, value_name = "G")]
+    cpu_group: Option<String>,
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
+    if args.memory.is_none() && args.cpu_limit.is_none() && args.cpu_group.is_none() {
+        bail!("nothing to update: give --memory, --cpu-limit or --cpu-group");
+    }
+    let target = Target::find(root, &args.id)?;
+    let mut client = target.client().await?;
+    if let Some(mib) = args.memory {
+        let applied = client
+            .update_memory(target.request(v1::UpdateMemoryRequest {
+                memory_bytes: mib.saturating_mul(1 << 20),
+            }))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!("memory {} MiB", applied.memory_bytes >> 20);
+    }
+    if let Some(pct) = args.cpu_limit {
+        client
+            .update_cpu_limits(target.request(v1::UpdateCpuLimitsRequest {
+                limit_per_10000: Some(pct * 100),
+                weight: None,
+            }))
+            .await
+            .map_err(status_error)?;
+        println!("cpu limit {pct}%");
+    }
+    if let Some(group_id) = args.cpu_group {
+        client
+            .update_cpu_group(target.request(v1::UpdateCpuGroupRequest {
+                group_id: group_id.clone(),
+            }))
+            .await
+            .map_err(status_error)?;
+        println!("cpu group {group_id}");
+    }
+    Ok(0)
+}
