@@ -173,6 +173,8 @@ async fn run(
     }
     let last = match exit {
         Some(Ok(code)) => {
+            // The exec seam gives the shell-style status only (128 + n for a signal, which an
+            // `exit 130` looks like too): the signal is not known here, hence 0.
             let exited = v1::ExecExited {
                 exit_code: code,
                 signal: 0,

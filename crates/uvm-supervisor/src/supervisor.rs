@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uvm::seams::VmConfig;
 use uvm::State;
 use uvm_image::Image;
@@ -194,7 +195,10 @@ impl Shared {
 /// once the API is served, or why the supervisor failed.
 pub async fn run(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorError> {
     let span = tracing::info_span!("supervisor", vm = %spec.id);
-    let _enter = span.enter();
+    supervise(spec, ready).instrument(span).await
+}
+
+async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorError> {
     // Our own session: a terminal closing or a Ctrl-C at the `create` does not reach us.
     let _ = rustix::process::setsid();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -244,7 +248,7 @@ pub async fn run(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorErr
     ready.ok()?;
     tracing::info!(socket = %shared.socket().display(), "serving");
 
-    let watcher = tokio::spawn(watch_state(shared.clone()));
+    let watcher = tokio::spawn(watch_state(shared.clone()).in_current_span());
     let stop = shutdown_signal(shared.clone());
     let served = {
         let removed = shared.removed.clone();
