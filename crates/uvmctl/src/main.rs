@@ -26,8 +26,8 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn")]
     log: String,
     /// Where long-lived VMs keep their state (default: $UVMCTL_ROOT, else /run/uvmctl for root,
-    /// $XDG_RUNTIME_DIR/uvmctl for others).
-    #[arg(long, global = true, value_name = "DIR")]
+    /// $XDG_RUNTIME_DIR/uvmctl for others); before the command: `uvmctl --root DIR ps`.
+    #[arg(long, value_name = "DIR")]
     root: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Action,
@@ -295,7 +295,7 @@ fn main() -> ExitCode {
             Action::Cp(args) => vms::cp(args, &root()?).await,
             Action::Update(args) => vms::update(args, &root()?).await,
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
-            Action::Supervise(args) => vms::supervise(args, &root()?).await,
+            Action::Supervise(args) => vms::supervise(args).await,
         }
     });
     // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.

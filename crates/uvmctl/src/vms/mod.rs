@@ -48,6 +48,9 @@ pub struct CreateArgs {
 /// `uvmctl supervise` (hidden): what `create` runs, detached.
 #[derive(clap::Args, Debug)]
 pub struct SuperviseArgs {
+    /// The state root (absolute; the starter's).
+    #[arg(long)]
+    root: PathBuf,
     #[arg(long)]
     id: String,
     #[arg(long, default_value = "")]
@@ -184,7 +187,7 @@ pub async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
+pub async fn supervise(args: SuperviseArgs) -> anyhow::Result<u8> {
     let ready = match args.ready_fd {
         Some(fd) => uvm_supervisor::Ready::from_inherited(fd)?,
         None => uvm_supervisor::Ready::none(),
@@ -197,7 +200,7 @@ pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
         }
     };
     let spec = uvm_supervisor::SupervisorSpec {
-        root: root.to_path_buf(),
+        root: args.root,
         id: args.id,
         name: args.name,
         options: args.vm.options(),
