@@ -16,6 +16,8 @@
 //!       uvm-<id>-…/         QEMU's runtime directory (sockets, console log)
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod names;
 pub mod ready;
 pub mod record;

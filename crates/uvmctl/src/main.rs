@@ -26,8 +26,8 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn")]
     log: String,
     /// Where long-lived VMs keep their state (default: $UVMCTL_ROOT, else /run/uvmctl for root,
-    /// $XDG_RUNTIME_DIR/uvmctl for others); before the command: `uvmctl --root DIR ps`.
-    #[arg(long, value_name = "DIR")]
+    /// $XDG_RUNTIME_DIR/uvmctl for others). For the long-lived VM commands only.
+    #[arg(long, global = true, value_name = "DIR")]
     root: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Action,
@@ -272,6 +272,14 @@ fn main() -> ExitCode {
     if matches!(cli.command, Action::Run(_) | Action::Bench(_)) {
         uvm_vm::sweep_stale_runtime_dirs(&VmOptions::default());
     }
+    let one_shot = matches!(
+        cli.command,
+        Action::Run(_) | Action::Image { .. } | Action::Bench(_) | Action::CommandLine(_)
+    );
+    if one_shot && cli.root.is_some() {
+        eprintln!("uvmctl: --root applies to the long-lived VM commands (create, exec, ps, …), not to this one");
+        return ExitCode::from(2);
+    }
     let result = runtime.block_on(async {
         let root = || uvm_supervisor::resolve_root(cli.root.as_deref());
         match cli.command {
@@ -295,7 +303,7 @@ fn main() -> ExitCode {
             Action::Cp(args) => vms::cp(args, &root()?).await,
             Action::Update(args) => vms::update(args, &root()?).await,
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
-            Action::Supervise(args) => vms::supervise(args).await,
+            Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }
     });
     // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.

@@ -570,3 +570,42 @@ fn real_vm_cp_of_10_mib_both_ways_is_byte_exact_and_a_refused_path_leaves_nothin
     root.ok(&["rm", "-f", "cp"]);
     root.assert_clean();
 }
+
+#[test]
+fn real_vm_create_json_names_the_socket_and_root_may_follow_the_command() {
+    require_prerequisites();
+    let root = Root::new();
+    let root_arg = root.path().to_str().expect("utf-8 root");
+    // As the Python client calls it: `--root` after the command.
+    let out = Command::new(UVMCTL)
+        .args(["create", "--root", root_arg, "--name", "js", "--json"])
+        .output()
+        .expect("create");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let id = info["id"].as_str().expect("id");
+    assert_eq!(
+        (info["name"].as_str(), info["state"].as_str()),
+        (Some("js"), Some("Created")),
+        "{info}"
+    );
+    let socket = Path::new(info["api_socket"].as_str().expect("api_socket"));
+    assert_eq!(socket, root.path().join(id).join("api.sock"));
+    let out = Command::new(UVMCTL)
+        .args(["rm", "-f", "--root", root_arg, id])
+        .output()
+        .expect("rm");
+    assert!(out.status.success(), "{}", stderr(&out));
+    root.assert_clean();
+    // `run` is one-shot: a root means nothing to it, and it says so.
+    let out = Command::new(UVMCTL)
+        .args(["run", "--root", root_arg, "--", "true"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--root applies to"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -38,7 +38,7 @@ pub struct CreateArgs {
     /// Start the VM too (as `uvmctl start` would).
     #[arg(long)]
     start: bool,
-    /// Print {"id": …, "name": …} instead of the id.
+    /// Print {"id", "name", "state", "api_socket"} as JSON instead of the id.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -48,9 +48,6 @@ pub struct CreateArgs {
 /// `uvmctl supervise` (hidden): what `create` runs, detached.
 #[derive(clap::Args, Debug)]
 pub struct SuperviseArgs {
-    /// The state root (absolute; the starter's).
-    #[arg(long)]
-    root: PathBuf,
     #[arg(long)]
     id: String,
     #[arg(long, default_value = "")]
@@ -177,9 +174,15 @@ pub async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
             })?;
     }
     if args.json {
+        let record = read_record(&started.dir)?;
         println!(
             "{}",
-            serde_json::json!({"id": started.id, "name": args.name.unwrap_or_default()})
+            serde_json::json!({
+                "id": started.id,
+                "name": args.name.unwrap_or_default(),
+                "state": record.state,
+                "api_socket": started.dir.join(SOCKET_FILE),
+            })
         );
     } else {
         println!("{}", started.id);
@@ -187,7 +190,7 @@ pub async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub async fn supervise(args: SuperviseArgs) -> anyhow::Result<u8> {
+pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
     let ready = match args.ready_fd {
         Some(fd) => uvm_supervisor::Ready::from_inherited(fd)?,
         None => uvm_supervisor::Ready::none(),
@@ -200,7 +203,7 @@ pub async fn supervise(args: SuperviseArgs) -> anyhow::Result<u8> {
         }
     };
     let spec = uvm_supervisor::SupervisorSpec {
-        root: args.root,
+        root: root.to_path_buf(),
         id: args.id,
         name: args.name,
         options: args.vm.options(),
