@@ -1,5 +1,6 @@
 //! Exec over the agent's long-poll API: start the process, pump stdin/stdout/stderr as separate
-//! concurrent RPC streams, wait for the exit code.
+//! concurrent RPC streams, forward signals, wait for the exit code. An exec whose future is
+//! dropped before the exit code arrived (a client gone) kills its process and reaps it.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use uvm::seams::{ExecRequest, GuestConnection, TerminalSize};
 use uvm::{GuestError, GuestRequest};
 use uvm_agent_proto::agent::{
     ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest, ResizeRequest,
-    TerminalSize as WireSize, WriteStdinRequest,
+    SignalRequest, TerminalSize as WireSize, WriteStdinRequest,
 };
 use uvm_agent_proto::{capabilities, MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK};
 
@@ -18,6 +19,8 @@ use crate::link::VsockGuest;
 /// How long output may still flow after the exit status arrived; longer than the agent's own
 /// linger (2 s), after which it ends the streams.
 const OUTPUT_GRACE: Duration = Duration::from_secs(5);
+/// SIGKILL's number (the guest is Linux too).
+const SIGKILL: i32 = 9;
 /// Size of one stdin write.
 const STDIN_CHUNK: usize = 64 << 10;
 
@@ -40,6 +43,8 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         stdin,
         stdout,
         stderr,
+        started,
+        signals,
     } = request;
     if terminal_size.is_some() && !link.capabilities().has(capabilities::TERMINAL_RESIZE) {
         return Err(GuestError::Unsupported {
@@ -58,14 +63,35 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
             .into(),
         ..WireExec::default()
     };
-    let started = link
+    let started_process = link
         .call(
             GuestRequest::ExecProcess,
             Some(t),
             client.exec_process(VsockGuest::ctx(), &wire),
         )
         .await?;
-    let exec_id = started.exec_id;
+    let (exec_id, pid) = (started_process.exec_id, started_process.pid);
+    // From here on the process exists: if this future is dropped before its exit status
+    // arrived, the guard kills and reaps it.
+    let mut kill_guard = KillOnDrop {
+        link: link.clone(),
+        exec_id: Some(exec_id.clone()),
+    };
+    if let Some(started) = started {
+        let _ = started.send(pid);
+    }
+
+    let _signaller = signals.map(|mut signals| {
+        let link = link.clone();
+        let exec_id = exec_id.clone();
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            while let Some(signal) = signals.recv().await {
+                if let Err(e) = signal_process(&link, &exec_id, signal).await {
+                    tracing::debug!(exec_id, signal, error = %e, "cannot signal the process");
+                }
+            }
+        }))
+    });
 
     // Helper tasks held as abort-on-drop handles: they end with the exec, however it ends.
     let _stdin_pump = stdin.map(|mut input| {
@@ -184,6 +210,8 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         waited.await
     };
     let status = status?;
+    // The agent has reaped and forgotten the process: nothing left to kill.
+    kill_guard.exec_id = None;
     if !outputs_done {
         match tokio::time::timeout(OUTPUT_GRACE, &mut outputs).await {
             Ok(r) => drop(r?),
@@ -191,6 +219,74 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
         }
     }
     Ok(status.exit_code)
+}
+
+/// Sends `signal` to the process `exec_id` through the agent's `SignalProcess`.
+async fn signal_process(link: &VsockGuest, exec_id: &str, signal: i32) -> Result<(), GuestError> {
+    let client = link.client()?;
+    let req = SignalRequest {
+        exec_id: exec_id.to_string(),
+        signal,
+        ..SignalRequest::default()
+    };
+    let t = link.shared.cfg.call_timeout;
+    link.call(
+        GuestRequest::SignalProcess,
+        Some(t),
+        client.signal_process(VsockGuest::ctx(), &req),
+    )
+    .await
+    .map(drop)
+}
+
+/// Kills (SIGKILL) and reaps the process `exec_id` when dropped while still set: an exec whose
+/// caller went away must not leave its process running in the guest.
+struct KillOnDrop {
+    link: VsockGuest,
+    exec_id: Option<String>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let Some(exec_id) = self.exec_id.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(exec_id, "no runtime to kill an abandoned guest process");
+            return;
+        };
+        let link = self.link.clone();
+        runtime.spawn(async move {
+            if let Err(e) = signal_process(&link, &exec_id, SIGKILL).await {
+                tracing::warn!(exec_id, error = %e, "cannot kill an abandoned guest process");
+                return;
+            }
+            // Its exit status makes the agent forget it (the reap, as far as the host goes).
+            let Ok(client) = link.client() else { return };
+            let req = ProcessRef {
+                exec_id: exec_id.clone(),
+                ..ProcessRef::default()
+            };
+            let t = link.shared.cfg.call_timeout;
+            match link
+                .call(
+                    GuestRequest::WaitProcess,
+                    Some(t),
+                    client.wait_process(VsockGuest::ctx(), &req),
+                )
+                .await
+            {
+                Ok(status) => tracing::debug!(
+                    exec_id,
+                    code = status.exit_code,
+                    "abandoned guest process killed and reaped"
+                ),
+                Err(e) => {
+                    tracing::warn!(exec_id, error = %e, "cannot reap an abandoned guest process")
+                }
+            }
+        });
+    }
 }
 
 fn wire_size(size: TerminalSize) -> WireSize {

@@ -183,7 +183,11 @@ pub struct BootTimings {
 impl Vm {
     /// A NotCreated VM with a fresh id, over the QEMU backend and the vsock guest link.
     pub fn new(image: &Image, options: VmOptions) -> Vm {
-        let id = new_vm_id();
+        Vm::with_id(image, options, new_vm_id())
+    }
+
+    /// A NotCreated VM with the id `id` (a supervisor's, chosen before its record exists).
+    pub fn with_id(image: &Image, options: VmOptions, id: String) -> Vm {
         let host = HostSlot::default();
         let backend = Arc::new(TrackingBackend {
             inner: QemuBackend::new(qemu_config(image, &options)),

@@ -275,6 +275,12 @@ pub struct ExecRequest {
     pub stdout: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     /// Receives the process's stderr; `None` discards it. Not with a terminal.
     pub stderr: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    /// Told the process's guest pid once it exists (before any of its output), so a caller can
+    /// tell "started" from "refused"; `None` tells nobody.
+    pub started: Option<tokio::sync::oneshot::Sender<u32>>,
+    /// Signal numbers to deliver to the process while it runs (the agent's `SignalProcess`);
+    /// `None` sends none.
+    pub signals: Option<tokio::sync::mpsc::UnboundedReceiver<i32>>,
 }
 
 impl std::fmt::Debug for ExecRequest {
@@ -291,6 +297,8 @@ impl std::fmt::Debug for ExecRequest {
             .field("stdin", &self.stdin.is_some())
             .field("stdout", &self.stdout.is_some())
             .field("stderr", &self.stderr.is_some())
+            .field("started", &self.started.is_some())
+            .field("signals", &self.signals.is_some())
             .finish()
     }
 }
@@ -307,6 +315,8 @@ impl ExecRequest {
             stdin: None,
             stdout: None,
             stderr: None,
+            started: None,
+            signals: None,
         }
     }
 }
@@ -314,7 +324,8 @@ impl ExecRequest {
 /// Running processes in the guest.
 #[async_trait]
 pub trait GuestExec: Send + Sync {
-    /// Run the process to completion, streaming its stdio; returns its exit code.
+    /// Run the process to completion, streaming its stdio; returns its exit code. Dropping the
+    /// future before it resolves kills the process (SIGKILL) and reaps it in the guest.
     ///
     /// # Errors
     /// [`GuestError::Rejected`] when the guest refuses to start it (with the kind: not found,

@@ -112,6 +112,45 @@ async fn exec_into_host_forwards_the_guest_exit_code_and_output() {
 }
 
 #[tokio::test]
+async fn exec_into_host_reports_the_guest_pid_and_delivers_signals() {
+    let f = Fakes::running().await;
+    let (started, pid) = tokio::sync::oneshot::channel();
+    let (signals, signals_rx) = tokio::sync::mpsc::unbounded_channel();
+    signals.send(15).expect("queue");
+    signals.send(9).expect("queue");
+    let mut request = ExecRequest::new(["sleep", "1"]);
+    request.started = Some(started);
+    request.signals = Some(signals_rx);
+    f.controller.exec_into_host(request).await.expect("exec");
+    assert_eq!(pid.await.expect("started"), uvm::testing::FAKE_EXEC_PID);
+    assert_eq!(f.guest.signals(), [15, 9]);
+}
+
+#[tokio::test]
+async fn a_refused_exec_never_reports_a_start() {
+    let f = Fakes::terminated().await;
+    let (started, pid) = tokio::sync::oneshot::channel();
+    let mut request = ExecRequest::new(["true"]);
+    request.started = Some(started);
+    let err = f
+        .controller
+        .exec_into_host(request)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            ControllerError::WrongState {
+                state: State::Terminated,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(pid.await.is_err(), "a refused exec reported a start");
+}
+
+#[tokio::test]
 async fn dump_stacks_returns_the_guest_text_when_capable() {
     let f = Fakes::running().await;
     let text = f.controller.dump_stacks().await.expect("dump");

@@ -1,4 +1,8 @@
-//! `uvmctl`: boot a utility VM, run a command in it with stdio streamed, tear it down.
+//! `uvmctl`: boot a utility VM, run a command in it with stdio streamed, tear it down (`run`);
+//! or keep VMs alive, each under its own supervisor, and use them from many commands (`create`,
+//! `exec`, `ps`, `rm`, … in module `vms`).
+
+mod vms;
 
 use std::os::fd::AsFd as _;
 use std::process::ExitCode;
@@ -21,6 +25,10 @@ struct Cli {
     /// Log level for uvmctl's own logs (also RUST_LOG).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// Where long-lived VMs keep their state (default: $UVMCTL_ROOT, else /run/uvmctl for root,
+    /// $XDG_RUNTIME_DIR/uvmctl for others). For the long-lived VM commands only.
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Action,
 }
@@ -39,6 +47,40 @@ enum Action {
     /// Print the exact vhost-device-vsock and QEMU command lines `run` would start, without
     /// starting anything (to run or profile a VM by hand).
     CommandLine(CommandLineArgs),
+    /// Create a long-lived VM under its own supervisor; prints its id.
+    Create(vms::CreateArgs),
+    /// Start a created VM.
+    #[command(after_help = "Example:\n  uvmctl start web")]
+    Start(vms::IdArg),
+    /// Run CMD in a running VM; exits with CMD's exit code.
+    Exec(vms::ExecArgs),
+    /// List VMs (running ones; -a for all).
+    Ps(vms::PsArgs),
+    /// Show everything known about a VM.
+    Inspect(vms::InspectArgs),
+    /// Show a running VM's resource use, as the host and the guest see it.
+    Stats(vms::StatsArgs),
+    /// Stop a VM (it stays listed until `rm`).
+    Stop(vms::StopArgs),
+    /// Wait until a VM has stopped; prints why it stopped.
+    #[command(after_help = "Example:\n  uvmctl wait web")]
+    Wait(vms::IdArg),
+    /// Remove VMs (a running one only with -f).
+    Rm(vms::RmArgs),
+    /// Print a VM's serial console (or, with --guest, its agent's log).
+    Logs(vms::LogsArgs),
+    /// Print a VM's events (transitions, execs) with their sequence numbers.
+    Events(vms::EventsArgs),
+    /// Copy a file into a running VM (SRC ID:DST) or out of it (ID:SRC DST).
+    Cp(vms::CpArgs),
+    /// Change a running VM's memory, CPU cap or CPU group.
+    Update(vms::UpdateArgs),
+    /// What a running VM's guest agent, supervisor and QEMU threads are doing.
+    #[command(after_help = "Example:\n  uvmctl dump-stacks web")]
+    DumpStacks(vms::IdArg),
+    /// The supervisor of one VM (what `create` starts).
+    #[command(hide = true)]
+    Supervise(vms::SuperviseArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +145,55 @@ impl VmArgs {
         image_with(kernel).context("preparing the guest image")
     }
 
+    /// These options as arguments again (for the supervisor `create` starts).
+    fn to_args(&self) -> Vec<String> {
+        let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
+            v().map(|p| p.get_name().to_owned()).unwrap_or_default()
+        };
+        let mut args = vec![
+            "--memory".into(),
+            self.memory.to_string(),
+            "--cpus".into(),
+            self.cpus.to_string(),
+            "--accel".into(),
+            name(&|| self.accel.to_possible_value()),
+            "--machine".into(),
+            name(&|| self.machine.to_possible_value()),
+            format!("--append={}", self.append),
+        ];
+        if let Some(kernel) = self.kernel {
+            args.push("--kernel".into());
+            args.push(name(&|| kernel.to_possible_value()));
+        }
+        args
+    }
+
+    /// What the VM record says it was created with.
+    fn config_record(&self) -> uvm_supervisor::ConfigRecord {
+        let name = |v: Option<clap::builder::PossibleValue>| {
+            v.map(|p| p.get_name().to_owned()).unwrap_or_default()
+        };
+        let backend = [
+            ("machine", name(self.machine.to_possible_value())),
+            ("accel", name(self.accel.to_possible_value())),
+            (
+                "kernel",
+                self.kernel
+                    .map(|k| name(k.to_possible_value()))
+                    .unwrap_or_else(|| "default".into()),
+            ),
+            ("append", self.append.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        uvm_supervisor::ConfigRecord {
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            backend,
+        }
+    }
+
     fn options(&self) -> VmOptions {
         VmOptions {
             memory_mib: self.memory,
@@ -163,6 +254,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A supervisor's stderr is its log file: colours only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -179,7 +272,16 @@ fn main() -> ExitCode {
     if matches!(cli.command, Action::Run(_) | Action::Bench(_)) {
         uvm_vm::sweep_stale_runtime_dirs(&VmOptions::default());
     }
+    let one_shot = matches!(
+        cli.command,
+        Action::Run(_) | Action::Image { .. } | Action::Bench(_) | Action::CommandLine(_)
+    );
+    if one_shot && cli.root.is_some() {
+        eprintln!("uvmctl: --root applies to the long-lived VM commands (create, exec, ps, …), not to this one");
+        return ExitCode::from(2);
+    }
     let result = runtime.block_on(async {
+        let root = || uvm_supervisor::resolve_root(cli.root.as_deref());
         match cli.command {
             Action::Run(args) => run(args).await,
             Action::Image {
@@ -187,6 +289,21 @@ fn main() -> ExitCode {
             } => image_build(force),
             Action::Bench(args) => uvm_bench::cli::run(args).await.map_err(anyhow::Error::new),
             Action::CommandLine(args) => command_line(&args),
+            Action::Create(args) => vms::create(args, &root()?).await,
+            Action::Start(args) => vms::start(args, &root()?).await,
+            Action::Exec(args) => vms::exec(args, &root()?).await,
+            Action::Ps(args) => vms::ps(args, &root()?),
+            Action::Inspect(args) => vms::inspect(args, &root()?).await,
+            Action::Stats(args) => vms::stats(args, &root()?).await,
+            Action::Stop(args) => vms::stop(args, &root()?).await,
+            Action::Wait(args) => vms::wait(args, &root()?).await,
+            Action::Rm(args) => vms::rm(args, &root()?).await,
+            Action::Logs(args) => vms::logs(args, &root()?).await,
+            Action::Events(args) => vms::events(args, &root()?).await,
+            Action::Cp(args) => vms::cp(args, &root()?).await,
+            Action::Update(args) => vms::update(args, &root()?).await,
+            Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
+            Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }
     });
     // Do not wait for a blocked stdin reader thread: everything that matters has been torn down.

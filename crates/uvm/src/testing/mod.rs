@@ -424,6 +424,8 @@ struct GuestLinkState {
     endpoint: Option<GuestEndpoint>,
     files: HashMap<String, (FileMeta, Vec<u8>)>,
     refusals: HashMap<String, Rejection>,
+    /// The signals execs were sent, in order.
+    signals: Vec<i32>,
 }
 
 /// A fake guest link. `exec` writes the scripted stdout, then waits until released by a hold or
@@ -457,6 +459,7 @@ impl FakeGuest {
                 endpoint: None,
                 files: HashMap::new(),
                 refusals: HashMap::new(),
+                signals: Vec::new(),
             }),
             closed: watch::channel(0).0,
         }
@@ -489,7 +492,14 @@ impl FakeGuest {
     pub fn prepared_endpoint(&self) -> Option<GuestEndpoint> {
         lock(&self.state).endpoint.clone()
     }
+    /// The signals delivered to exec'd processes so far, in order.
+    pub fn signals(&self) -> Vec<i32> {
+        lock(&self.state).signals.clone()
+    }
 }
+
+/// The guest pid the fake reports for every exec'd process.
+pub const FAKE_EXEC_PID: u32 = 4242;
 
 #[async_trait]
 impl GuestConnection for FakeGuest {
@@ -559,6 +569,15 @@ impl GuestExec for FakeGuest {
             }
             (s.stdout.clone(), s.exit_code)
         };
+        if let Some(started) = request.started.take() {
+            let _ = started.send(FAKE_EXEC_PID);
+        }
+        // Signals sent before the exec returns are recorded (what a real guest would deliver).
+        if let Some(signals) = request.signals.as_mut() {
+            while let Ok(signal) = signals.try_recv() {
+                lock(&self.state).signals.push(signal);
+            }
+        }
         if let Some(out) = request.stdout.as_mut() {
             out.write_all(&stdout)
                 .await

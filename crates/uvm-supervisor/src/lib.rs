@@ -1,0 +1,40 @@
+//! # uvm-supervisor — one process per long-lived VM
+//!
+//! `uvmctl create` starts a supervisor detached ([`start_supervisor`]); it owns one
+//! [`uvm::Controller`] with its QEMU and helpers (tethered to it: they die with it), keeps the
+//! record `<root>/<id>/vm.json` ([`record`]), and serves the `uvm.v1` API (`uvm-api`) on
+//! `<root>/<id>/api.sock` until the VM is removed ([`run`]). The CLI's other commands are clients:
+//! they find a VM by name or id prefix ([`names::resolve`]) and read records without asking.
+//!
+//! ```text
+//!   <root>/                 0700, ours      (--root, UVMCTL_ROOT, /run/uvmctl, $XDG_RUNTIME_DIR/uvmctl)
+//!     names/<name>          the name claim: the id (O_EXCL: one winner per name)
+//!     <id>/                 0700
+//!       vm.json             the record, replaced atomically at every change
+//!       api.sock            0600, the gRPC API
+//!       supervisor.log      the supervisor's stdout and stderr
+//!       uvm-<id>-…/         QEMU's runtime directory (sockets, console log)
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod names;
+pub mod ready;
+pub mod record;
+pub mod root;
+pub mod start;
+
+mod copy;
+mod events;
+mod exec;
+mod logs;
+mod service;
+mod stacks;
+mod supervisor;
+
+pub use names::{resolve, NameError};
+pub use ready::{Ready, ReadyError};
+pub use record::{read_record, ConfigRecord, ProcessRecord, RecordError, VmRecord};
+pub use root::{check_root, ensure_root, resolve_root, RootError};
+pub use start::{start_supervisor, StartError, Started, SupervisorCommand};
+pub use supervisor::{run, SupervisorError, SupervisorSpec};

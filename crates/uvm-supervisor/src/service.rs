@@ -1,0 +1,298 @@
+//! The `uvm.v1.VmService` of one VM, over its controller: each call maps to one controller
+//! operation, errors through [`uvm_api::controller_status`]; every call that can change the state
+//! rewrites the record afterwards. What is not built yet (following the guest log) answers
+//! `UNIMPLEMENTED` naming itself — never a fake success.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use uvm::State;
+use uvm_api::convert::{grace_period, timestamp};
+use uvm_api::v1::vm_service_server::VmService;
+use uvm_api::{controller_status, v1};
+
+use crate::supervisor::Shared;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The API of one VM.
+#[derive(Debug, Clone)]
+pub(crate) struct VmApi {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl VmApi {
+    pub(crate) fn new(shared: Arc<Shared>) -> VmApi {
+        VmApi { shared }
+    }
+
+    fn status(&self) -> v1::VmStatus {
+        self.shared.vm.controller.status().into()
+    }
+
+    fn inspect_response(&self) -> v1::InspectResponse {
+        let s = &self.shared;
+        let c = &s.vm.controller;
+        let guest = c.guest_info();
+        let mut config = v1::VmConfig {
+            memory_mib: s.config.memory_mib,
+            cpus: s.config.cpus,
+            security_policy: None,
+            backend_options: s.config.backend.clone().into_iter().collect(),
+        };
+        config.backend_options.retain(|_, v| !v.is_empty());
+        let boot = guest.as_ref().map(|g| {
+            let mut boot = v1::BootTimings::from(g);
+            boot.start_total = uvm_util::lock(&s.start_total).map(uvm_api::convert::duration);
+            boot
+        });
+        v1::InspectResponse {
+            id: s.id().to_owned(),
+            name: s.name.clone(),
+            status: Some(self.status()),
+            config: Some(config),
+            guest: guest.as_ref().map(Into::into),
+            boot,
+            created_at: Some(timestamp(s.created_at)),
+            started_at: c.start_time().ok().flatten().map(timestamp),
+            exit_status: c.exit_status().ok().map(Into::into),
+            transitions: c.history().into_iter().map(Into::into).collect(),
+            processes: s
+                .processes()
+                .into_iter()
+                .map(|(name, pid)| v1::HostProcess { name, pid })
+                .collect(),
+            last_event_sequence: s.events.newest(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn start(
+        &self,
+        _: Request<v1::StartRequest>,
+    ) -> Result<Response<v1::StartResponse>, Status> {
+        let t0 = Instant::now();
+        let r = self.shared.vm.controller.start_vm().await;
+        self.shared.persist();
+        r.map_err(|e| controller_status(&e))?;
+        *uvm_util::lock(&self.shared.start_total) = Some(t0.elapsed());
+        Ok(Response::new(v1::StartResponse {
+            status: Some(self.status()),
+        }))
+    }
+
+    async fn terminate(
+        &self,
+        request: Request<v1::TerminateRequest>,
+    ) -> Result<Response<v1::TerminateResponse>, Status> {
+        // Validated, then unused: the QEMU backend stops the VM at once (QMP `quit`), within the
+        // controller's own terminate deadline; a grace period matters once the guest is asked
+        // to shut down cleanly first.
+        let _grace = grace_period(request.get_ref().grace_period.as_ref())?;
+        let r = self.shared.vm.controller.terminate_vm().await;
+        self.shared.persist();
+        r.map_err(|e| controller_status(&e))?;
+        Ok(Response::new(v1::TerminateResponse {
+            status: Some(self.status()),
+        }))
+    }
+
+    async fn wait(
+        &self,
+        _: Request<v1::WaitRequest>,
+    ) -> Result<Response<v1::WaitResponse>, Status> {
+        let cancel: CancellationToken = self.shared.removed.child_token();
+        let c = &self.shared.vm.controller;
+        c.wait(&cancel).await.map_err(|e| controller_status(&e))?;
+        self.shared.persist();
+        Ok(Response::new(v1::WaitResponse {
+            exit_status: c.exit_status().ok().map(Into::into),
+            status: Some(self.status()),
+        }))
+    }
+
+    async fn inspect(
+        &self,
+        _: Request<v1::InspectRequest>,
+    ) -> Result<Response<v1::InspectResponse>, Status> {
+        Ok(Response::new(self.inspect_response()))
+    }
+
+    type ExecStream = BoxStream<v1::ExecResponse>;
+
+    async fn exec(
+        &self,
+        request: Request<Streaming<v1::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let stream = crate::exec::exec(self.shared.clone(), request.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stats(
+        &self,
+        _: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
+        let c = &self.shared.vm.controller;
+        let (host, guest) = tokio::join!(c.stats(), c.guest_stats());
+        Ok(Response::new(v1::StatsResponse {
+            time: Some(timestamp(SystemTime::now())),
+            host: Some(host.map_err(|e| controller_status(&e))?.into()),
+            guest: Some(guest.map_err(|e| controller_status(&e))?.into()),
+        }))
+    }
+
+    async fn dump_stacks(
+        &self,
+        _: Request<v1::DumpStacksRequest>,
+    ) -> Result<Response<v1::DumpStacksResponse>, Status> {
+        let c = &self.shared.vm.controller;
+        let guest = c.dump_stacks().await.map_err(|e| controller_status(&e))?;
+        let qemu = self
+            .shared
+            .processes()
+            .get("qemu")
+            .map(|&pid| crate::stacks::threads_of(pid))
+            .unwrap_or_default();
+        Ok(Response::new(v1::DumpStacksResponse {
+            guest,
+            supervisor: crate::stacks::threads_of(std::process::id()),
+            qemu,
+        }))
+    }
+
+    async fn update_memory(
+        &self,
+        request: Request<v1::UpdateMemoryRequest>,
+    ) -> Result<Response<v1::UpdateMemoryResponse>, Status> {
+        let bytes = request.get_ref().memory_bytes;
+        let applied = self
+            .shared
+            .vm
+            .controller
+            .update_memory(bytes)
+            .await
+            .map_err(|e| controller_status(&e))?;
+        Ok(Response::new(v1::UpdateMemoryResponse {
+            memory_bytes: applied,
+        }))
+    }
+
+    async fn update_cpu_limits(
+        &self,
+        request: Request<v1::UpdateCpuLimitsRequest>,
+    ) -> Result<Response<v1::UpdateCpuLimitsResponse>, Status> {
+        self.shared
+            .vm
+            .controller
+            .update_cpu_limits(request.get_ref().into())
+            .await
+            .map_err(|e| controller_status(&e))?;
+        Ok(Response::new(v1::UpdateCpuLimitsResponse {}))
+    }
+
+    async fn update_cpu_group(
+        &self,
+        request: Request<v1::UpdateCpuGroupRequest>,
+    ) -> Result<Response<v1::UpdateCpuGroupResponse>, Status> {
+        self.shared
+            .vm
+            .controller
+            .update_cpu_group(&request.get_ref().group_id)
+            .await
+            .map_err(|e| controller_status(&e))?;
+        Ok(Response::new(v1::UpdateCpuGroupResponse {}))
+    }
+
+    async fn update_policy_fragment(
+        &self,
+        request: Request<v1::UpdatePolicyFragmentRequest>,
+    ) -> Result<Response<v1::UpdatePolicyFragmentResponse>, Status> {
+        let fragment = uvm::seams::PolicyFragment(request.into_inner().fragment);
+        self.shared
+            .vm
+            .controller
+            .update_policy_fragment(&fragment)
+            .await
+            .map_err(|e| controller_status(&e))?;
+        Ok(Response::new(v1::UpdatePolicyFragmentResponse {}))
+    }
+
+    async fn copy_in(
+        &self,
+        request: Request<Streaming<v1::CopyInRequest>>,
+    ) -> Result<Response<v1::CopyInResponse>, Status> {
+        let copied =
+            crate::copy::copy_in(self.shared.vm.controller.clone(), request.into_inner()).await?;
+        Ok(Response::new(copied))
+    }
+
+    type CopyOutStream = BoxStream<v1::CopyOutResponse>;
+
+    async fn copy_out(
+        &self,
+        request: Request<v1::CopyOutRequest>,
+    ) -> Result<Response<Self::CopyOutStream>, Status> {
+        let stream =
+            crate::copy::copy_out(self.shared.vm.controller.clone(), request.into_inner().path)
+                .await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type LogsStream = BoxStream<v1::LogsResponse>;
+
+    async fn logs(
+        &self,
+        request: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let stream = crate::logs::logs(self.shared.clone(), request.get_ref())?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type EventsStream = BoxStream<v1::EventsResponse>;
+
+    async fn events(
+        &self,
+        request: Request<v1::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let stream = crate::events::events(self.shared.clone(), request.get_ref())?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<v1::RemoveRequest>,
+    ) -> Result<Response<v1::RemoveResponse>, Status> {
+        let c = &self.shared.vm.controller;
+        let state = c.state();
+        if state != State::Terminated {
+            if !request.get_ref().force {
+                let mut status = Status::failed_precondition(format!(
+                    "VM {} is {state}: stop it first, or remove it with force",
+                    self.shared.id()
+                ));
+                if let Ok(value) = v1::State::from(state).as_str_name().parse() {
+                    status.metadata_mut().insert(uvm_api::STATE_METADATA, value);
+                }
+                return Err(status);
+            }
+            let r = c.terminate_vm().await;
+            self.shared.persist();
+            r.map_err(|e| controller_status(&e))?;
+        }
+        self.shared.remove_files().map_err(|e| {
+            Status::internal(format!(
+                "VM {} is terminated but its directory could not be removed: {e}",
+                self.shared.id()
+            ))
+        })?;
+        tracing::info!(vm = %self.shared.id(), "removed");
+        self.shared.removed.cancel();
+        Ok(Response::new(v1::RemoveResponse {}))
+    }
+}

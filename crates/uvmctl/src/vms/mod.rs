@@ -1,0 +1,456 @@
+//! The long-lived VM commands: `create` starts a supervisor per VM (`uvm-supervisor`), the
+//! others are clients of its API or readers of its record. `supervise` (hidden) is the supervisor
+//! itself, so that one binary is all there is to install.
+
+mod copy;
+mod exec;
+mod show;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use std::io::Write as _;
+
+use anyhow::{bail, Context as _};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use uvm_api::v1::vm_service_client::VmServiceClient;
+use uvm_api::{v1, VM_ID_METADATA};
+use uvm_supervisor::record::{LOG_FILE, SOCKET_FILE};
+use uvm_supervisor::{names, read_record, VmRecord};
+
+pub use copy::{cp, CpArgs};
+pub use exec::{exec, ExecArgs};
+pub use show::{events, inspect, ps, stats, EventsArgs, InspectArgs, PsArgs, StatsArgs};
+
+use crate::VmArgs;
+
+const CREATE_EXAMPLE: &str =
+    "Example:\n  uvmctl create --name web --memory 512 --start\n  uvmctl exec web -- uname -a";
+
+/// `uvmctl create`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = CREATE_EXAMPLE)]
+pub struct CreateArgs {
+    /// A name for the VM, unique on this host (other commands accept it instead of the id).
+    #[arg(long)]
+    name: Option<String>,
+    /// Start the VM too (as `uvmctl start` would).
+    #[arg(long)]
+    start: bool,
+    /// Print {"id", "name", "state", "api_socket"} as JSON instead of the id.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// `uvmctl supervise` (hidden): what `create` runs, detached.
+#[derive(clap::Args, Debug)]
+pub struct SuperviseArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long, default_value = "")]
+    name: String,
+    /// The inherited pipe end to report readiness on.
+    #[arg(long)]
+    ready_fd: Option<i32>,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// One VM by name or id prefix.
+#[derive(clap::Args, Debug)]
+pub struct IdArg {
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+/// `uvmctl stop`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl stop web --timeout 5")]
+pub struct StopArgs {
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+    /// Seconds the guest gets to shut down before the VM is stopped by force. (Today the QEMU
+    /// backend stops the VM at once, with QMP `quit`: there is no clean guest shutdown to wait
+    /// for yet.)
+    #[arg(long, value_name = "S")]
+    timeout: Option<u64>,
+}
+
+/// `uvmctl rm`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl rm -f web 3f2a")]
+pub struct RmArgs {
+    /// Stop a VM that is not stopped yet, instead of refusing.
+    #[arg(short, long)]
+    force: bool,
+    /// The VMs: names, ids, or unique id prefixes.
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// The VM `query` names under `root`: its id, directory and record.
+pub(crate) struct Target {
+    pub(crate) id: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) record: VmRecord,
+}
+
+impl Target {
+    pub(crate) fn find(root: &Path, query: &str) -> anyhow::Result<Target> {
+        uvm_supervisor::check_root(root)?;
+        let id = names::resolve(root, query)?;
+        let dir = root.join(&id);
+        let record = read_record(&dir)?;
+        Ok(Target { id, dir, record })
+    }
+
+    /// Whether the supervisor recorded for this VM still runs.
+    pub(crate) fn supervisor_alive(&self) -> bool {
+        self.record
+            .pids
+            .get("supervisor")
+            .is_some_and(|p| p.is_alive())
+    }
+
+    /// A client of the VM's API; an error naming the VM when its supervisor is gone.
+    pub(crate) async fn client(&self) -> anyhow::Result<VmServiceClient<Channel>> {
+        if !self.supervisor_alive() {
+            bail!(
+                "the supervisor of VM {} is not running (last recorded state: {}); `uvmctl rm {}` cleans it up",
+                self.id,
+                self.record.state,
+                self.id
+            );
+        }
+        Ok(uvm_api::connect_client(self.dir.join(SOCKET_FILE)).await?)
+    }
+
+    /// `message` as a request addressed to this VM (`uvm-vm-id`).
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Ok(value) = self.id.parse() {
+            request.metadata_mut().insert(VM_ID_METADATA, value);
+        }
+        request
+    }
+}
+
+/// A gRPC status as an error for the user: its message, which names what went wrong.
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+pub async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
+    let exe = std::env::current_exe().context("locating the uvmctl binary")?;
+    let mut argv = vec![
+        exe.into_os_string(),
+        "--log".into(),
+        "info".into(),
+        "supervise".into(),
+    ];
+    argv.extend(args.vm.to_args().into_iter().map(Into::into));
+    let command = uvm_supervisor::SupervisorCommand {
+        argv,
+        root: root.to_path_buf(),
+        name: args.name.clone(),
+    };
+    let started = tokio::task::spawn_blocking(move || uvm_supervisor::start_supervisor(&command))
+        .await
+        .context("waiting for the supervisor")??;
+    if args.start {
+        let target = Target::find(root, &started.id)?;
+        let mut client = target.client().await?;
+        client
+            .start(target.request(v1::StartRequest {}))
+            .await
+            .map_err(|s| {
+                status_error(s).context(format!(
+                    "VM {} was created but did not start (`uvmctl rm -f {}` removes it)",
+                    started.id, started.id
+                ))
+            })?;
+    }
+    if args.json {
+        let record = read_record(&started.dir)?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": started.id,
+                "name": args.name.unwrap_or_default(),
+                "state": record.state,
+                "api_socket": started.dir.join(SOCKET_FILE),
+            })
+        );
+    } else {
+        println!("{}", started.id);
+    }
+    Ok(0)
+}
+
+pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
+    let ready = match args.ready_fd {
+        Some(fd) => uvm_supervisor::Ready::from_inherited(fd)?,
+        None => uvm_supervisor::Ready::none(),
+    };
+    let image = match args.vm.image() {
+        Ok(image) => image,
+        Err(e) => {
+            ready.fail(&format!("{e:#}"))?;
+            return Err(e);
+        }
+    };
+    let spec = uvm_supervisor::SupervisorSpec {
+        root: root.to_path_buf(),
+        id: args.id,
+        name: args.name,
+        options: args.vm.options(),
+        image,
+        config: args.vm.config_record(),
+    };
+    uvm_supervisor::run(spec, ready).await?;
+    Ok(0)
+}
+
+pub async fn start(args: IdArg, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    target
+        .client()
+        .await?
+        .start(target.request(v1::StartRequest {}))
+        .await
+        .map_err(status_error)?;
+    println!("{}", target.id);
+    Ok(0)
+}
+
+pub async fn stop(args: StopArgs, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    let grace_period = args
+        .timeout
+        .map(|s| uvm_api::convert::duration(Duration::from_secs(s)));
+    target
+        .client()
+        .await?
+        .terminate(target.request(v1::TerminateRequest { grace_period }))
+        .await
+        .map_err(status_error)?;
+    println!("{}", target.id);
+    Ok(0)
+}
+
+pub async fn wait(args: IdArg, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    let waited = target
+        .client()
+        .await?
+        .wait(target.request(v1::WaitRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let reason = waited
+        .status
+        .and_then(|s| s.reason)
+        .map(|r| r.description)
+        .unwrap_or_default();
+    println!("{reason}");
+    Ok(0)
+}
+
+pub async fn rm(args: RmArgs, root: &Path) -> anyhow::Result<u8> {
+    let mut failed = 0usize;
+    for query in &args.ids {
+        match rm_one(root, query, args.force).await {
+            Ok(id) => println!("{id}"),
+            Err(e) => {
+                eprintln!("uvmctl: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} VMs not removed", args.ids.len());
+    }
+    Ok(0)
+}
+
+async fn rm_one(root: &Path, query: &str, force: bool) -> anyhow::Result<String> {
+    let target = Target::find(root, query)?;
+    if !target.supervisor_alive() {
+        // Its VM's processes died with it (tethered): only the files remain.
+        let left: Vec<String> = target
+            .record
+            .pids
+            .iter()
+            .filter(|(_, p)| p.is_alive())
+            .map(|(role, p)| format!("{role} {}", p.pid))
+            .collect();
+        if !left.is_empty() {
+            bail!(
+                "VM {}: its supervisor is gone but {} still run",
+                target.id,
+                left.join(", ")
+            );
+        }
+        std::fs::remove_dir_all(&target.dir)
+            .with_context(|| format!("removing {}", target.dir.display()))?;
+        if !target.record.name.is_empty() {
+            names::release_name(root, &target.record.name, &target.id)?;
+        }
+        return Ok(target.id);
+    }
+    let supervisor = target.record.pids.get("supervisor").cloned();
+    let removed = target
+        .client()
+        .await?
+        .remove(target.request(v1::RemoveRequest { force }))
+        .await;
+    match removed {
+        Ok(_) => {}
+        Err(s) if s.code() == Code::FailedPrecondition && !force => {
+            bail!("{} (use `uvmctl rm -f`)", s.message())
+        }
+        Err(s) => return Err(status_error(s)),
+    }
+    // The supervisor exits right after answering: wait for it, so that nothing of the VM is left
+    // when we return.
+    if let Some(supervisor) = supervisor {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while supervisor.is_alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if supervisor.is_alive() {
+            tracing::warn!(
+                pid = supervisor.pid,
+                "the supervisor has not exited yet; see {LOG_FILE}"
+            );
+        }
+    }
+    Ok(target.id)
+}
+
+/// `uvmctl logs`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  uvmctl logs web\n  uvmctl logs -f web\n  uvmctl logs --guest web"
+)]
+pub struct LogsArgs {
+    /// Go on printing new output until the VM stops.
+    #[arg(short, long)]
+    follow: bool,
+    /// The guest agent's forwarded log instead of the serial console.
+    #[arg(long, conflicts_with = "console")]
+    guest: bool,
+    /// The VM's serial console (the default).
+    #[arg(long)]
+    console: bool,
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+pub async fn logs(args: LogsArgs, root: &Path) -> anyhow::Result<u8> {
+    use tokio::io::AsyncWriteExt as _;
+    let target = Target::find(root, &args.id)?;
+    let mut request = v1::LogsRequest {
+        source: 0,
+        follow: args.follow,
+    };
+    request.set_source(if args.guest {
+        v1::LogSource::Guest
+    } else {
+        v1::LogSource::Console
+    });
+    let mut stream = target
+        .client()
+        .await?
+        .logs(target.request(request))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut stdout = tokio::io::stdout();
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        stdout.write_all(&chunk.data).await?;
+        stdout.flush().await?;
+    }
+    Ok(0)
+}
+
+pub async fn dump_stacks(args: IdArg, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    let dump = target
+        .client()
+        .await?
+        .dump_stacks(target.request(v1::DumpStacksRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    for (what, text) in [
+        ("guest agent", dump.guest),
+        ("supervisor threads", dump.supervisor),
+        ("QEMU threads", dump.qemu),
+    ] {
+        // A closed pipe (`| head`) ends the output, not with a panic.
+        if writeln!(out, "=== {what}\n{}", text.trim_end()).is_err() {
+            break;
+        }
+    }
+    Ok(0)
+}
+
+/// `uvmctl update`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl update web --memory 512 --cpu-limit 50")]
+pub struct UpdateArgs {
+    /// The guest's new memory size in MiB.
+    #[arg(long, value_name = "MIB")]
+    memory: Option<u64>,
+    /// The most of its CPUs the VM may use, in percent (100 = no cap).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=100))]
+    cpu_limit: Option<u32>,
+    /// Move the VM into this host CPU group.
+    #[arg(long, value_name = "G")]
+    cpu_group: Option<String>,
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
+    if args.memory.is_none() && args.cpu_limit.is_none() && args.cpu_group.is_none() {
+        bail!("nothing to update: give --memory, --cpu-limit or --cpu-group");
+    }
+    let target = Target::find(root, &args.id)?;
+    let mut client = target.client().await?;
+    if let Some(mib) = args.memory {
+        let applied = client
+            .update_memory(target.request(v1::UpdateMemoryRequest {
+                memory_bytes: mib.saturating_mul(1 << 20),
+            }))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!("memory {} MiB", applied.memory_bytes >> 20);
+    }
+    if let Some(pct) = args.cpu_limit {
+        client
+            .update_cpu_limits(target.request(v1::UpdateCpuLimitsRequest {
+                limit_per_10000: Some(pct * 100),
+                weight: None,
+            }))
+            .await
+            .map_err(status_error)?;
+        println!("cpu limit {pct}%");
+    }
+    if let Some(group_id) = args.cpu_group {
+        client
+            .update_cpu_group(target.request(v1::UpdateCpuGroupRequest {
+                group_id: group_id.clone(),
+            }))
+            .await
+            .map_err(status_error)?;
+        println!("cpu group {group_id}");
+    }
+    Ok(0)
+}

@@ -1,0 +1,355 @@
+//! The commands that show VMs: `ps` (from the records alone), `inspect` (the record, with the
+//! supervisor's live view when it runs) and `stats` (from the supervisor).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{json, Value};
+use uvm_api::v1;
+use uvm_supervisor::{names, read_record, VmRecord};
+
+use super::{status_error, Target};
+
+/// `uvmctl ps`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl ps -a --json")]
+pub struct PsArgs {
+    /// Show every VM, not only running ones.
+    #[arg(short, long)]
+    all: bool,
+    /// Print a JSON array of records.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `uvmctl inspect`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl inspect web --json")]
+pub struct InspectArgs {
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `uvmctl stats`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:\n  uvmctl stats web --json")]
+pub struct StatsArgs {
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A record as JSON, with whether its supervisor runs.
+fn record_json(record: &VmRecord, alive: bool) -> Value {
+    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.insert("supervisor_alive".into(), Value::Bool(alive));
+        // The pids as an object of role -> pid, as `docker inspect` users expect; the start
+        // times (what tells a reused pid apart) stay in the record.
+        let pids: serde_json::Map<String, Value> = record
+            .pids
+            .iter()
+            .map(|(role, p)| (role.clone(), json!(p.pid)))
+            .collect();
+        map.insert("pids".into(), Value::Object(pids));
+    }
+    value
+}
+
+/// What `ps` and `inspect` show as the state: the record's, and whether its supervisor is gone.
+fn shown_state(record: &VmRecord, alive: bool) -> String {
+    if alive {
+        record.state.clone()
+    } else {
+        format!("{} (supervisor dead)", record.state)
+    }
+}
+
+pub fn ps(args: PsArgs, root: &Path) -> anyhow::Result<u8> {
+    // No root yet: no VMs.
+    let ids = if root.exists() {
+        uvm_supervisor::check_root(root)?;
+        names::list_ids(root)?
+    } else {
+        Vec::new()
+    };
+    let mut rows = Vec::new();
+    for id in ids {
+        // A directory without a record is a VM being created or removed right now.
+        let Ok(record) = read_record(&root.join(&id)) else {
+            continue;
+        };
+        let alive = record.pids.get("supervisor").is_some_and(|p| p.is_alive());
+        if args.all || (alive && record.state == "Running") {
+            rows.push((record, alive));
+        }
+    }
+    if args.json {
+        let list: Vec<Value> = rows.iter().map(|(r, a)| record_json(r, *a)).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!("{:<16}  {:<20}  {:<28}  CREATED", "ID", "NAME", "STATE");
+    for (record, alive) in rows {
+        println!(
+            "{:<16}  {:<20}  {:<28}  {}",
+            record.id,
+            record.name,
+            shown_state(&record, alive),
+            record.created_at
+        );
+    }
+    Ok(0)
+}
+
+pub async fn inspect(args: InspectArgs, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    let alive = target.supervisor_alive();
+    let mut value = record_json(&target.record, alive);
+    if alive {
+        let live = target
+            .client()
+            .await?
+            .inspect(target.request(v1::InspectRequest {}))
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        merge_live(&mut value, &live);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        print_fields(&value, "");
+    }
+    Ok(0)
+}
+
+/// The supervisor's live view over the record's fields.
+fn merge_live(value: &mut Value, live: &v1::InspectResponse) {
+    let Value::Object(map) = value else { return };
+    if let Some(status) = &live.status {
+        let state = match status.state() {
+            v1::State::Unspecified | v1::State::NotCreated => "NotCreated",
+            v1::State::Created => "Created",
+            v1::State::Running => "Running",
+            v1::State::Terminated => "Terminated",
+            v1::State::Invalid => "Invalid",
+        };
+        map.insert("state".into(), json!(state));
+        map.insert(
+            "reason".into(),
+            json!(status.reason.as_ref().map(|r| r.description.clone())),
+        );
+        map.insert("link".into(), json!(status.link().as_str_name()));
+    }
+    if let Some(guest) = &live.guest {
+        map.insert(
+            "guest".into(),
+            json!({
+                "agent_version": guest.agent_version,
+                "protocol_version": guest.protocol_version,
+                "capabilities": guest.capabilities,
+            }),
+        );
+    }
+    if let Some(boot) = &live.boot {
+        let ms = |d: &Option<prost_types::Duration>| {
+            d.and_then(|d| Duration::try_from(d).ok())
+                .map(|d| d.as_secs_f64() * 1000.0)
+        };
+        map.insert(
+            "boot_ms".into(),
+            json!({
+                "kernel_to_init": ms(&boot.kernel_to_init),
+                "init_to_ready": ms(&boot.init_to_ready),
+                "start_total": ms(&boot.start_total),
+            }),
+        );
+    }
+    let pids: serde_json::Map<String, Value> = live
+        .processes
+        .iter()
+        .map(|p| (p.name.clone(), json!(p.pid)))
+        .collect();
+    if !pids.is_empty() {
+        map.insert("pids".into(), Value::Object(pids));
+    }
+}
+
+/// `key: value` lines, nested keys joined with dots.
+fn print_fields(value: &Value, prefix: &str) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                print_fields(v, &key);
+            }
+        }
+        Value::String(s) => println!("{prefix}: {s}"),
+        Value::Null => println!("{prefix}: -"),
+        other => println!("{prefix}: {other}"),
+    }
+}
+
+pub async fn stats(args: StatsArgs, root: &Path) -> anyhow::Result<u8> {
+    let target = Target::find(root, &args.id)?;
+    let stats = target
+        .client()
+        .await?
+        .stats(target.request(v1::StatsRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let secs = |d: &Option<prost_types::Duration>| {
+        d.and_then(|d| Duration::try_from(d).ok())
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let host = stats.host.context("the supervisor sent no host stats")?;
+    let guest = stats.guest.context("the supervisor sent no guest stats")?;
+    let value = json!({
+        "id": target.id,
+        "host": {"cpu_seconds": secs(&host.cpu_time), "rss_bytes": host.rss_bytes},
+        "guest": {
+            "mem_total_bytes": guest.mem_total_bytes,
+            "mem_available_bytes": guest.mem_available_bytes,
+            "cpu_user_seconds": secs(&guest.cpu_user),
+            "cpu_system_seconds": secs(&guest.cpu_system),
+            "cpu_idle_seconds": secs(&guest.cpu_idle),
+            "uptime_seconds": secs(&guest.uptime),
+            "processes": guest.processes,
+        },
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        println!(
+            "host   cpu {:.2} s   rss {:.1} MiB",
+            secs(&host.cpu_time),
+            mib(host.rss_bytes)
+        );
+        println!(
+            "guest  memory {:.1} of {:.1} MiB available   cpu user {:.2} s system {:.2} s   uptime {:.1} s   {} processes",
+            mib(guest.mem_available_bytes),
+            mib(guest.mem_total_bytes),
+            secs(&guest.cpu_user),
+            secs(&guest.cpu_system),
+            secs(&guest.uptime),
+            guest.processes
+        );
+    }
+    Ok(0)
+}
+
+/// `uvmctl events`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  uvmctl events web\n  uvmctl events -f --since 12 --json web   # resume after event 12"
+)]
+pub struct EventsArgs {
+    /// Only events after this sequence number (resume where you left off).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    since: u64,
+    /// Go on printing new events until the VM is removed.
+    #[arg(short, long)]
+    follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// The VM: its name, its id, or a unique prefix of its id.
+    id: String,
+}
+
+fn state_name(state: v1::State) -> &'static str {
+    state.as_str_name().trim_start_matches("STATE_")
+}
+
+/// One event as JSON.
+fn event_json(event: &v1::EventsResponse) -> Value {
+    use uvm_api::v1::events_response::Event;
+    let time = event
+        .time
+        .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        .map(uvm_supervisor::record::rfc3339);
+    let body = match &event.event {
+        Some(Event::Transition(t)) => json!({
+            "type": "transition",
+            "from": state_name(t.from_state()),
+            "to": state_name(t.to_state()),
+            "operation": t.operation().as_str_name().trim_start_matches("OPERATION_"),
+            "reason": t.reason.as_ref().map(|r| r.description.clone()),
+        }),
+        Some(Event::BootPhase(b)) => json!({
+            "type": "boot_phase",
+            "step": b.step().as_str_name().trim_start_matches("START_STEP_"),
+        }),
+        Some(Event::ExecStarted(e)) => json!({
+            "type": "exec_started", "exec_id": e.exec_id, "pid": e.pid, "args": e.args,
+        }),
+        Some(Event::ExecExited(e)) => json!({
+            "type": "exec_exited",
+            "exec_id": e.exec_id,
+            "exit_code": e.exit.map(|x| x.exit_code),
+        }),
+        None => json!({"type": "unknown"}),
+    };
+    let mut value = json!({"sequence": event.sequence, "time": time});
+    if let (Value::Object(map), Value::Object(body)) = (&mut value, body) {
+        map.extend(body);
+    }
+    value
+}
+
+pub async fn events(args: EventsArgs, root: &Path) -> anyhow::Result<u8> {
+    use std::io::Write as _;
+    let target = Target::find(root, &args.id)?;
+    let mut stream = target
+        .client()
+        .await?
+        .events(target.request(v1::EventsRequest {
+            since: args.since,
+            follow: args.follow,
+        }))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = std::io::stdout().lock();
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        let value = event_json(&event);
+        let line = if args.json {
+            value.to_string()
+        } else {
+            let mut fields: Vec<String> = Vec::new();
+            if let Value::Object(map) = &value {
+                for (k, v) in map {
+                    if !matches!(k.as_str(), "sequence" | "time") && !v.is_null() {
+                        fields.push(format!(
+                            "{k}={}",
+                            v.as_str().map_or(v.to_string(), str::to_owned)
+                        ));
+                    }
+                }
+            }
+            format!(
+                "{:>6}  {}  {}",
+                event.sequence,
+                value["time"].as_str().unwrap_or("-"),
+                fields.join(" ")
+            )
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(0)
+}
