@@ -1,9 +1,9 @@
 # Two entry points do everything on a fresh machine:
 #   make run    set up, build, boot a utility VM, run `uname -a` in it, tear it down
-#   make test   set up, build, run every test (unit, property, real-VM)
+#   make test   set up, build, run every test (unit, property, real-VM; Rust, then the Python client)
 # Two more for the edit loop; they need neither the VM set-up nor the agent, and boot no VM:
 #   make lint   rustfmt, clippy, rustdoc and cargo-deny, warnings as errors (CI runs it first)
-#   make check  make lint, then every test except the real-VM ones
+#   make check  make lint, then every test except the real-VM ones (Rust and Python)
 
 CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
@@ -39,9 +39,13 @@ build: agent
 run: setup build
 	target/release/uvmctl run -- $(CMD)
 
+# The Python client's tests run against the debug uvmctl the Rust tests just built (not a
+# release build that `make run` may have left behind).
 test: setup agent
 	$(CARGO) nextest run --workspace --profile ci --locked
 	$(CARGO) test --workspace --doc --locked
+	$(CARGO) build -p uvmctl --locked
+	UVMCTL=$(CURDIR)/target/debug/uvmctl bash scripts/test-python.sh
 
 # cargo-deny reports duplicate crate versions as warnings; run it without --hide-inclusion-graph to
 # see what pulls a crate in.
@@ -54,3 +58,4 @@ lint: lint-tools
 check: lint
 	$(CARGO) nextest run --workspace --locked -E '$(NO_VM)'
 	$(CARGO) test --workspace --doc --locked
+	bash scripts/test-python.sh -m "not real_vm"

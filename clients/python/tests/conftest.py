@@ -52,7 +52,11 @@ def make_root() -> str:
 
 
 def assert_root_empty(root: str) -> None:
+    """Nothing of any VM is left: the root keeps only its (empty) directory of name claims."""
     left = sorted(os.listdir(root))
+    names = os.path.join(root, "names")
+    if "names" in left and os.path.isdir(names) and not os.listdir(names):
+        left.remove("names")
     assert not left, f"the VM left {left} in its root {root}"
 
 

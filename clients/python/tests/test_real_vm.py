@@ -9,7 +9,7 @@ import select
 import pytest
 
 from conftest import assert_root_empty, make_root
-from uvmctl_client import NotFound, Unsupported, UvmError, Vm, pb
+from uvmctl_client import NotFound, UvmError, Vm, pb
 
 pytestmark = pytest.mark.real_vm
 
@@ -51,7 +51,6 @@ def test_stats_and_inspect(real_vm):
     assert info.config.memory_mib == 256 and info.config.cpus == 1
 
 
-@pytest.mark.xfail(raises=Unsupported, strict=False, reason="CopyIn/CopyOut may be UNIMPLEMENTED")
 def test_copy_in_and_out_round_trip(real_vm, tmp_path):
     data = os.urandom(3 << 20)
     src = tmp_path / "src"
