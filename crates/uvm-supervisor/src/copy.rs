@@ -76,11 +76,20 @@ pub(crate) async fn copy_in(
         drop(reader);
         copied
     };
-    match tokio::join!(copy, feeder) {
-        // A client that broke the stream's rules is told so, whatever the copy made of it.
-        (_, Err(status)) => Err(status),
-        (Err(e), Ok(())) => Err(controller_status(&e)),
-        (Ok(()), Ok(())) => Ok(v1::CopyInResponse { size }),
+    tokio::pin!(copy, feeder);
+    let done = v1::CopyInResponse { size };
+    // Whichever ends first decides: a copy refused at once (too large, wrong state, a path the
+    // guest refuses) must not wait for a client that keeps its stream open until it hears back;
+    // a client that broke the stream's rules is told so, and dropping the copy cancels it.
+    tokio::select! {
+        copied = &mut copy => match copied {
+            Err(e) => Err(controller_status(&e)),
+            Ok(()) => feeder.await.map(|()| done),
+        },
+        fed = &mut feeder => match fed {
+            Err(status) => Err(status),
+            Ok(()) => copy.await.map(|()| done).map_err(|e| controller_status(&e)),
+        },
     }
 }
 

@@ -162,7 +162,12 @@ fn spawn_and_wait(
         let _ = tx.send(read_message(read));
     });
     let message = match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(message) => message?,
+        Ok(Ok(message)) => message,
+        // An unreadable answer: the supervisor may be running, and nobody would reach it.
+        Ok(Err(e)) => {
+            kill_and_reap(&mut child);
+            return Err(e.into());
+        }
         Err(_) => {
             kill_and_reap(&mut child);
             return Err(StartError::Timeout {

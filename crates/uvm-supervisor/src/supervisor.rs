@@ -182,7 +182,12 @@ impl Shared {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        std::fs::remove_dir_all(&self.dir)?;
+        // A second Remove racing this one may have removed it already: gone is what was asked.
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         if !self.name.is_empty() {
             names::release_name(&self.root, &self.name, self.id())
                 .map_err(std::io::Error::other)?;

@@ -276,17 +276,29 @@ pub async fn rm(args: RmArgs, root: &Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// How long `rm` waits for the processes of a VM whose supervisor died to end by themselves.
+const DEAD_SUPERVISOR_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn rm_one(root: &Path, query: &str, force: bool) -> anyhow::Result<String> {
     let target = Target::find(root, query)?;
     if !target.supervisor_alive() {
-        // Its VM's processes died with it (tethered): only the files remain.
-        let left: Vec<String> = target
-            .record
-            .pids
-            .iter()
-            .filter(|(_, p)| p.is_alive())
-            .map(|(role, p)| format!("{role} {}", p.pid))
-            .collect();
+        // Its VM's processes die with it (tethered: the kernel sends them SIGKILL), but a QEMU
+        // tearing down its guest memory takes a moment to end: give them that, bounded.
+        let still_running = || -> Vec<String> {
+            target
+                .record
+                .pids
+                .iter()
+                .filter(|(_, p)| p.is_alive())
+                .map(|(role, p)| format!("{role} {}", p.pid))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + DEAD_SUPERVISOR_GRACE;
+        let mut left = still_running();
+        while !left.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            left = still_running();
+        }
         if !left.is_empty() {
             bail!(
                 "VM {}: its supervisor is gone but {} still run",
@@ -294,11 +306,12 @@ async fn rm_one(root: &Path, query: &str, force: bool) -> anyhow::Result<String>
                 left.join(", ")
             );
         }
-        std::fs::remove_dir_all(&target.dir)
-            .with_context(|| format!("removing {}", target.dir.display()))?;
+        // The name first: a claim left pointing at a removed VM would block the name for good.
         if !target.record.name.is_empty() {
             names::release_name(root, &target.record.name, &target.id)?;
         }
+        std::fs::remove_dir_all(&target.dir)
+            .with_context(|| format!("removing {}", target.dir.display()))?;
         return Ok(target.id);
     }
     let supervisor = target.record.pids.get("supervisor").cloned();
