@@ -60,6 +60,16 @@ def assert_root_empty(root: str) -> None:
     assert not left, f"the VM left {left} in its root {root}"
 
 
+def remove_empty_root(root: str) -> None:
+    """Removes `root` if nothing but its empty name-claim directory is in it: what a failed removal
+    left stays there to be looked at."""
+    for path in (os.path.join(root, "names"), root):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="module")
 def real_vm(uvmctl_bin: str) -> Iterator[Vm]:
     """One running VM shared by a module's tests, removed at the end even when they fail; its root
@@ -70,8 +80,4 @@ def real_vm(uvmctl_bin: str) -> Iterator[Vm]:
             yield vm
         assert_root_empty(root)
     finally:
-        # Only an empty root goes: what a failed removal left stays there to be looked at.
-        try:
-            os.rmdir(root)
-        except OSError:
-            pass
+        remove_empty_root(root)

@@ -8,7 +8,7 @@ import select
 
 import pytest
 
-from conftest import assert_root_empty, make_root
+from conftest import assert_root_empty, make_root, remove_empty_root
 from uvmctl_client import NotFound, UvmError, Vm, pb
 
 pytestmark = pytest.mark.real_vm
@@ -104,7 +104,4 @@ def test_remove_leaves_nothing_in_the_root(uvmctl_bin):
         with pytest.raises(UvmError):
             Vm(vm.id, vm.api_socket).inspect(timeout=5)
     finally:
-        try:
-            os.rmdir(root)
-        except OSError:
-            pass
+        remove_empty_root(root)
