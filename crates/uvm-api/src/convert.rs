@@ -503,6 +503,7 @@ mod tests {
             memory_mib: 512,
             cpus: 2,
             security_policy: Some(SecurityPolicy("allow all".into())),
+            ..VmConfig::default()
         });
         assert_eq!((config.memory_mib, config.cpus), (512, 2));
         assert_eq!(config.security_policy.as_deref(), Some("allow all"));

@@ -90,6 +90,8 @@ pub fn rejection_code(kind: Rejection) -> Code {
         Rejection::InvalidArgument => Code::InvalidArgument,
         Rejection::FailedPrecondition => Code::FailedPrecondition,
         Rejection::ResourceExhausted => Code::ResourceExhausted,
+        // In use (a busy mount): retryable once the user lets go.
+        Rejection::Busy => Code::Unavailable,
         // The guest failed in a way it did not classify: a server-side failure, not the caller's.
         Rejection::Other => Code::Internal,
     }
@@ -361,6 +363,7 @@ mod tests {
             (Rejection::InvalidArgument, Code::InvalidArgument),
             (Rejection::FailedPrecondition, Code::FailedPrecondition),
             (Rejection::ResourceExhausted, Code::ResourceExhausted),
+            (Rejection::Busy, Code::Unavailable),
             (Rejection::Other, Code::Internal),
         ];
         for (kind, code) in cases {

@@ -174,6 +174,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             memory_mib: opts.vm.memory_mib,
             cpus: opts.vm.cpus,
             security_policy: None,
+            ..VmConfig::default()
         },
         timeout: opts.vm.timeouts.guest_connect,
     };

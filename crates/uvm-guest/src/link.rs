@@ -11,9 +11,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uvm::seams::{
-    Capabilities, CopySink, CopySource, ExecRequest, FileMeta, GuestConnection, GuestDiagnostics,
-    GuestEndpoint, GuestExec, GuestFiles, GuestInfo, GuestPolicy, GuestStats, LinkHealth,
-    PolicyFragment, SecurityPolicy,
+    Capabilities, CopySink, CopySource, DiskLocation, DiskMount, ExecRequest, FileMeta,
+    GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, GuestFiles, GuestInfo,
+    GuestMounts, GuestPolicy, GuestStats, LinkHealth, PolicyFragment, SecurityPolicy, ShareMount,
+    ShareTransport,
 };
 use uvm::{GuestError, GuestRequest, Rejection};
 use uvm_agent_proto::agent::{Empty, HandshakeRequest};
@@ -230,6 +231,8 @@ impl VsockGuest {
                         ttrpc::Code::INVALID_ARGUMENT => Rejection::InvalidArgument,
                         ttrpc::Code::FAILED_PRECONDITION => Rejection::FailedPrecondition,
                         ttrpc::Code::RESOURCE_EXHAUSTED => Rejection::ResourceExhausted,
+                        // The agent's code for "in use, retry once it is not" (EBUSY).
+                        ttrpc::Code::UNAVAILABLE => Rejection::Busy,
                         _ => Rejection::Other,
                     },
                     message: format!("{:?}: {}", status.code(), status.message()),
@@ -549,6 +552,49 @@ impl GuestPolicy for VsockGuest {
     async fn inject_policy_fragment(&self, _fragment: &PolicyFragment) -> Result<(), GuestError> {
         Err(GuestError::Unsupported {
             operation: "security policy fragments",
+        })
+    }
+}
+
+/// Mounts need agent requests that do not exist yet: each is a typed `Unsupported`.
+#[async_trait]
+impl GuestMounts for VsockGuest {
+    async fn mount_disk(
+        &self,
+        _location: &DiskLocation,
+        _mount: &DiskMount,
+    ) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "mounting disks",
+        })
+    }
+
+    async fn unmount_disk(&self, _guest_path: &str) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "unmounting disks",
+        })
+    }
+
+    async fn eject_disk(&self, _location: &DiskLocation) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "ejecting disks",
+        })
+    }
+
+    async fn mount_share(
+        &self,
+        _tag: &str,
+        _transport: ShareTransport,
+        _mount: &ShareMount,
+    ) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "mounting shares",
+        })
+    }
+
+    async fn unmount_share(&self, _guest_path: &str) -> Result<(), GuestError> {
+        Err(GuestError::Unsupported {
+            operation: "unmounting shares",
         })
     }
 }

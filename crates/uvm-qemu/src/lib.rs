@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 mod cmdline;
+mod devices;
 mod error;
 mod qmp;
 mod stale;

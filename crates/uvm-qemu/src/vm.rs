@@ -135,6 +135,18 @@ impl QemuBackend {
     fn check(&self, config: &VmConfig) -> Result<u64, HostError> {
         let c = &self.config;
         let memory_bytes = validate(c, config)?;
+        if !config.disks.is_empty() {
+            return Err(HostError::Unsupported {
+                backend: "qemu",
+                operation: "disks given at create",
+            });
+        }
+        if !config.shares.is_empty() {
+            return Err(HostError::Unsupported {
+                backend: "qemu",
+                operation: "shares given at create",
+            });
+        }
         if c.machine == Machine::Microvm {
             if !c.qboot.is_file() {
                 return Err(invalid(
@@ -203,6 +215,7 @@ impl QemuBackend {
         Ok(QemuVm {
             id: id.to_owned(),
             memory_bytes,
+            machine: c.machine,
             accel: self.accel,
             grace: c.terminate_grace,
             shared: Arc::new(Shared::new(paths)),
@@ -313,6 +326,7 @@ fn validate(c: &QemuConfig, config: &VmConfig) -> Result<u64, HostError> {
 pub struct QemuVm {
     id: String,
     memory_bytes: u64,
+    machine: Machine,
     accel: AccelKind,
     grace: Duration,
     shared: Arc<Shared>,
@@ -360,6 +374,11 @@ impl QemuVm {
     /// The accelerator this VM runs with.
     pub fn accel(&self) -> AccelKind {
         self.accel
+    }
+
+    /// The machine model it runs on.
+    pub fn machine(&self) -> Machine {
+        self.machine
     }
 
     /// When each step of the start was reached.

@@ -66,6 +66,7 @@ fn vm_config(memory_mib: u64, cpus: u32) -> VmConfig {
         memory_mib,
         cpus,
         security_policy: None,
+        ..VmConfig::default()
     }
 }
 

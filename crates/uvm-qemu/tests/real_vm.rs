@@ -65,6 +65,7 @@ fn small_vm() -> VmConfig {
         memory_mib: 256,
         cpus: 1,
         security_policy: None,
+        ..VmConfig::default()
     }
 }
 

@@ -215,6 +215,7 @@ async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorE
         memory_mib: spec.options.memory_mib,
         cpus: spec.options.cpus,
         security_policy: None,
+        ..VmConfig::default()
     };
     if let Err(source) = vm.controller.create_vm(config).await {
         let err = SupervisorError::Create {

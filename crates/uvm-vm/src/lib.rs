@@ -120,6 +120,7 @@ fn vm_config(options: &VmOptions) -> VmConfig {
         memory_mib: options.memory_mib,
         cpus: options.cpus,
         security_policy: None,
+        ..VmConfig::default()
     }
 }
 

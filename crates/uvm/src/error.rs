@@ -71,6 +71,9 @@ pub enum Rejection {
     FailedPrecondition,
     /// Beyond a bound: a file above the size limit, too many open files, a full disk.
     ResourceExhausted,
+    /// In use: a mount something in the guest still holds, a mount point already taken.
+    /// Retryable once the user lets go.
+    Busy,
     /// Any other refusal.
     Other,
 }
@@ -115,6 +118,16 @@ pub enum GuestRequest {
     ReadChunk,
     /// Closing a file handle.
     CloseFile,
+    /// Mounting a disk.
+    MountDisk,
+    /// Unmounting a disk.
+    UnmountDisk,
+    /// Letting go of a disk before the host removes it.
+    EjectDisk,
+    /// Mounting a share.
+    MountShare,
+    /// Unmounting a share.
+    UnmountShare,
 }
 
 impl GuestRequest {
@@ -139,6 +152,11 @@ impl GuestRequest {
             GuestRequest::OpenRead => "open a file for reading",
             GuestRequest::ReadChunk => "read from a file",
             GuestRequest::CloseFile => "close a file",
+            GuestRequest::MountDisk => "mount a disk",
+            GuestRequest::UnmountDisk => "unmount a disk",
+            GuestRequest::EjectDisk => "eject a disk",
+            GuestRequest::MountShare => "mount a share",
+            GuestRequest::UnmountShare => "unmount a share",
         }
     }
 }

@@ -24,8 +24,10 @@ use crate::seams::{
 use crate::state::{State, VmExit};
 use crate::Rejection;
 
+mod devices;
 mod files;
 use crate::{Controller, Timeouts};
+pub use devices::FakeMount;
 pub use files::FAKE_COPY_CHUNK;
 
 /// Every call a fake records.
@@ -73,6 +75,24 @@ pub enum Call {
     ReadChunk,
     /// Not recorded in the log (the waiter calls it at any time); holdable.
     LogDrain,
+    /// `HostDevices::attach_disk`.
+    AttachDisk,
+    /// `HostDevices::detach_disk`.
+    DetachDisk,
+    /// `HostDevices::add_share`.
+    AddShare,
+    /// `HostDevices::remove_share`.
+    RemoveShare,
+    /// `GuestMounts::mount_disk`.
+    MountDisk,
+    /// `GuestMounts::unmount_disk`.
+    UnmountDisk,
+    /// `GuestMounts::eject_disk`.
+    EjectDisk,
+    /// `GuestMounts::mount_share`.
+    MountShare,
+    /// `GuestMounts::unmount_share`.
+    UnmountShare,
 }
 
 impl Call {
@@ -99,6 +119,15 @@ impl Call {
             Call::CopyOut => "copy_out",
             Call::ReadChunk => "read_chunk",
             Call::LogDrain => "log_drain",
+            Call::AttachDisk => "attach_disk",
+            Call::DetachDisk => "detach_disk",
+            Call::AddShare => "add_share",
+            Call::RemoveShare => "remove_share",
+            Call::MountDisk => "mount_disk",
+            Call::UnmountDisk => "unmount_disk",
+            Call::EjectDisk => "eject_disk",
+            Call::MountShare => "mount_share",
+            Call::UnmountShare => "unmount_share",
         }
     }
 
@@ -116,6 +145,11 @@ impl Call {
             Call::WriteChunk => Some(GuestRequest::WriteChunk),
             Call::CopyOut => Some(GuestRequest::OpenRead),
             Call::ReadChunk => Some(GuestRequest::ReadChunk),
+            Call::MountDisk => Some(GuestRequest::MountDisk),
+            Call::UnmountDisk => Some(GuestRequest::UnmountDisk),
+            Call::EjectDisk => Some(GuestRequest::EjectDisk),
+            Call::MountShare => Some(GuestRequest::MountShare),
+            Call::UnmountShare => Some(GuestRequest::UnmountShare),
             Call::Create
             | Call::Start
             | Call::Terminate
@@ -126,7 +160,11 @@ impl Call {
             | Call::UpdateMemory
             | Call::PrepareConnection
             | Call::CloseConnection
-            | Call::LogDrain => None,
+            | Call::LogDrain
+            | Call::AttachDisk
+            | Call::DetachDisk
+            | Call::AddShare
+            | Call::RemoveShare => None,
         }
     }
 }
@@ -297,6 +335,7 @@ impl VmBackend for FakeBackend {
             exit: watch::channel(None).0,
             successful_releases: Mutex::new(0),
             memory: Mutex::new(None),
+            devices: Mutex::default(),
         });
         lock(&self.vms).push(vm.clone());
         Ok(vm)
@@ -313,6 +352,7 @@ pub struct FakeVm {
     exit: watch::Sender<Option<VmExit>>,
     successful_releases: Mutex<usize>,
     memory: Mutex<Option<u64>>,
+    devices: Mutex<devices::FakeDevices>,
 }
 
 impl FakeVm {
@@ -434,6 +474,7 @@ struct GuestLinkState {
 pub struct FakeGuest {
     script: Script,
     state: Mutex<GuestLinkState>,
+    mounts: Mutex<devices::FakeMounts>,
     closed: watch::Sender<u64>,
 }
 
@@ -461,6 +502,7 @@ impl FakeGuest {
                 refusals: HashMap::new(),
                 signals: Vec::new(),
             }),
+            mounts: Mutex::default(),
             closed: watch::channel(0).0,
         }
     }

@@ -1,9 +1,10 @@
 //! The traits the controller drives: small, split by role, composed where the controller needs the
 //! whole. The QEMU backend and the vsock guest link implement them; so do the fakes in `testing`.
 //!
-//! Host side: [`VmBackend`] creates a [`HostVm`] = [`VmLifetime`] + [`VmResources`].
+//! Host side: [`VmBackend`] creates a [`HostVm`] = [`VmLifetime`] + [`VmResources`] +
+//! [`HostDevices`].
 //! Guest side: [`Guest`] = [`GuestConnection`] + [`GuestExec`] + [`GuestDiagnostics`] + [`GuestPolicy`]
-//! + [`GuestFiles`].
+//! + [`GuestFiles`] + [`GuestMounts`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +16,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::{GuestError, HostError};
 use crate::state::VmExit;
 
+mod devices;
+pub use devices::{
+    cold_disk_slot, cold_share_tag, DiskCache, DiskConfig, DiskFormat, DiskLocation, DiskMount,
+    DiskSpec, GuestMounts, HostDevices, ScsiSlot, ShareConfig, ShareMount, ShareSpec,
+    ShareTransport,
+};
+
 /// What the caller asks for when creating a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -24,6 +32,14 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Applied by `start_vm` once the guest is connected; `None` means no policy.
     pub security_policy: Option<SecurityPolicy>,
+    /// SCSI controllers for hot-added disks (64 LUNs each); 0 on machines without them.
+    pub scsi_controllers: u8,
+    /// Disks attached cold at create, the `i`-th at [`cold_disk_slot`]`(i)`.
+    pub disks: Vec<DiskSpec>,
+    /// Shares added cold at create, the `i`-th under [`cold_share_tag`]`(i)`.
+    pub shares: Vec<ShareSpec>,
+    /// Refuse writable shares (read-only ones pass).
+    pub no_writable_shares: bool,
 }
 
 impl Default for VmConfig {
@@ -32,6 +48,10 @@ impl Default for VmConfig {
             memory_mib: 256,
             cpus: 1,
             security_policy: None,
+            scsi_controllers: 1,
+            disks: Vec::new(),
+            shares: Vec::new(),
+            no_writable_shares: false,
         }
     }
 }
@@ -159,8 +179,8 @@ pub trait VmResources: Send + Sync {
 }
 
 /// The whole host-side VM, as the controller drives it.
-pub trait HostVm: VmLifetime + VmResources {}
-impl<T: VmLifetime + VmResources + ?Sized> HostVm for T {}
+pub trait HostVm: VmLifetime + VmResources + HostDevices {}
+impl<T: VmLifetime + VmResources + HostDevices + ?Sized> HostVm for T {}
 
 /// Capabilities the guest advertised in its handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -416,8 +436,18 @@ pub trait GuestFiles: Send + Sync {
 }
 
 /// The whole guest side, as the controller drives it.
-pub trait Guest: GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles {}
-impl<T: GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles + ?Sized> Guest
-    for T
+pub trait Guest:
+    GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles + GuestMounts
+{
+}
+impl<
+        T: GuestConnection
+            + GuestExec
+            + GuestDiagnostics
+            + GuestPolicy
+            + GuestFiles
+            + GuestMounts
+            + ?Sized,
+    > Guest for T
 {
 }

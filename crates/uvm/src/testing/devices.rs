@@ -1,0 +1,195 @@
+//! The device fakes: [`FakeVm`] keeps what is attached per slot and tag, [`FakeGuest`] what is
+//! mounted per guest path, so tests can assert "nothing attached, nothing mounted" after any
+//! failure. Scripted failures come from the shared [`super::Script`]; [`FakeGuest::refuse_unmount`]
+//! makes an unmount refuse with a kind (a busy mount) until healed.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use super::{Call, FakeGuest, FakeVm};
+use crate::controller::lock;
+use crate::error::{GuestError, GuestRequest, HostError};
+use crate::seams::{
+    DiskConfig, DiskLocation, DiskMount, GuestMounts, HostDevices, ScsiSlot, ShareConfig,
+    ShareMount, ShareTransport,
+};
+use crate::Rejection;
+
+/// What the fake guest has mounted at one guest path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeMount {
+    /// A disk found at this location.
+    Disk(DiskLocation, DiskMount),
+    /// A share with this tag.
+    Share(String, ShareTransport, ShareMount),
+}
+
+/// The fake VM's devices.
+#[derive(Debug, Default)]
+pub(super) struct FakeDevices {
+    disks: BTreeMap<ScsiSlot, DiskConfig>,
+    shares: BTreeMap<String, ShareConfig>,
+}
+
+/// The fake guest's mounts and scripted refusals.
+#[derive(Debug, Default)]
+pub(super) struct FakeMounts {
+    mounts: BTreeMap<String, FakeMount>,
+    ejected: Vec<DiskLocation>,
+    unmount_refusals: BTreeMap<String, Rejection>,
+}
+
+impl FakeVm {
+    /// The disks attached now, by slot.
+    pub fn attached_disks(&self) -> BTreeMap<ScsiSlot, DiskConfig> {
+        lock(&self.devices).disks.clone()
+    }
+    /// The shares added now, by tag.
+    pub fn added_shares(&self) -> BTreeMap<String, ShareConfig> {
+        lock(&self.devices).shares.clone()
+    }
+}
+
+impl FakeGuest {
+    /// What is mounted now, by guest path.
+    pub fn mounts(&self) -> BTreeMap<String, FakeMount> {
+        lock(&self.mounts).mounts.clone()
+    }
+    /// The disks the guest was told to let go of, in order.
+    pub fn ejected(&self) -> Vec<DiskLocation> {
+        lock(&self.mounts).ejected.clone()
+    }
+    /// Unmounting `guest_path` is refused with `kind` (e.g. [`Rejection::Busy`]) until
+    /// [`FakeGuest::allow_unmount`].
+    pub fn refuse_unmount(&self, guest_path: &str, kind: Rejection) {
+        lock(&self.mounts)
+            .unmount_refusals
+            .insert(guest_path.to_owned(), kind);
+    }
+    /// Unmounting `guest_path` works again.
+    pub fn allow_unmount(&self, guest_path: &str) {
+        lock(&self.mounts).unmount_refusals.remove(guest_path);
+    }
+
+    fn mount(&self, request: GuestRequest, path: &str, mount: FakeMount) -> Result<(), GuestError> {
+        let mut m = lock(&self.mounts);
+        if m.mounts.contains_key(path) {
+            return Err(GuestError::Rejected {
+                request,
+                kind: Rejection::Busy,
+                message: format!("{path} is already a mount point"),
+            });
+        }
+        m.mounts.insert(path.to_owned(), mount);
+        Ok(())
+    }
+
+    fn unmount(&self, request: GuestRequest, path: &str) -> Result<(), GuestError> {
+        let mut m = lock(&self.mounts);
+        if let Some(kind) = m.unmount_refusals.get(path) {
+            return Err(GuestError::Rejected {
+                request,
+                kind: *kind,
+                message: format!("scripted refusal to unmount {path}"),
+            });
+        }
+        match m.mounts.remove(path) {
+            Some(_) => Ok(()),
+            None => Err(GuestError::Rejected {
+                request,
+                kind: Rejection::NotFound,
+                message: format!("nothing is mounted at {path}"),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl HostDevices for FakeVm {
+    async fn attach_disk(&self, slot: ScsiSlot, disk: &DiskConfig) -> Result<(), HostError> {
+        self.script.host(Call::AttachDisk).await?;
+        let mut d = lock(&self.devices);
+        if d.disks.contains_key(&slot) {
+            return Err(HostError::InvalidInput {
+                what: "slot",
+                message: format!("slot {} is taken", slot.index()),
+            });
+        }
+        d.disks.insert(slot, disk.clone());
+        Ok(())
+    }
+    async fn detach_disk(&self, slot: ScsiSlot) -> Result<(), HostError> {
+        self.script.host(Call::DetachDisk).await?;
+        lock(&self.devices).disks.remove(&slot);
+        Ok(())
+    }
+    fn disk_location(&self, slot: ScsiSlot) -> DiskLocation {
+        DiskLocation::Scsi {
+            controller: slot.controller,
+            lun: slot.lun,
+        }
+    }
+    async fn add_share(&self, tag: &str, share: &ShareConfig) -> Result<(), HostError> {
+        self.script.host(Call::AddShare).await?;
+        let mut d = lock(&self.devices);
+        if d.shares.contains_key(tag) {
+            return Err(HostError::InvalidInput {
+                what: "tag",
+                message: format!("tag {tag} is taken"),
+            });
+        }
+        d.shares.insert(tag.to_owned(), share.clone());
+        Ok(())
+    }
+    async fn remove_share(&self, tag: &str) -> Result<(), HostError> {
+        self.script.host(Call::RemoveShare).await?;
+        lock(&self.devices).shares.remove(tag);
+        Ok(())
+    }
+    fn share_transport(&self, _tag: &str) -> ShareTransport {
+        ShareTransport::VirtioFs
+    }
+}
+
+#[async_trait]
+impl GuestMounts for FakeGuest {
+    async fn mount_disk(
+        &self,
+        location: &DiskLocation,
+        mount: &DiskMount,
+    ) -> Result<(), GuestError> {
+        self.script.guest(Call::MountDisk).await?;
+        self.mount(
+            GuestRequest::MountDisk,
+            &mount.guest_path,
+            FakeMount::Disk(location.clone(), mount.clone()),
+        )
+    }
+    async fn unmount_disk(&self, guest_path: &str) -> Result<(), GuestError> {
+        self.script.guest(Call::UnmountDisk).await?;
+        self.unmount(GuestRequest::UnmountDisk, guest_path)
+    }
+    async fn eject_disk(&self, location: &DiskLocation) -> Result<(), GuestError> {
+        self.script.guest(Call::EjectDisk).await?;
+        lock(&self.mounts).ejected.push(location.clone());
+        Ok(())
+    }
+    async fn mount_share(
+        &self,
+        tag: &str,
+        transport: ShareTransport,
+        mount: &ShareMount,
+    ) -> Result<(), GuestError> {
+        self.script.guest(Call::MountShare).await?;
+        self.mount(
+            GuestRequest::MountShare,
+            &mount.guest_path,
+            FakeMount::Share(tag.to_owned(), transport, mount.clone()),
+        )
+    }
+    async fn unmount_share(&self, guest_path: &str) -> Result<(), GuestError> {
+        self.script.guest(Call::UnmountShare).await?;
+        self.unmount(GuestRequest::UnmountShare, guest_path)
+    }
+}
