@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     pub silent: bool,
+    /// Leave out the long-lived path (`uvmctl create --start`, exec over the API, the
+    /// supervisor's memory, `ps` with 8 VMs, `cp` of 100 MiB).
+    #[arg(long)]
+    pub no_api: bool,
 }
 
 /// `--kernel`.
@@ -116,6 +120,14 @@ impl BenchArgs {
         o.vm.cpus = self.cpus;
         o.vm.extra_cmdline = self.append.clone();
         o.progress = !self.silent;
+        // The long-lived path runs this very binary's `create`, `ps`, `exec` and `cp`.
+        o.api = if self.no_api {
+            None
+        } else {
+            std::env::current_exe()
+                .ok()
+                .map(|uvmctl| super::api::ApiOptions::new(uvmctl, self.quick))
+        };
         o
     }
 }
@@ -218,6 +230,18 @@ mod tests {
         assert_eq!(o.density, [1, 2, 4, 8]);
         assert_eq!(o.kernel, Some(KernelFlavor::Debian));
         assert_eq!(cli.bench.plot, Some(PathBuf::from("docs/boot-phases.png")));
+    }
+
+    #[test]
+    fn the_long_lived_path_runs_unless_no_api_is_given() {
+        let parse = |args: &[&str]| {
+            Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).bench
+        };
+        let with = parse(&["--quick"]).runs();
+        let api = with[0].api.as_ref().expect("measured by default");
+        assert_eq!(api.ps_vms, 8);
+        assert_eq!(api.copy_mib, 100);
+        assert!(parse(&["--quick", "--no-api"]).runs()[0].api.is_none());
     }
 
     #[test]

@@ -10,12 +10,16 @@
 //! 2. on one VM: idle *memory* (QEMU, vhost-device-vsock), *exec* round trips (`true`, and 1 MiB
 //!    of stdout), and the exec of `true` taken apart RPC by RPC;
 //! 3. *density*: K VMs started at once, for each K, with the controller's RSS growth per VM in
-//!    the largest run.
+//!    the largest run;
+//! 4. the *long-lived* path ([`api`]): `uvmctl create --start`, exec over the API, the
+//!    supervisor's RSS, `uvmctl ps` with 8 VMs and `uvmctl cp`, each against its in-process
+//!    counterpart in the same run.
 //!
 //! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
 //! [`uvm_vm::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
 //! (`/proc`), [`report`] (JSON, table), [`plot`] (PNG). How to read the results: `BENCHMARKS.md`.
 
+pub mod api;
 pub mod cli;
 pub mod floor;
 pub mod measure;
@@ -92,6 +96,12 @@ pub enum BenchError {
     Leaked { dir: PathBuf, pids: Vec<u32> },
     #[error("a benchmark task failed: {message}")]
     Task { message: String },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Cli {
+        command: String,
+        status: String,
+        stderr: String,
+    },
     #[error("no samples for {0}")]
     NoSamples(&'static str),
     #[error("drawing {} failed: {message}", path.display())]
@@ -115,6 +125,8 @@ pub struct BenchOptions {
     pub vm: VmOptions,
     /// Progress lines on stderr.
     pub progress: bool,
+    /// The long-lived path (supervisors, the API, the CLI), when given the `uvmctl` binary.
+    pub api: Option<api::ApiOptions>,
 }
 
 impl BenchOptions {
@@ -135,6 +147,7 @@ impl BenchOptions {
             kernel: None,
             vm: VmOptions::default(),
             progress: true,
+            api: None,
         }
     }
 }
@@ -240,6 +253,19 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
     }
 
+    // 4. The long-lived path.
+    let api = match &opts.api {
+        Some(api_opts) => {
+            let report = |line: String| progress!(opts, "{line}");
+            Some(
+                api::run(&image, opts.kernel, &opts.vm, api_opts, &report)
+                    .await?
+                    .summarize()?,
+            )
+        }
+        None => None,
+    };
+
     let b = &exec.breakdown;
     let to_ms = |v: &[Duration]| v.iter().copied().map(stats::ms).collect::<Vec<_>>();
     let samples = [
@@ -318,6 +344,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             pipelined: summary(&b.pipelined, "pipelined exec RPCs")?,
             guest_process: summary(&exec.guest_process, "guest process")?,
         },
+        api,
         elapsed_s: began.elapsed().as_secs_f64(),
         samples,
     })
