@@ -544,6 +544,27 @@ impl QemuVm {
     }
 }
 
+impl QemuVm {
+    /// A start that failed because QEMU refused an image given at create that another QEMU
+    /// writes (its image locking) is bad input, whichever step noticed QEMU's exit.
+    fn explain_start_failure(&self, e: HostError) -> HostError {
+        if matches!(e, HostError::InvalidInput { .. }) {
+            return e;
+        }
+        let log = uvm_host::log_tail(&self.shared.paths.qemu_log);
+        match log.lines().find(|l| disks::is_lock_refusal(l)) {
+            Some(line) => HostError::InvalidInput {
+                what: "disk",
+                message: format!(
+                    "a disk given at create is in use: another VM (or process) has it open for writing ({})",
+                    line.trim()
+                ),
+            },
+            None => e,
+        }
+    }
+}
+
 fn since(from: Option<Instant>, to: Option<Instant>) -> Option<u128> {
     Some(to?.saturating_duration_since(from?).as_millis())
 }
@@ -575,7 +596,9 @@ impl VmLifetime for QemuVm {
     /// if the future is dropped the processes keep starting, and `terminate`/`release` stop them.
     #[tracing::instrument(skip_all, fields(vm = %self.id, op = "start"))]
     async fn start(&self) -> Result<(), HostError> {
-        self.start_inner().await
+        self.start_inner()
+            .await
+            .map_err(|e| self.explain_start_failure(e))
     }
 
     /// How QEMU ended; `reason` is its SHUTDOWN event's when one was seen. A VM whose start

@@ -80,11 +80,17 @@ pub struct DiskMount {
 #[derive(Debug, Clone)]
 pub struct Sysfs {
     root: PathBuf,
+    /// Whether a device found in it is opened (in `/dev`) before it counts as there.
+    real: bool,
 }
 
 impl Default for Sysfs {
+    /// The kernel's, at `/sys`, with its devices in `/dev`.
     fn default() -> Self {
-        Sysfs::at("/sys")
+        Sysfs {
+            root: PathBuf::from("/sys"),
+            real: true,
+        }
     }
 }
 
@@ -98,9 +104,13 @@ fn pci_key(name: &str) -> Option<(u32, u32, u32, u32)> {
 }
 
 impl Sysfs {
-    /// The sysfs tree at `root`.
+    /// A tree at `root` laid out as sysfs is, whose devices are not in `/dev`: a device counts
+    /// as there once its entry is (tests).
     pub fn at(root: impl Into<PathBuf>) -> Sysfs {
-        Sysfs { root: root.into() }
+        Sysfs {
+            root: root.into(),
+            real: false,
+        }
     }
 
     fn entries(&self, dir: &Path) -> Vec<(String, PathBuf)> {
@@ -287,6 +297,25 @@ async fn wait_for<T>(
     }
 }
 
+/// Whether block device `name` is there *and* opens: its `/sys` entry appears before the
+/// kernel has finished adding it (opening it is `ENXIO` until then), and the uevent that
+/// announces it comes once it has — so the wait looks again then.
+fn opens(sysfs: &Sysfs, name: &str) -> bool {
+    if !sysfs.real {
+        return true;
+    }
+    let Some(dev) = sysfs.dev(name) else {
+        return false;
+    };
+    device_node(name, dev).is_ok_and(|node| match File::open(node) {
+        Ok(_) => true,
+        // Not added yet.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => false,
+        // Anything else is for the mount to report.
+        Err(_) => true,
+    })
+}
+
 /// The block device (name) to mount for `req`: the disk, or its partition, once there.
 async fn await_device(sysfs: &Sysfs, req: &DiskMount) -> Result<String, ApiError> {
     // Subscribed before the first look, so an arrival in between wakes the wait.
@@ -296,24 +325,30 @@ async fn await_device(sysfs: &Sysfs, req: &DiskMount) -> Result<String, ApiError
         source,
     })?;
     let deadline = Instant::now() + req.wait;
-    let disk = wait_for(&events, deadline, || sysfs.disk(&req.location))
-        .await?
-        .ok_or_else(|| ApiError::NoDevice {
-            what: format!("{} did not appear within {:?}", req.location, req.wait),
-        })?;
+    let disk = wait_for(&events, deadline, || {
+        sysfs.disk(&req.location).filter(|d| opens(sysfs, d))
+    })
+    .await?
+    .ok_or_else(|| ApiError::NoDevice {
+        what: format!("{} did not appear within {:?}", req.location, req.wait),
+    })?;
     if req.partition == 0 {
         return Ok(disk);
     }
     // Not the rest of the disk's wait: a partition the table does not have never comes.
     let deadline = Instant::now() + PARTITION_GRACE;
-    wait_for(&events, deadline, || sysfs.partition(&disk, req.partition))
-        .await?
-        .ok_or_else(|| ApiError::NoDevice {
-            what: format!(
-                "{} ({disk}) has no partition {}",
-                req.location, req.partition
-            ),
-        })
+    wait_for(&events, deadline, || {
+        sysfs
+            .partition(&disk, req.partition)
+            .filter(|p| opens(sysfs, p))
+    })
+    .await?
+    .ok_or_else(|| ApiError::NoDevice {
+        what: format!(
+            "{} ({disk}) has no partition {}",
+            req.location, req.partition
+        ),
+    })
 }
 
 /// The filesystem to mount `node` with: `asked` when the superblock agrees, else the probed one.
