@@ -446,3 +446,81 @@ pub async fn serve(listener: Listener, service: AgentService) -> ttrpc::Result<S
     server.start().await?;
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uvm_agent_proto::agent::ScsiAddress;
+
+    fn scsi(controller: u32, lun: u32) -> DiskLocation {
+        DiskLocation {
+            kind: Some(disk_location::Kind::Scsi(ScsiAddress {
+                controller,
+                lun,
+                ..ScsiAddress::default()
+            })),
+            ..DiskLocation::default()
+        }
+    }
+
+    #[test]
+    fn a_mount_request_without_location_or_with_a_huge_wait_is_invalid() {
+        let no_location = MountDiskRequest {
+            guest_path: "/mnt/d".into(),
+            ..MountDiskRequest::default()
+        };
+        assert!(matches!(
+            disk_mount(no_location),
+            Err(ApiError::InvalidArgument {
+                field: "location",
+                ..
+            })
+        ));
+        let empty_serial = DiskLocation {
+            kind: Some(disk_location::Kind::VirtioBlkSerial(String::new())),
+            ..DiskLocation::default()
+        };
+        assert!(matches!(
+            location(Some(&empty_serial)),
+            Err(ApiError::InvalidArgument { .. })
+        ));
+        let huge = MountDiskRequest {
+            location: Some(scsi(0, 1)).into(),
+            wait_ms: MAX_DEVICE_WAIT_MS + 1,
+            ..MountDiskRequest::default()
+        };
+        assert!(matches!(
+            disk_mount(huge),
+            Err(ApiError::InvalidArgument {
+                field: "wait_ms",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_mount_request_becomes_a_disk_mount_with_defaults_filled_in() {
+        let req = MountDiskRequest {
+            location: Some(scsi(2, 5)).into(),
+            guest_path: "/mnt/d".into(),
+            partition: 1,
+            read_only: true,
+            options: vec!["noatime".into()],
+            ..MountDiskRequest::default()
+        };
+        let m = disk_mount(req).expect("valid");
+        assert_eq!(
+            m.location,
+            Location::Scsi {
+                controller: 2,
+                lun: 5
+            }
+        );
+        assert_eq!(m.fs_type, None);
+        assert_eq!(
+            m.wait,
+            Duration::from_millis(u64::from(DEFAULT_DEVICE_WAIT_MS))
+        );
+        assert_eq!((m.partition, m.read_only), (1, true));
+    }
+}

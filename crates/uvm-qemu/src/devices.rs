@@ -204,14 +204,19 @@ impl HostDevices for QemuVm {
     }
 
     /// Ok for an empty slot, and once QEMU is gone (it has let go of every disk). microvm
-    /// cannot unplug its virtio-mmio disks: `Unsupported` there.
+    /// cannot unplug its virtio-mmio disks: `Unsupported` there while QEMU runs.
     async fn detach_disk(&self, slot: ScsiSlot) -> Result<(), HostError> {
         let mut table = self.disks.lock().await;
         let Some(attached) = table.get(&slot) else {
             return Ok(());
         };
         if self.machine() == Machine::Microvm {
-            return Err(unsupported("removing disks on microvm"));
+            if self.qemu_running() {
+                return Err(unsupported("removing disks on microvm"));
+            }
+            // Gone with QEMU.
+            table.remove(&slot);
+            return Ok(());
         }
         match self.hot_remove(slot).await {
             Ok(()) | Err(HostError::Gone) => {}

@@ -398,6 +398,11 @@ impl QemuVm {
         self.machine
     }
 
+    /// Whether QEMU runs (spawned and not exited).
+    pub(crate) fn qemu_running(&self) -> bool {
+        self.shared.lock().qemu_state() == QemuState::Running
+    }
+
     /// When each step of the start was reached.
     pub fn boot_marks(&self) -> BootMarks {
         self.shared.lock().marks

@@ -352,6 +352,66 @@ async fn real_vm_hot_added_disk_is_read_written_and_its_write_reaches_the_image(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_qcow2_disk_with_its_partition_is_mounted_by_the_type_asked() {
+    let dir = scratch();
+    let raw = ext4_image(dir.path(), "q.raw", &[("q", "from qcow2\n")]);
+    let image = dir.path().join("q.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&image)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = boot(Machine::Q35, dir.path(), VmConfig::default()).await;
+    let s = slot(0, 7);
+    let mut disk = DiskConfig::raw(&image);
+    disk.format = uvm::seams::DiskFormat::Qcow2;
+    disk.cache = uvm::seams::DiskCache::None;
+    disk.discard = true;
+    t.vm.attach_disk(s, &disk).await.expect("attach qcow2");
+    let at = t.vm.disk_location(s);
+    // The image has no partition table: partition 1 is not found, typed.
+    let mut mount = DiskMount::at("/mnt/q");
+    mount.partition = 1;
+    let e = t
+        .guest
+        .mount_disk(&at, &mount)
+        .await
+        .expect_err("no partition 1");
+    assert_eq!(
+        rejected(&e).map(|r| r.1),
+        Some(Rejection::NotFound),
+        "{e:?}"
+    );
+    let mut xfs = DiskMount::at("/mnt/q");
+    xfs.fs_type = Some("xfs".into());
+    let e = t.guest.mount_disk(&at, &xfs).await.expect_err("not xfs");
+    assert_eq!(
+        rejected(&e).map(|r| r.1),
+        Some(Rejection::InvalidArgument),
+        "{e:?}"
+    );
+    let mut ext4 = DiskMount::at("/mnt/q");
+    ext4.fs_type = Some("ext4".into());
+    ext4.options = vec!["noatime".into(), "errors=remount-ro".into()];
+    t.guest.mount_disk(&at, &ext4).await.expect("mount as ext4");
+    let (code, out, _) = t.exec(&["cat", "/mnt/q/q"]).await;
+    assert_eq!((code, out.as_str()), (0, "from qcow2\n"));
+    let (_, opts, _) = t.exec(&["sh", "-c", "grep ' /mnt/q ' /proc/mounts"]).await;
+    assert!(
+        opts.contains("noatime") && opts.contains("errors=remount-ro"),
+        "{opts}"
+    );
+    remove(&t, s, "/mnt/q").await;
+    t.finish(&[&image]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_read_only_disk_refuses_writes_in_the_guest() {
     let dir = scratch();
     let image = ext4_image(dir.path(), "ro.img", &[("r", "read me\n")]);
