@@ -411,6 +411,85 @@ async fn real_vm_qcow2_disk_with_its_partition_is_mounted_by_the_type_asked() {
     t.finish(&[&image]).await;
 }
 
+/// An image of 17 MiB with an MBR partition table whose one partition (from 1 MiB on) holds
+/// an ext4 filesystem with `files`.
+fn partitioned_image(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    const START_LBA: u32 = 2048;
+    const SECTORS: u32 = 16 * 2048;
+    let content = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&content).expect("image content dir");
+    for (file, text) in files {
+        std::fs::write(content.join(file), text).expect("image content");
+    }
+    let image = dir.join(name);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(u64::from(START_LBA + SECTORS) * 512))
+        .expect("image file");
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            &format!("offset={}", START_LBA * 512),
+            "-d",
+        ])
+        .arg(&content)
+        .arg(&image)
+        .arg(format!("{}k", SECTORS / 2))
+        .output()
+        .expect("run mkfs.ext4");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The MBR: one Linux partition (type 0x83) at START_LBA, SECTORS long.
+    let mut entry = [0u8; 16];
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&START_LBA.to_le_bytes());
+    entry[12..16].copy_from_slice(&SECTORS.to_le_bytes());
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .expect("open image");
+    f.write_all_at(&entry, 446).expect("partition entry");
+    f.write_all_at(&[0x55, 0xAA], 510).expect("MBR signature");
+    image
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_a_partition_of_a_disk_is_mounted_and_the_whole_disk_is_no_filesystem() {
+    let dir = scratch();
+    let image = partitioned_image(dir.path(), "parted.img", &[("p", "in partition 1\n")]);
+    let t = boot(Machine::Q35, dir.path(), VmConfig::default()).await;
+    let s = slot(0, 4);
+    t.vm.attach_disk(s, &DiskConfig::raw(&image))
+        .await
+        .expect("attach");
+    let at = t.vm.disk_location(s);
+    let e = t
+        .guest
+        .mount_disk(&at, &DiskMount::at("/mnt/whole"))
+        .await
+        .expect_err("the whole disk holds a partition table");
+    assert_eq!(
+        rejected(&e).map(|r| r.1),
+        Some(Rejection::NotFound),
+        "{e:?}"
+    );
+    let mut mount = DiskMount::at("/mnt/part");
+    mount.partition = 1;
+    t.guest
+        .mount_disk(&at, &mount)
+        .await
+        .expect("mount partition 1");
+    let (code, out, _) = t.exec(&["cat", "/mnt/part/p"]).await;
+    assert_eq!((code, out.as_str()), (0, "in partition 1\n"));
+    remove(&t, s, "/mnt/part").await;
+    t.finish(&[&image]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_read_only_disk_refuses_writes_in_the_guest() {
     let dir = scratch();
