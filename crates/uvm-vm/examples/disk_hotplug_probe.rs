@@ -1,7 +1,10 @@
 //! A benchmark probe (to become a `uvmctl bench` row): disk hot-add → mounted, against the bare
 //! floor measured in the same VM, in the same run — QMP `blockdev-add` + `device_add` → the
 //! guest kernel announces the block device (its `add` uevent, seen by busybox `uevent` in the
-//! guest). Both on q35 under whatever accelerator the machine gives.
+//! guest, which forks a shell per event: that observer's own cost is in the floor) — and the
+//! agent's view without the mount: hot-add → `MountDisk` of a blank image answers "no
+//! filesystem" (device awaited, opened, superblock read). All on q35 under whatever accelerator
+//! the machine gives.
 //!
 //! `cargo run -p uvm-vm --example disk_hotplug_probe [ROUNDS]` (after `make setup` and
 //! `make agent`; e2fsprogs for the image). Prints each p50 and their ratio.
@@ -26,6 +29,19 @@ const LISTENER: &str = r#"uevent sh -c 'case "$SUBSYSTEM/$ACTION" in
   mem/change) echo primed ;;
   block/add) echo "$DEVNAME" ;;
 esac'"#;
+
+type Lines = tokio::io::Lines<BufReader<tokio::io::DuplexStream>>;
+
+/// Reads the listener's lines up to the next block device added.
+async fn next_add(lines: &mut Lines) -> Result<(), Box<dyn std::error::Error>> {
+    loop {
+        match lines.next_line().await? {
+            Some(line) if line.starts_with("sd") => return Ok(()),
+            Some(_) => {}
+            None => return Err("the guest's uevent listener ended".into()),
+        }
+    }
+}
 
 fn p50(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -53,16 +69,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !status.success() {
         return Err("mkfs.ext4 failed".into());
     }
+    let blank = scratch.path().join("blank.img");
+    std::fs::File::create(&blank)?.set_len(16 << 20)?;
     let (vm, guest) = boot(scratch.path()).await?;
-    let result = probe(&vm, &guest, &image, rounds).await;
+    let result = probe(&vm, &guest, &image, &blank, rounds).await;
     let _ = guest.close_connection().await;
     vm.terminate().await?;
     vm.release().await?;
-    let (floor, ours) = result?;
+    let (floor, seen, ours) = result?;
     println!(
-        "disk hot-add, {rounds} rounds: QMP device_add → block device in the guest p50 {:.1} ms; \
-         hot-add → mounted p50 {:.1} ms; ratio {:.2}",
+        "disk hot-add, {rounds} rounds (p50): QMP device_add → block device in the guest {:.1} ms; \
+         hot-add → the agent sees it (no mount) {:.1} ms; hot-add → mounted {:.1} ms; \
+         mounted / floor {:.2}",
         ms(floor),
+        ms(seen),
         ms(ours),
         ours.as_secs_f64() / floor.as_secs_f64()
     );
@@ -90,8 +110,9 @@ async fn probe(
     vm: &QemuVm,
     guest: &VsockGuest,
     image: &Path,
+    blank: &Path,
     rounds: usize,
-) -> Result<(Duration, Duration), Box<dyn std::error::Error>> {
+) -> Result<(Duration, Duration, Duration), Box<dyn std::error::Error>> {
     let slot = ScsiSlot {
         controller: 0,
         lun: 0,
@@ -122,18 +143,25 @@ async fn probe(
         }
     }
     let location = vm.disk_location(slot);
-    let (mut floor, mut ours) = (Vec::new(), Vec::new());
+    let (mut floor, mut seen, mut ours) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t0 = Instant::now();
         vm.attach_disk(slot, &disk).await?;
-        loop {
-            match lines.next_line().await? {
-                Some(line) if line.starts_with("sd") => break,
-                Some(_) => {}
-                None => return Err("the guest's uevent listener ended".into()),
-            }
-        }
+        next_add(&mut lines).await?;
         floor.push(t0.elapsed());
+        guest.eject_disk(&location).await?;
+        vm.detach_disk(slot).await?;
+
+        let t0 = Instant::now();
+        vm.attach_disk(slot, &DiskConfig::raw(blank)).await?;
+        let refused = guest
+            .mount_disk(&location, &DiskMount::at("/mnt/probe"))
+            .await;
+        seen.push(t0.elapsed());
+        if refused.is_ok() {
+            return Err("a blank image was mounted".into());
+        }
+        next_add(&mut lines).await?;
         guest.eject_disk(&location).await?;
         vm.detach_disk(slot).await?;
 
@@ -144,18 +172,12 @@ async fn probe(
             .await?;
         ours.push(t0.elapsed());
         // Drain the listener's line for this add, so the next floor round reads its own.
-        loop {
-            match lines.next_line().await? {
-                Some(line) if line.starts_with("sd") => break,
-                Some(_) => {}
-                None => return Err("the guest's uevent listener ended".into()),
-            }
-        }
+        next_add(&mut lines).await?;
         guest.unmount_disk("/mnt/probe").await?;
         guest.eject_disk(&location).await?;
         vm.detach_disk(slot).await?;
     }
     let _ = kill.send(9);
     let _ = listener.await;
-    Ok((p50(floor), p50(ours)))
+    Ok((p50(floor), p50(seen), p50(ours)))
 }

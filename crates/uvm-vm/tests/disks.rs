@@ -361,7 +361,11 @@ async fn real_vm_qcow2_disk_with_its_partition_is_mounted_by_the_type_asked() {
         .arg(&raw)
         .arg(&image)
         .output()
-        .expect("run qemu-img");
+        .unwrap_or_else(|e| {
+            missing(format_args!(
+                "qemu-img ({e}; package qemu-utils, from the backports QEMU comes from)"
+            ))
+        });
     assert!(
         out.status.success(),
         "qemu-img: {}",
