@@ -81,18 +81,6 @@ impl QemuError {
                 source: QmpError::Closed,
                 ..
             } => HostError::Gone,
-            // A disk given at create that another QEMU writes: QEMU's image locking refused it.
-            QemuError::ExitedEarly {
-                process: "qemu",
-                ref output,
-                ..
-            } if crate::disks::is_lock_refusal(output) => HostError::InvalidInput {
-                what: "disk",
-                message: format!(
-                    "a disk given at create is in use: another VM (or process) has it open for writing ({})",
-                    output.trim()
-                ),
-            },
             other => HostError::Failed {
                 operation,
                 source: Box::new(other),
