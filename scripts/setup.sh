@@ -2,7 +2,8 @@
 # Installs what uvmctl needs on a fresh Debian 12 (bookworm) machine:
 #   - qemu-system-x86 (>= 10) from bookworm-backports: bookworm's own 7.2 conflicts with the
 #     backported qemu-utils these machines carry;
-#   - busybox-static (guest userland), xz-utils and cpio (inspecting images by hand);
+#   - busybox-static (guest userland), xz-utils and cpio (inspecting images by hand), e2fsprogs
+#     (the disk tests make and read ext4 images);
 #   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
 #   - linux-source-6.1 and the kernel build tools (for scripts/build-kernel.sh);
 #   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
@@ -175,13 +176,13 @@ setup_qemu() {
 # ---------------------------------------------------------------- Debian packages
 setup_debs() {
     local missing=() p
-    for p in busybox-static xz-utils cpio; do
+    for p in busybox-static xz-utils cpio e2fsprogs; do
         pkg_installed "$p" || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_install "${missing[@]}"
     else
-        say "busybox-static, xz-utils, cpio present"
+        say "busybox-static, xz-utils, cpio, e2fsprogs present"
     fi
 }
 

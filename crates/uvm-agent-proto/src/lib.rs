@@ -74,6 +74,12 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_OPEN_FILES: usize = 16;
 /// A file handle unused this long is dropped by the agent (an unfinished write leaves nothing).
 pub const FILE_IDLE_TIMEOUT_SECS: u64 = 60;
+/// How long `MountDisk` waits for its device when the request names no wait.
+pub const DEFAULT_DEVICE_WAIT_MS: u32 = 5_000;
+/// Bound on `MountDiskRequest.wait_ms`.
+pub const MAX_DEVICE_WAIT_MS: u32 = 60_000;
+/// Bound on one `MountDiskRequest`'s options, together (Linux's mount data is one page).
+pub const MAX_MOUNT_OPTIONS_BYTES: usize = 4000;
 /// Bound on the entropy seed of one `Handshake`.
 pub const MAX_ENTROPY_BYTES: usize = 512;
 /// Bound on one line of the announce stream (longer lines are truncated).
@@ -104,6 +110,8 @@ pub mod capabilities {
     pub const TERMINAL_RESIZE: &str = "terminal-resize";
     /// `OpenWrite`, `WriteChunk`, `CommitWrite`, `OpenRead`, `ReadChunk`, `CloseFile`.
     pub const FILES: &str = "files";
+    /// `MountDisk`, `UnmountDisk`, `EjectDisk`.
+    pub const DISKS: &str = "disks";
 }
 
 /// The fully qualified ttrpc service name, as registered by [`agent_ttrpc::create_agent`].

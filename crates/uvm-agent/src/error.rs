@@ -178,6 +178,41 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
+    /// A disk that did not appear in time, or a partition it does not have.
+    #[error("{what}")]
+    NoDevice {
+        /// What is missing, and for how long it was awaited.
+        what: String,
+    },
+    /// A disk (or partition) without a filesystem the guest knows.
+    #[error("{device} holds no filesystem the guest knows (ext4, xfs, vfat)")]
+    NoFilesystem {
+        /// The device.
+        device: String,
+    },
+    /// An unmount where nothing is mounted.
+    #[error("nothing is mounted at {path}")]
+    NotMounted {
+        /// The guest path.
+        path: String,
+    },
+    /// In use: a mount something still holds, a mount point already taken. Retryable.
+    #[error("{what}")]
+    Busy {
+        /// What is busy, and with what.
+        what: String,
+    },
+    /// A mount, an unmount, or a device's sysfs control failed.
+    #[error("cannot {op} {target}")]
+    Mount {
+        /// What was attempted.
+        op: &'static str,
+        /// The guest path or device.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A `/proc` file could not be read or understood.
     #[error("cannot read {what}")]
     Proc {
@@ -207,6 +242,12 @@ impl ApiError {
             | ApiError::NotADirectory { .. }
             | ApiError::SizeMismatch { .. } => Code::FAILED_PRECONDITION,
             ApiError::File { source, .. } => file_code(source),
+            ApiError::NoDevice { .. }
+            | ApiError::NoFilesystem { .. }
+            | ApiError::NotMounted { .. } => Code::NOT_FOUND,
+            // The host's Busy: retry once the guest lets go.
+            ApiError::Busy { .. } => Code::UNAVAILABLE,
+            ApiError::Mount { source, .. } => mount_code(source),
             ApiError::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
             ApiError::TooManyProcesses { .. } => Code::RESOURCE_EXHAUSTED,
             // The request is fine; the guest's file system does not fit it.
@@ -248,6 +289,17 @@ fn file_code(e: &io::Error) -> Code {
     }
 }
 
+/// The code of a failed mount, unmount or device control: what the host may act on.
+fn mount_code(e: &io::Error) -> Code {
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => Code::UNAVAILABLE,
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO | libc::ENOTBLK) => Code::NOT_FOUND,
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) => Code::PERMISSION_DENIED,
+        Some(libc::EINVAL | libc::ENAMETOOLONG | libc::ENOTDIR) => Code::INVALID_ARGUMENT,
+        _ => Code::INTERNAL,
+    }
+}
+
 impl From<ApiError> for ttrpc::Error {
     fn from(e: ApiError) -> Self {
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), error_chain(&e)))
@@ -269,6 +321,29 @@ mod tests {
         };
         assert_eq!(status.code(), Code::NOT_FOUND);
         assert!(status.message().starts_with("cannot start \"nope\": "));
+    }
+
+    #[test]
+    fn mount_failures_map_to_what_the_host_acts_on() {
+        let mount = |errno| ApiError::Mount {
+            op: "mount",
+            target: "/mnt/d".into(),
+            source: io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(mount(libc::EBUSY).code(), Code::UNAVAILABLE);
+        assert_eq!(mount(libc::ENODEV).code(), Code::NOT_FOUND);
+        assert_eq!(mount(libc::EROFS).code(), Code::PERMISSION_DENIED);
+        assert_eq!(mount(libc::EACCES).code(), Code::PERMISSION_DENIED);
+        assert_eq!(mount(libc::EINVAL).code(), Code::INVALID_ARGUMENT);
+        assert_eq!(mount(libc::EIO).code(), Code::INTERNAL);
+        let busy = ApiError::Busy {
+            what: "/mnt/d is in use".into(),
+        };
+        assert_eq!(busy.code(), Code::UNAVAILABLE);
+        let gone = ApiError::NotMounted {
+            path: "/mnt/d".into(),
+        };
+        assert_eq!(gone.code(), Code::NOT_FOUND);
     }
 
     #[test]

@@ -6,22 +6,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uvm_agent_proto::agent::{
-    BootMarks, DumpStacksResponse, Empty, ExecRequest, ExecResponse, FileHandle,
-    GuestStatsResponse, HandshakeRequest, HandshakeResponse, OpenReadRequest, OpenReadResponse,
-    OpenWriteRequest, OutputStream, ProcessRef, ReadChunkRequest, ReadChunkResponse,
-    ReadOutputRequest, ReadOutputResponse, ResizeRequest, SignalRequest, TerminalSize,
-    WaitResponse, WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
+    disk_location, BootMarks, DiskLocation, DumpStacksResponse, EjectDiskRequest, Empty,
+    ExecRequest, ExecResponse, FileHandle, GuestStatsResponse, HandshakeRequest, HandshakeResponse,
+    MountDiskRequest, OpenReadRequest, OpenReadResponse, OpenWriteRequest, OutputStream,
+    ProcessRef, ReadChunkRequest, ReadChunkResponse, ReadOutputRequest, ReadOutputResponse,
+    ResizeRequest, SignalRequest, TerminalSize, UnmountDiskRequest, WaitResponse,
+    WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
 };
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
 use uvm_agent_proto::{
-    agent_ttrpc, async_trait, capabilities, ttrpc, MAX_ENTROPY_BYTES, MAX_OUTPUT_CHUNK,
-    MAX_STDIN_CHUNK, PROTOCOL_VERSION,
+    agent_ttrpc, async_trait, capabilities, ttrpc, DEFAULT_DEVICE_WAIT_MS, MAX_DEVICE_WAIT_MS,
+    MAX_ENTROPY_BYTES, MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK, PROTOCOL_VERSION,
 };
 
 use crate::clock::{self, BootTimes};
 use crate::error::ApiError;
 use crate::files::{FileLimits, Files};
+use crate::mounts::disk::{self, Location, Sysfs};
 use crate::power::{self, ShutdownAction};
 use crate::process::{ExecSpec, Processes};
 use crate::{entropy, info, stacks, stats, warn};
@@ -45,6 +47,7 @@ pub struct AgentService {
     files: Arc<Files>,
     boot: Arc<BootTimes>,
     config: ServiceConfig,
+    sysfs: Sysfs,
 }
 
 impl AgentService {
@@ -55,6 +58,7 @@ impl AgentService {
             files: Files::new(FileLimits::default()),
             boot,
             config,
+            sysfs: Sysfs::default(),
         }
     }
 
@@ -105,6 +109,7 @@ impl AgentService {
             capabilities::SHUTDOWN,
             capabilities::TERMINAL_RESIZE,
             capabilities::FILES,
+            capabilities::DISKS,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -163,6 +168,53 @@ impl AgentService {
         resp.written = u32::try_from(written).unwrap_or(u32::MAX);
         Ok(resp)
     }
+}
+
+/// The disk location of a request, checked.
+fn location(location: Option<&DiskLocation>) -> Result<Location, ApiError> {
+    match location.and_then(|l| l.kind.as_ref()) {
+        Some(disk_location::Kind::Scsi(scsi)) => Ok(Location::Scsi {
+            controller: scsi.controller,
+            lun: scsi.lun,
+        }),
+        Some(disk_location::Kind::VirtioBlkSerial(serial)) if !serial.is_empty() => {
+            Ok(Location::VirtioBlk {
+                serial: serial.clone(),
+            })
+        }
+        Some(disk_location::Kind::VirtioBlkSerial(_)) => {
+            Err(ApiError::invalid("location", "an empty virtio-blk serial"))
+        }
+        None => Err(ApiError::invalid("location", "no disk location")),
+        // The generated oneof is non-exhaustive: a kind newer than this agent.
+        Some(_) => Err(ApiError::invalid(
+            "location",
+            "a kind this agent does not know",
+        )),
+    }
+}
+
+/// A `MountDiskRequest`, checked (the guest path is checked by the mount).
+fn disk_mount(req: MountDiskRequest) -> Result<disk::DiskMount, ApiError> {
+    let wait_ms = match req.wait_ms {
+        0 => DEFAULT_DEVICE_WAIT_MS,
+        n if n > MAX_DEVICE_WAIT_MS => {
+            return Err(ApiError::invalid(
+                "wait_ms",
+                format!("{n}, at most {MAX_DEVICE_WAIT_MS} allowed"),
+            ))
+        }
+        n => n,
+    };
+    Ok(disk::DiskMount {
+        location: location(req.location.as_ref())?,
+        guest_path: req.guest_path,
+        partition: req.partition,
+        read_only: req.read_only,
+        fs_type: (!req.fs_type.is_empty()).then_some(req.fs_type),
+        options: req.options,
+        wait: Duration::from_millis(u64::from(wait_ms)),
+    })
 }
 
 /// (rows, columns) of a wire size; `None` for no size or 0×0 (leave the size alone). Either
@@ -337,6 +389,27 @@ impl agent_ttrpc::Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn mount_disk(&self, _ctx: &TtrpcContext, req: MountDiskRequest) -> ttrpc::Result<Empty> {
+        let mount = disk_mount(req)?;
+        disk::mount_disk(&self.sysfs, &mount).await?;
+        Ok(Empty::new())
+    }
+
+    async fn unmount_disk(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UnmountDiskRequest,
+    ) -> ttrpc::Result<Empty> {
+        disk::unmount_disk(req.guest_path).await?;
+        Ok(Empty::new())
+    }
+
+    async fn eject_disk(&self, _ctx: &TtrpcContext, req: EjectDiskRequest) -> ttrpc::Result<Empty> {
+        let location = location(req.location.as_ref())?;
+        disk::eject_disk(&self.sysfs, &location)?;
+        Ok(Empty::new())
+    }
+
     async fn dump_stacks(
         &self,
         _ctx: &TtrpcContext,
@@ -372,4 +445,82 @@ pub async fn serve(listener: Listener, service: AgentService) -> ttrpc::Result<S
         .register_service(agent_ttrpc::create_agent(Arc::new(service)));
     server.start().await?;
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uvm_agent_proto::agent::ScsiAddress;
+
+    fn scsi(controller: u32, lun: u32) -> DiskLocation {
+        DiskLocation {
+            kind: Some(disk_location::Kind::Scsi(ScsiAddress {
+                controller,
+                lun,
+                ..ScsiAddress::default()
+            })),
+            ..DiskLocation::default()
+        }
+    }
+
+    #[test]
+    fn a_mount_request_without_location_or_with_a_huge_wait_is_invalid() {
+        let no_location = MountDiskRequest {
+            guest_path: "/mnt/d".into(),
+            ..MountDiskRequest::default()
+        };
+        assert!(matches!(
+            disk_mount(no_location),
+            Err(ApiError::InvalidArgument {
+                field: "location",
+                ..
+            })
+        ));
+        let empty_serial = DiskLocation {
+            kind: Some(disk_location::Kind::VirtioBlkSerial(String::new())),
+            ..DiskLocation::default()
+        };
+        assert!(matches!(
+            location(Some(&empty_serial)),
+            Err(ApiError::InvalidArgument { .. })
+        ));
+        let huge = MountDiskRequest {
+            location: Some(scsi(0, 1)).into(),
+            wait_ms: MAX_DEVICE_WAIT_MS + 1,
+            ..MountDiskRequest::default()
+        };
+        assert!(matches!(
+            disk_mount(huge),
+            Err(ApiError::InvalidArgument {
+                field: "wait_ms",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_mount_request_becomes_a_disk_mount_with_defaults_filled_in() {
+        let req = MountDiskRequest {
+            location: Some(scsi(2, 5)).into(),
+            guest_path: "/mnt/d".into(),
+            partition: 1,
+            read_only: true,
+            options: vec!["noatime".into()],
+            ..MountDiskRequest::default()
+        };
+        let m = disk_mount(req).expect("valid");
+        assert_eq!(
+            m.location,
+            Location::Scsi {
+                controller: 2,
+                lun: 5
+            }
+        );
+        assert_eq!(m.fs_type, None);
+        assert_eq!(
+            m.wait,
+            Duration::from_millis(u64::from(DEFAULT_DEVICE_WAIT_MS))
+        );
+        assert_eq!((m.partition, m.read_only), (1, true));
+    }
 }

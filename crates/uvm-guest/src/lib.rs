@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod disks;
 mod exec;
 mod files;
 mod hybrid;

@@ -556,29 +556,24 @@ impl GuestPolicy for VsockGuest {
     }
 }
 
-/// Mounts need agent requests that do not exist yet: each is a typed `Unsupported`.
+/// Disks through the agent's disk requests (module `disks`); shares need agent requests that
+/// do not exist yet: each is a typed `Unsupported`.
 #[async_trait]
 impl GuestMounts for VsockGuest {
     async fn mount_disk(
         &self,
-        _location: &DiskLocation,
-        _mount: &DiskMount,
+        location: &DiskLocation,
+        mount: &DiskMount,
     ) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "mounting disks",
-        })
+        crate::disks::mount(self, location, mount).await
     }
 
-    async fn unmount_disk(&self, _guest_path: &str) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "unmounting disks",
-        })
+    async fn unmount_disk(&self, guest_path: &str) -> Result<(), GuestError> {
+        crate::disks::unmount(self, guest_path).await
     }
 
-    async fn eject_disk(&self, _location: &DiskLocation) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "ejecting disks",
-        })
+    async fn eject_disk(&self, location: &DiskLocation) -> Result<(), GuestError> {
+        crate::disks::eject(self, location).await
     }
 
     async fn mount_share(

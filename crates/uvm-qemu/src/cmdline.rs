@@ -67,6 +67,8 @@ pub struct QemuCommand<'a> {
     pub paths: &'a RuntimePaths,
     /// Appended to [`BASE_KERNEL_CMDLINE`] and [`FAST_BOOT_ARGS`].
     pub extra_cmdline: &'a str,
+    /// The disks' arguments (SCSI controllers, cold disks), appended as they are.
+    pub disk_args: &'a [String],
 }
 
 /// The base kernel command line: serial console, quiet, and reboot at once on panic — which
@@ -154,6 +156,7 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
         "-qmp".to_owned(),
         format!("unix:{},server=on,wait=off", display(&p.qmp_socket)),
     ]);
+    args.extend(cmd.disk_args.iter().cloned());
     args
 }
 
@@ -190,6 +193,7 @@ mod tests {
             cpus: 2,
             paths: &paths,
             extra_cmdline: extra,
+            disk_args: &[],
         })
     }
 
@@ -214,6 +218,7 @@ mod tests {
             cpus: 1,
             paths: &paths,
             extra_cmdline: "tsc_early_khz=2596138 tsc=reliable",
+            disk_args: &[],
         });
         assert_eq!(values(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
         assert_eq!(

@@ -18,6 +18,7 @@
 
 mod cmdline;
 mod devices;
+mod disks;
 mod error;
 mod qmp;
 mod stale;
@@ -32,6 +33,7 @@ pub use cmdline::{
     qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths, BASE_KERNEL_CMDLINE,
     FAST_BOOT_ARGS,
 };
+pub use disks::{check_host_path, MAX_SCSI_CONTROLLERS, SCSI_FIRST_PCI_SLOT};
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
 pub use stale::{sweep_stale_runtime_dirs, OWNER_FILE};

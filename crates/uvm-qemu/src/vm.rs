@@ -15,6 +15,7 @@ use uvm::{HostError, VmExit};
 use uvm_util::{lock, short_id};
 
 use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths};
+use crate::disks::{self, DiskTable};
 use crate::error::QemuError;
 use crate::qmp::{Balloon, QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
 use crate::stats;
@@ -31,9 +32,11 @@ pub const MEMORY_GRANULARITY: u64 = 1 << 20;
 /// Longest unix socket path (`sun_path` is 108 bytes with its terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// Bound on QMP handshakes and commands other than `quit`.
-const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed child may take to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// QMP events kept for a slow subscriber (it only needs the few that follow its command).
+const QMP_EVENT_BACKLOG: usize = 64;
 
 /// Creates QEMU VMs.
 #[derive(Debug, Clone)]
@@ -98,6 +101,7 @@ impl QemuBackend {
             cpus: config.cpus,
             paths,
             extra_cmdline: &extra_cmdline,
+            disk_args: &disks::command_line(c.machine, config.scsi_controllers, &config.disks),
         })
     }
 
@@ -135,12 +139,7 @@ impl QemuBackend {
     fn check(&self, config: &VmConfig) -> Result<u64, HostError> {
         let c = &self.config;
         let memory_bytes = validate(c, config)?;
-        if !config.disks.is_empty() {
-            return Err(HostError::Unsupported {
-                backend: "qemu",
-                operation: "disks given at create",
-            });
-        }
+        disks::check_cold(c.machine, config.scsi_controllers, &config.disks)?;
         if !config.shares.is_empty() {
             return Err(HostError::Unsupported {
                 backend: "qemu",
@@ -222,6 +221,12 @@ impl QemuBackend {
             launch,
             runtime_dir,
             qmp: tokio::sync::Mutex::new(None),
+            qmp_events: tokio::sync::broadcast::channel(QMP_EVENT_BACKLOG).0,
+            scsi_controllers: match c.machine {
+                Machine::Q35 => config.scsi_controllers,
+                Machine::Microvm => 0,
+            },
+            disks: DiskTable::new(disks::cold_table(&config.disks)),
             supervisor: Mutex::new(None),
         })
     }
@@ -334,19 +339,31 @@ pub struct QemuVm {
     runtime_dir: PathBuf,
     /// The negotiated QMP connection; (re)made on demand while QEMU runs.
     qmp: tokio::sync::Mutex<Option<Arc<QmpClient>>>,
+    /// QEMU's events, for those who wait for one (`DEVICE_DELETED`): subscribe, then ask.
+    pub(crate) qmp_events: tokio::sync::broadcast::Sender<QmpEvent>,
+    /// The SCSI controllers QEMU has (none on microvm).
+    pub(crate) scsi_controllers: u8,
+    /// The disks attached, hot or cold.
+    pub(crate) disks: DiskTable,
     /// Only ever replaced whole, so it is used across a poisoning ([`lock`]).
     supervisor: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Records QEMU's SHUTDOWN reason for the exit status.
-struct ShutdownRecorder(Arc<Shared>);
+/// Records QEMU's SHUTDOWN reason for the exit status, and hands every event to those waiting
+/// for one.
+struct EventObserver {
+    shared: Arc<Shared>,
+    events: tokio::sync::broadcast::Sender<QmpEvent>,
+}
 
-impl QmpObserver for ShutdownRecorder {
+impl QmpObserver for EventObserver {
     fn event(&self, event: &QmpEvent) {
         if let Some(shutdown) = event.shutdown() {
             tracing::info!(reason = %shutdown.reason, guest = shutdown.guest, "QEMU shutting down");
-            self.0.record_shutdown(shutdown.reason);
+            self.shared.record_shutdown(shutdown.reason);
         }
+        // Nobody waiting is the usual case.
+        let _ = self.events.send(event.clone());
     }
 }
 
@@ -381,6 +398,11 @@ impl QemuVm {
         self.machine
     }
 
+    /// Whether QEMU runs (spawned and not exited).
+    pub(crate) fn qemu_running(&self) -> bool {
+        self.shared.lock().qemu_state() == QemuState::Running
+    }
+
     /// When each step of the start was reached.
     pub fn boot_marks(&self) -> BootMarks {
         self.shared.lock().marks
@@ -412,7 +434,7 @@ impl QemuVm {
 
     /// The QMP connection, made now if there is none (e.g. `start` was cancelled after QEMU
     /// came up). `Gone` once QEMU has exited.
-    async fn qmp(&self) -> Result<Arc<QmpClient>, HostError> {
+    pub(crate) async fn qmp(&self) -> Result<Arc<QmpClient>, HostError> {
         let mut slot = self.qmp.lock().await;
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
@@ -439,7 +461,10 @@ impl QemuVm {
     async fn handshake(&self, stream: tokio::net::UnixStream) -> Result<Arc<QmpClient>, HostError> {
         let connect = QmpClient::connect(
             stream,
-            Arc::new(ShutdownRecorder(self.shared.clone())),
+            Arc::new(EventObserver {
+                shared: self.shared.clone(),
+                events: self.qmp_events.clone(),
+            }),
             self.shared.qmp_reader(),
         );
         match tokio::time::timeout(QMP_TIMEOUT, connect).await {
@@ -524,6 +549,27 @@ impl QemuVm {
     }
 }
 
+impl QemuVm {
+    /// A start that failed because QEMU refused an image given at create that another QEMU
+    /// writes (its image locking) is bad input, whichever step noticed QEMU's exit.
+    fn explain_start_failure(&self, e: HostError) -> HostError {
+        if matches!(e, HostError::InvalidInput { .. }) {
+            return e;
+        }
+        let log = uvm_host::log_tail(&self.shared.paths.qemu_log);
+        match log.lines().find(|l| disks::is_lock_refusal(l)) {
+            Some(line) => HostError::InvalidInput {
+                what: "disk",
+                message: format!(
+                    "a disk given at create is in use: another VM (or process) has it open for writing ({})",
+                    line.trim()
+                ),
+            },
+            None => e,
+        }
+    }
+}
+
 fn since(from: Option<Instant>, to: Option<Instant>) -> Option<u128> {
     Some(to?.saturating_duration_since(from?).as_millis())
 }
@@ -555,7 +601,9 @@ impl VmLifetime for QemuVm {
     /// if the future is dropped the processes keep starting, and `terminate`/`release` stop them.
     #[tracing::instrument(skip_all, fields(vm = %self.id, op = "start"))]
     async fn start(&self) -> Result<(), HostError> {
-        self.start_inner().await
+        self.start_inner()
+            .await
+            .map_err(|e| self.explain_start_failure(e))
     }
 
     /// How QEMU ended; `reason` is its SHUTDOWN event's when one was seen. A VM whose start

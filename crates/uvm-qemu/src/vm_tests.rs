@@ -350,3 +350,82 @@ fn command_lines_make_the_checks_create_vm_makes_and_create_nothing() {
         .any(|a| a.contains(&*dir.to_string_lossy())));
     assert!(f.runtime_entries().is_empty(), "nothing is created");
 }
+
+#[tokio::test]
+async fn disks_are_checked_before_qemu_is_asked_and_empty_slots_detach() {
+    use uvm::seams::{DiskConfig, DiskLocation, HostDevices, ScsiSlot};
+    let f = Fixture::new();
+    let vm = QemuBackend::new(f.config())
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    let image = f.files.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 4096]).expect("image");
+    let at = |controller, lun| ScsiSlot { controller, lun };
+    assert_invalid(
+        &vm.attach_disk(at(0, 0), &DiskConfig::raw(f.files.path().join("nope")))
+            .await,
+        "disk",
+    );
+    // One controller by default: controller 1 and LUN 64 do not exist.
+    assert_invalid(
+        &vm.attach_disk(at(1, 0), &DiskConfig::raw(&image)).await,
+        "SCSI slot",
+    );
+    assert_invalid(
+        &vm.attach_disk(at(0, 64), &DiskConfig::raw(&image)).await,
+        "SCSI slot",
+    );
+    // A good request reaches for QEMU, which is not running.
+    assert!(matches!(
+        vm.attach_disk(at(0, 0), &DiskConfig::raw(&image)).await,
+        Err(HostError::Gone)
+    ));
+    vm.detach_disk(at(0, 0)).await.expect("nothing attached");
+    assert_eq!(
+        vm.disk_location(at(0, 5)),
+        DiskLocation::Scsi {
+            controller: 0,
+            lun: 5
+        }
+    );
+    vm.release().await.expect("release");
+}
+
+#[test]
+fn disks_given_at_create_are_checked_and_put_on_the_command_line() {
+    use uvm::seams::{DiskConfig, DiskMount, DiskSpec};
+    let f = Fixture::new();
+    let image = f.files.path().join("disk.img");
+    std::fs::write(&image, vec![0u8; 4096]).expect("image");
+    let spec = |path: PathBuf| DiskSpec {
+        disk: DiskConfig::raw(path),
+        mount: DiskMount::at("/mnt/d"),
+    };
+    let backend = QemuBackend::new(f.config());
+    let missing = VmConfig {
+        disks: vec![spec(f.files.path().join("nope"))],
+        ..vm_config(256, 1)
+    };
+    assert_invalid(&backend.create_vm("a", &missing), "disk");
+    assert!(
+        f.runtime_entries().is_empty(),
+        "a refused create leaves nothing"
+    );
+    let good = VmConfig {
+        disks: vec![spec(image.clone())],
+        ..vm_config(256, 1)
+    };
+    let lines = backend
+        .command_lines(&f.root.path().join("d"), &good)
+        .expect("command lines");
+    let qemu = lines.qemu.join(" ");
+    assert!(
+        qemu.contains("virtio-scsi-pci,id=scsi0,addr=0x10.0"),
+        "{qemu}"
+    );
+    assert!(
+        qemu.contains("scsi-hd,id=disk0,drive=disk0,bus=scsi0.0"),
+        "{qemu}"
+    );
+    assert!(qemu.contains(&image.display().to_string()), "{qemu}");
+}
