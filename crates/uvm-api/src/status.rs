@@ -9,7 +9,7 @@
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
-use uvm::{error_chain, ControllerError, GuestError, HostError, Rejection, SeamError};
+use uvm::{error_chain, ControllerError, DeviceError, GuestError, HostError, Rejection, SeamError};
 
 use crate::v1;
 
@@ -43,7 +43,24 @@ pub fn controller_code(err: &ControllerError) -> Code {
         ControllerError::ReleaseFailed { source, .. } => host_code(source),
         ControllerError::Host { source, .. } => host_code(source),
         ControllerError::Guest { source, .. } => guest_code(source),
+        ControllerError::Device { source, .. } => device_code(source),
         ControllerError::Cancelled { .. } => Code::Cancelled,
+    }
+}
+
+/// The code of a disk or share request's error.
+pub fn device_code(err: &DeviceError) -> Code {
+    match err {
+        DeviceError::InvalidArgument { .. } => Code::InvalidArgument,
+        DeviceError::NoAvailableSlots { .. } => Code::ResourceExhausted,
+        DeviceError::ConfigMismatch { .. } | DeviceError::WrongDeviceState { .. } => {
+            Code::FailedPrecondition
+        }
+        DeviceError::GuestPathInUse { .. } => Code::AlreadyExists,
+        DeviceError::WritableShareRefused { .. } => Code::PermissionDenied,
+        DeviceError::UnknownReservation { .. } | DeviceError::NotFound { .. } => Code::NotFound,
+        DeviceError::Host { source, .. } => host_code(source),
+        DeviceError::Guest { source, .. } => guest_code(source),
     }
 }
 

@@ -18,6 +18,8 @@
 #![warn(missing_docs)]
 
 mod controller;
+mod device_ops;
+pub mod devices;
 pub mod error;
 mod files;
 mod lifecycle;
@@ -28,6 +30,8 @@ pub mod state;
 pub mod testing;
 
 pub use controller::{normalize_memory, Controller, Status, Timeouts};
+pub use device_ops::Devices;
+pub use devices::DeviceError;
 pub use error::{
     error_chain, ControllerError, GuestError, GuestRequest, HostError, Rejection, SeamError,
 };

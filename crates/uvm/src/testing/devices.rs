@@ -11,8 +11,8 @@ use super::{Call, FakeGuest, FakeVm};
 use crate::controller::lock;
 use crate::error::{GuestError, GuestRequest, HostError};
 use crate::seams::{
-    DiskConfig, DiskLocation, DiskMount, GuestMounts, HostDevices, ScsiSlot, ShareConfig,
-    ShareMount, ShareTransport,
+    cold_disk_slot, cold_share_tag, DiskConfig, DiskLocation, DiskMount, GuestMounts, HostDevices,
+    ScsiSlot, ShareConfig, ShareMount, ShareTransport, VmConfig,
 };
 use crate::Rejection;
 
@@ -32,6 +32,27 @@ pub(super) struct FakeDevices {
     shares: BTreeMap<String, ShareConfig>,
 }
 
+impl FakeDevices {
+    /// What a VM created with `config` has attached cold: its disks at their cold slots, its
+    /// shares under their cold tags.
+    pub(super) fn cold(config: &VmConfig) -> FakeDevices {
+        FakeDevices {
+            disks: config
+                .disks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, spec)| Some((cold_disk_slot(i)?, spec.disk.clone())))
+                .collect(),
+            shares: config
+                .shares
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| (cold_share_tag(i), spec.share.clone()))
+                .collect(),
+        }
+    }
+}
+
 /// The fake guest's mounts and scripted refusals.
 #[derive(Debug, Default)]
 pub(super) struct FakeMounts {
@@ -48,6 +69,18 @@ impl FakeVm {
     /// The shares added now, by tag.
     pub fn added_shares(&self) -> BTreeMap<String, ShareConfig> {
         lock(&self.devices).shares.clone()
+    }
+    pub(super) fn forget_devices(&self) {
+        let mut d = lock(&self.devices);
+        d.disks.clear();
+        d.shares.clear();
+    }
+    /// A device call on a VM whose process ended finds it gone.
+    fn alive(&self) -> Result<(), HostError> {
+        if self.has_exited() {
+            return Err(HostError::Gone);
+        }
+        Ok(())
     }
 }
 
@@ -73,6 +106,7 @@ impl FakeGuest {
     }
 
     fn mount(&self, request: GuestRequest, path: &str, mount: FakeMount) -> Result<(), GuestError> {
+        self.connected()?;
         let mut m = lock(&self.mounts);
         if m.mounts.contains_key(path) {
             return Err(GuestError::Rejected {
@@ -86,6 +120,7 @@ impl FakeGuest {
     }
 
     fn unmount(&self, request: GuestRequest, path: &str) -> Result<(), GuestError> {
+        self.connected()?;
         let mut m = lock(&self.mounts);
         if let Some(kind) = m.unmount_refusals.get(path) {
             return Err(GuestError::Rejected {
@@ -109,6 +144,7 @@ impl FakeGuest {
 impl HostDevices for FakeVm {
     async fn attach_disk(&self, slot: ScsiSlot, disk: &DiskConfig) -> Result<(), HostError> {
         self.script.host(Call::AttachDisk).await?;
+        self.alive()?;
         let mut d = lock(&self.devices);
         if d.disks.contains_key(&slot) {
             return Err(HostError::InvalidInput {
@@ -121,6 +157,7 @@ impl HostDevices for FakeVm {
     }
     async fn detach_disk(&self, slot: ScsiSlot) -> Result<(), HostError> {
         self.script.host(Call::DetachDisk).await?;
+        self.alive()?;
         lock(&self.devices).disks.remove(&slot);
         Ok(())
     }
@@ -132,6 +169,7 @@ impl HostDevices for FakeVm {
     }
     async fn add_share(&self, tag: &str, share: &ShareConfig) -> Result<(), HostError> {
         self.script.host(Call::AddShare).await?;
+        self.alive()?;
         let mut d = lock(&self.devices);
         if d.shares.contains_key(tag) {
             return Err(HostError::InvalidInput {
@@ -144,6 +182,7 @@ impl HostDevices for FakeVm {
     }
     async fn remove_share(&self, tag: &str) -> Result<(), HostError> {
         self.script.host(Call::RemoveShare).await?;
+        self.alive()?;
         lock(&self.devices).shares.remove(tag);
         Ok(())
     }
@@ -172,6 +211,7 @@ impl GuestMounts for FakeGuest {
     }
     async fn eject_disk(&self, location: &DiskLocation) -> Result<(), GuestError> {
         self.script.guest(Call::EjectDisk).await?;
+        self.connected()?;
         lock(&self.mounts).ejected.push(location.clone());
         Ok(())
     }
