@@ -44,6 +44,9 @@ pub struct Devices {
     pub shares: Vec<ShareInfo>,
 }
 
+/// What a device operation works with once admitted: the VM, its books, its device token.
+type DeviceGuard = (Arc<dyn HostVm>, Arc<DeviceSet>, CancellationToken);
+
 /// What a user's guest path holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Attachment {
@@ -386,7 +389,7 @@ impl Controller {
     fn device_guard(
         &self,
         operation: Operation,
-    ) -> Result<(Arc<dyn HostVm>, Arc<DeviceSet>, CancellationToken), ControllerError> {
+    ) -> Result<DeviceGuard, ControllerError> {
         let vm = self.running_vm(operation)?;
         let core = self.core();
         let devices = core
