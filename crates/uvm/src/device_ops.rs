@@ -386,10 +386,7 @@ impl Controller {
     }
 
     /// Guard for device operations: Running, and the VM, its books and its device token.
-    fn device_guard(
-        &self,
-        operation: Operation,
-    ) -> Result<DeviceGuard, ControllerError> {
+    fn device_guard(&self, operation: Operation) -> Result<DeviceGuard, ControllerError> {
         let vm = self.running_vm(operation)?;
         let core = self.core();
         let devices = core
