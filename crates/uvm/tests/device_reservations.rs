@@ -526,3 +526,108 @@ async fn writable_shares_are_refused_under_no_writable_shares_and_read_only_ones
     let mount = &s.snapshot()[0].mounts[0];
     assert!(mount.config.read_only, "a read-only share mounts read-only");
 }
+
+#[tokio::test]
+async fn teardown_takes_down_devices_in_every_state_and_empties_the_books() {
+    let f = Fakes::running().await;
+    let (vm, guest) = (f.vm(), f.guest.clone());
+    let c = scsi(1);
+    // Reserved, never mapped.
+    c.reserve(disk(0), DiskMount::at("/reserved"))
+        .expect("reserve");
+    // Detached after a failed attach, a reservation still outstanding.
+    let detached = c
+        .reserve(disk(1), DiskMount::at("/detached"))
+        .expect("reserve");
+    f.script.fail_nth(Call::AttachDisk, 1);
+    c.map(detached, &*vm, &*guest)
+        .await
+        .expect_err("attach fails");
+    // Attached with a failed (Unmounted) mount.
+    let failed = c
+        .reserve(disk(2), DiskMount::at("/failed"))
+        .expect("reserve");
+    f.script.fail_nth(Call::MountDisk, 1);
+    c.map(failed, &*vm, &*guest).await.expect_err("mount fails");
+    // Attached and mounted.
+    let mounted = c
+        .reserve(disk(3), DiskMount::at("/mounted"))
+        .expect("reserve");
+    c.map(mounted, &*vm, &*guest).await.expect("map");
+    // Ejected after a failed detach.
+    let ejected = c
+        .reserve(disk(4), DiskMount::at("/ejected"))
+        .expect("reserve");
+    c.map(ejected, &*vm, &*guest).await.expect("map");
+    f.script.fail_nth(Call::DetachDisk, 1);
+    c.unmap(ejected, &*vm, &*guest)
+        .await
+        .expect_err("detach fails");
+    let states: Vec<_> = c.snapshot().iter().map(|d| d.state).collect();
+    assert_eq!(
+        states,
+        [
+            DiskState::Reserved,
+            DiskState::Detached,
+            DiskState::Attached,
+            DiskState::Attached,
+            DiskState::Ejected
+        ]
+    );
+
+    let s = ShareController::new(false, deadlines());
+    s.reserve(share("/srv/reserved"), share_mount("/s-reserved"))
+        .expect("reserve");
+    let invalid = s
+        .reserve(share("/srv/invalid"), share_mount("/s-invalid"))
+        .expect("reserve");
+    f.script.fail_nth(Call::AddShare, 1);
+    s.map(invalid, &*vm, &*guest).await.expect_err("add fails");
+    let added = s
+        .reserve(share("/srv/added"), share_mount("/s-added"))
+        .expect("reserve");
+    s.map(added, &*vm, &*guest).await.expect("map");
+    let states: Vec<_> = s.snapshot().iter().map(|s| s.state).collect();
+    assert_eq!(
+        states,
+        [ShareState::Reserved, ShareState::Invalid, ShareState::Added]
+    );
+    f.script.clear_log();
+
+    let mut reach = uvm::devices::Reach {
+        guest: true,
+        host: true,
+    };
+    c.teardown_guest(&*vm, &*guest, &mut reach).await;
+    s.teardown_guest(&*guest, &mut reach).await;
+    c.teardown_host(&*vm, &*guest, &mut reach).await;
+    s.teardown_host(&*vm, &mut reach).await;
+    assert_eq!(
+        device_calls(&f),
+        vec![
+            // Guest: the failed disk's eject, the mounted disk's unmount and eject, the share's
+            // unmount; nothing for what never reached the guest.
+            Call::EjectDisk,
+            Call::UnmountDisk,
+            Call::EjectDisk,
+            Call::UnmountShare,
+            // Host: the three disks on the VM, the one added share.
+            Call::DetachDisk,
+            Call::DetachDisk,
+            Call::DetachDisk,
+            Call::RemoveShare
+        ]
+    );
+    assert!(c.snapshot().is_empty());
+    assert!(s.snapshot().is_empty());
+    assert!(vm.attached_disks().is_empty());
+    assert!(vm.added_shares().is_empty());
+    assert!(guest.mounts().is_empty());
+    assert_eq!(
+        reach,
+        uvm::devices::Reach {
+            guest: true,
+            host: true
+        }
+    );
+}

@@ -112,26 +112,25 @@ async fn a_failed_attach_returns_the_host_error_and_leaves_nothing_behind() {
 }
 
 #[tokio::test]
-async fn a_host_refusal_of_the_disk_passes_through_as_invalid_input() {
-    // The one-writer rule: the backend refuses a disk attached writable to another VM.
+async fn a_disk_the_host_refuses_passes_its_invalid_input_through_and_leaves_nothing() {
+    // One writer: the backend refuses a disk attached writable to another VM.
     let f = Fakes::running().await;
-    f.controller
-        .add_disk(disk(0), DiskMount::at("/a"))
+    f.vm().refuse_disk(disk(0).host_path);
+    let err = f
+        .controller
+        .add_disk(disk(0), DiskMount::at("/data"))
         .await
-        .expect("add");
-    // The fake refuses a taken slot with InvalidInput, as a backend refuses a busy image.
-    let vm = f.vm();
-    let err = uvm::seams::HostDevices::attach_disk(
-        &*vm,
-        ScsiSlot {
-            controller: 0,
-            lun: 0,
-        },
-        &disk(1),
-    )
-    .await
-    .expect_err("taken");
-    assert!(matches!(err, HostError::InvalidInput { .. }));
+        .expect_err("refused");
+    assert!(matches!(
+        device_error(&err),
+        DeviceError::Host {
+            step: "attach disk",
+            source: HostError::InvalidInput { what: "disk", .. }
+        }
+    ));
+    assert_eq!(f.controller.state(), State::Running);
+    assert!(f.vm().attached_disks().is_empty());
+    assert_eq!(f.controller.devices(), uvm::Devices::default());
 }
 
 #[tokio::test]
@@ -756,6 +755,28 @@ async fn terminate_tears_down_devices_in_every_state_guest_first_then_host() {
     assert_eq!(c.devices(), uvm::Devices::default());
     assert!(f.vm().attached_disks().is_empty());
     assert!(f.vm().added_shares().is_empty());
+}
+
+#[tokio::test]
+async fn terminating_a_vm_never_started_forgets_its_cold_devices_without_calls() {
+    let f = Fakes::new();
+    let config = VmConfig {
+        disks: vec![DiskSpec {
+            disk: disk(0),
+            mount: DiskMount::at("/d0"),
+        }],
+        shares: vec![ShareSpec {
+            share: share("/srv", true),
+            mount: share_mount("/srv"),
+        }],
+        ..VmConfig::default()
+    };
+    f.controller.create_vm(config).await.expect("create");
+    f.script.clear_log();
+    f.controller.terminate_vm().await.expect("terminate");
+    assert_eq!(f.controller.state(), State::Terminated);
+    assert_eq!(f.script.calls(), vec![Call::CloseConnection, Call::Release]);
+    assert_eq!(f.controller.devices(), uvm::Devices::default());
 }
 
 #[tokio::test]

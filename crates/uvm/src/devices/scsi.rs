@@ -300,8 +300,10 @@ impl ScsiController {
         disk: DiskConfig,
         mount: DiskMount,
     ) -> Result<DiskReservation, DeviceError> {
-        let slot =
-            cold_disk_slot(index).ok_or(DeviceError::NoAvailableSlots { capacity: u32::MAX })?;
+        let slot = cold_disk_slot(index).ok_or_else(|| DeviceError::InvalidArgument {
+            what: "disks",
+            message: format!("disk {index} is past the last slot"),
+        })?;
         self.reserve_at(disk, mount, Place::Cold(slot))
     }
 

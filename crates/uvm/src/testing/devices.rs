@@ -30,6 +30,8 @@ pub enum FakeMount {
 pub(super) struct FakeDevices {
     disks: BTreeMap<ScsiSlot, DiskConfig>,
     shares: BTreeMap<String, ShareConfig>,
+    /// Host paths the backend refuses to attach (as one open for writing by another VM).
+    refused: std::collections::BTreeSet<std::path::PathBuf>,
 }
 
 impl FakeDevices {
@@ -49,6 +51,7 @@ impl FakeDevices {
                 .enumerate()
                 .map(|(i, spec)| (cold_share_tag(i), spec.share.clone()))
                 .collect(),
+            refused: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -69,6 +72,11 @@ impl FakeVm {
     /// The shares added now, by tag.
     pub fn added_shares(&self) -> BTreeMap<String, ShareConfig> {
         lock(&self.devices).shares.clone()
+    }
+    /// Attaching the disk at `host_path` is refused with [`HostError::InvalidInput`], as a
+    /// backend refuses an image another VM has open for writing.
+    pub fn refuse_disk(&self, host_path: impl Into<std::path::PathBuf>) {
+        lock(&self.devices).refused.insert(host_path.into());
     }
     pub(super) fn forget_devices(&self) {
         let mut d = lock(&self.devices);
@@ -146,6 +154,15 @@ impl HostDevices for FakeVm {
         self.script.host(Call::AttachDisk).await?;
         self.alive()?;
         let mut d = lock(&self.devices);
+        if d.refused.contains(&disk.host_path) {
+            return Err(HostError::InvalidInput {
+                what: "disk",
+                message: format!(
+                    "{} is attached writable to another VM",
+                    disk.host_path.display()
+                ),
+            });
+        }
         if d.disks.contains_key(&slot) {
             return Err(HostError::InvalidInput {
                 what: "slot",
