@@ -400,6 +400,64 @@ mod tests {
     }
 
     #[test]
+    fn device_errors_have_their_documented_codes_and_seam_errors_their_own() {
+        let device = |source: DeviceError| ControllerError::Device {
+            id: "vm".into(),
+            operation: Operation::AddDisk,
+            source,
+        };
+        let cases = [
+            (
+                DeviceError::NoAvailableSlots { capacity: 64 },
+                Code::ResourceExhausted,
+            ),
+            (
+                DeviceError::GuestPathInUse {
+                    guest_path: "/a".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                DeviceError::WritableShareRefused {
+                    host_path: "/srv".into(),
+                },
+                Code::PermissionDenied,
+            ),
+            (
+                DeviceError::NotFound {
+                    what: "disk",
+                    guest_path: "/a".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                DeviceError::Host {
+                    step: "attach disk",
+                    source: HostError::InvalidInput {
+                        what: "disk",
+                        message: "attached writable to another VM".into(),
+                    },
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                DeviceError::Guest {
+                    step: "unmount disk",
+                    source: GuestError::Rejected {
+                        request: uvm::GuestRequest::UnmountDisk,
+                        kind: Rejection::Busy,
+                        message: "busy".into(),
+                    },
+                },
+                Code::Unavailable,
+            ),
+        ];
+        for (source, code) in cases {
+            assert_eq!(controller_code(&device(source)), code);
+        }
+    }
+
+    #[test]
     fn cancellations_are_aborted_or_cancelled() {
         assert_eq!(
             controller_code(&ControllerError::StartCancelled { id: "vm".into() }),
