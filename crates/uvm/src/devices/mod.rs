@@ -46,6 +46,11 @@
 //!   host steps, every failure logged and swallowed, and once the guest or the host is found gone
 //!   its remaining calls are skipped.
 //! - Read-only devices force read-only mounts (hcsshim leaves that to the caller).
+//! - A share may have several mounts (one per guest path), as a disk may; hcsshim's plan9 share
+//!   has one. virtio-fs mounts one tag many times; over 9p the guest may refuse a second mount of
+//!   a tag, which comes back as the guest's typed refusal.
+//! - Disks given at create are born Attached, shares Added (the backend plugged them cold), so
+//!   Map only mounts them; hcsshim reserves the rootfs slot only, with `ReserveForRootfs`.
 
 pub mod scsi;
 pub mod shares;
