@@ -10,8 +10,8 @@
 //! ```
 //!
 //! Slots: the lowest free one is taken, and a slot is free again once its disk is Detached and
-//! its last reservation gone; full is [`DeviceError::NoAvailableSlots`]. Disks given at create
-//! ([`ScsiController::reserve_cold`]) are born Attached at [`cold_disk_slot`], as the backend
+//! its last reservation gone; full is [`crate::DeviceError::NoAvailableSlots`]. Disks given at create
+//! ([`ScsiController::reserve_cold`]) are born Attached at [`crate::seams::cold_disk_slot`], as the backend
 //! attached them cold. The rules common to all sub-controllers are in [`crate::devices`].
 
 use std::fmt;
