@@ -55,6 +55,7 @@ impl From<StartStep> for v1::StartStep {
             StartStep::StartVm => v1::StartStep::StartVm,
             StartStep::ConnectGuest => v1::StartStep::ConnectGuest,
             StartStep::ApplySecurityPolicy => v1::StartStep::ApplySecurityPolicy,
+            StartStep::MountDevices => v1::StartStep::MountDevices,
         }
     }
 }
@@ -78,6 +79,10 @@ impl From<Operation> for v1::Operation {
             Operation::CopyOut => v1::Operation::CopyOut,
             Operation::StartTime => v1::Operation::StartTime,
             Operation::ExitStatus => v1::Operation::ExitStatus,
+            Operation::AddDisk => v1::Operation::AddDisk,
+            Operation::RemoveDisk => v1::Operation::RemoveDisk,
+            Operation::AddShare => v1::Operation::AddShare,
+            Operation::RemoveShare => v1::Operation::RemoveShare,
             Operation::VmExited => v1::Operation::VmExited,
         }
     }

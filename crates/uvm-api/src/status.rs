@@ -9,7 +9,7 @@
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
-use uvm::{error_chain, ControllerError, GuestError, HostError, Rejection, SeamError};
+use uvm::{error_chain, ControllerError, DeviceError, GuestError, HostError, Rejection, SeamError};
 
 use crate::v1;
 
@@ -43,7 +43,24 @@ pub fn controller_code(err: &ControllerError) -> Code {
         ControllerError::ReleaseFailed { source, .. } => host_code(source),
         ControllerError::Host { source, .. } => host_code(source),
         ControllerError::Guest { source, .. } => guest_code(source),
+        ControllerError::Device { source, .. } => device_code(source),
         ControllerError::Cancelled { .. } => Code::Cancelled,
+    }
+}
+
+/// The code of a disk or share request's error.
+pub fn device_code(err: &DeviceError) -> Code {
+    match err {
+        DeviceError::InvalidArgument { .. } => Code::InvalidArgument,
+        DeviceError::NoAvailableSlots { .. } => Code::ResourceExhausted,
+        DeviceError::ConfigMismatch { .. } | DeviceError::WrongDeviceState { .. } => {
+            Code::FailedPrecondition
+        }
+        DeviceError::GuestPathInUse { .. } => Code::AlreadyExists,
+        DeviceError::WritableShareRefused { .. } => Code::PermissionDenied,
+        DeviceError::UnknownReservation { .. } | DeviceError::NotFound { .. } => Code::NotFound,
+        DeviceError::Host { source, .. } => host_code(source),
+        DeviceError::Guest { source, .. } => guest_code(source),
     }
 }
 
@@ -380,6 +397,64 @@ mod tests {
             }),
         };
         assert_eq!(controller_code(&policy), Code::PermissionDenied);
+    }
+
+    #[test]
+    fn device_errors_have_their_documented_codes_and_seam_errors_their_own() {
+        let device = |source: DeviceError| ControllerError::Device {
+            id: "vm".into(),
+            operation: Operation::AddDisk,
+            source,
+        };
+        let cases = [
+            (
+                DeviceError::NoAvailableSlots { capacity: 64 },
+                Code::ResourceExhausted,
+            ),
+            (
+                DeviceError::GuestPathInUse {
+                    guest_path: "/a".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                DeviceError::WritableShareRefused {
+                    host_path: "/srv".into(),
+                },
+                Code::PermissionDenied,
+            ),
+            (
+                DeviceError::NotFound {
+                    what: "disk",
+                    guest_path: "/a".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                DeviceError::Host {
+                    step: "attach disk",
+                    source: HostError::InvalidInput {
+                        what: "disk",
+                        message: "attached writable to another VM".into(),
+                    },
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                DeviceError::Guest {
+                    step: "unmount disk",
+                    source: GuestError::Rejected {
+                        request: uvm::GuestRequest::UnmountDisk,
+                        kind: Rejection::Busy,
+                        message: "busy".into(),
+                    },
+                },
+                Code::Unavailable,
+            ),
+        ];
+        for (source, code) in cases {
+            assert_eq!(controller_code(&device(source)), code);
+        }
     }
 
     #[test]

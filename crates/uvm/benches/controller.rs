@@ -2,10 +2,12 @@
 //!
 //! - `state()` / `stats()` while a `start_vm` is blocked in flight (they must not wait for it),
 //!   against the same calls on an idle Running VM as the baseline;
-//! - a full create → start → terminate cycle.
+//! - a full create → start → terminate cycle;
+//! - a disk and a share added and removed (the controller's books and tables around four fake
+//!   calls each), and `devices()` while an attach is blocked in flight against an idle one.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use uvm::seams::VmConfig;
+use uvm::seams::{DiskConfig, DiskMount, ShareConfig, ShareMount, VmConfig};
 use uvm::testing::{Call, Fakes};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -65,5 +67,58 @@ fn lifecycle(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, queries, lifecycle);
+fn devices(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("devices");
+    let f = rt.block_on(Fakes::running());
+    group.bench_function("add_remove_disk", |b| {
+        b.to_async(&rt).iter(|| async {
+            f.controller
+                .add_disk(DiskConfig::raw("/images/a.img"), DiskMount::at("/data"))
+                .await
+                .expect("add");
+            f.controller.remove_disk("/data").await.expect("remove");
+        })
+    });
+    group.bench_function("add_remove_share", |b| {
+        b.to_async(&rt).iter(|| async {
+            let share = ShareConfig {
+                host_path: "/srv".into(),
+                read_only: true,
+            };
+            let mount = ShareMount {
+                guest_path: "/srv".into(),
+                read_only: true,
+            };
+            f.controller.add_share(share, mount).await.expect("add");
+            f.controller.remove_share("/srv").await.expect("remove");
+        })
+    });
+    rt.block_on(
+        f.controller
+            .add_disk(DiskConfig::raw("/images/b.img"), DiskMount::at("/b")),
+    )
+    .expect("add");
+    group.bench_function("devices/idle", |b| b.iter(|| f.controller.devices()));
+
+    let hold = f.script.hold(Call::AttachDisk);
+    let task = {
+        let c = f.controller.clone();
+        rt.spawn(async move {
+            c.add_disk(DiskConfig::raw("/images/c.img"), DiskMount::at("/c"))
+                .await
+        })
+    };
+    rt.block_on(hold.entered());
+    group.bench_function("devices/during_attach", |b| {
+        b.iter(|| f.controller.devices())
+    });
+    group.finish();
+    hold.release();
+    rt.block_on(async {
+        let _ = task.await;
+    });
+}
+
+criterion_group!(benches, queries, lifecycle, devices);
 criterion_main!(benches);

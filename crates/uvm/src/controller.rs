@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::device_ops::DeviceSet;
 use crate::error::{ControllerError, GuestError, HostError};
 use crate::machine::{Admit, ExitStatus, Machine, Outcome, Transition};
 use crate::seams::{
@@ -45,6 +46,9 @@ pub struct Timeouts {
     pub vm_terminate: Duration,
     /// Releasing the VM's resources, default 10 s; on expiry the VM is Invalid.
     pub release: Duration,
+    /// One host-side device call (attach or detach a disk, add or remove a share), default 30 s:
+    /// a removal waits for the guest to let go of the device.
+    pub device: Duration,
 }
 
 impl Default for Timeouts {
@@ -56,6 +60,7 @@ impl Default for Timeouts {
             host_call: Duration::from_secs(10),
             vm_terminate: Duration::from_secs(10),
             release: Duration::from_secs(10),
+            device: Duration::from_secs(30),
         }
     }
 }
@@ -93,6 +98,8 @@ pub(crate) struct Inner {
     pub(crate) guest: Arc<dyn Guest>,
     pub(crate) core: Mutex<Core>,
     pub(crate) op_lock: tokio::sync::Mutex<()>,
+    /// Serialises the device operations (and terminate's device teardown); no reader takes it.
+    pub(crate) device_lock: tokio::sync::Mutex<()>,
     /// Becomes true once the VM process has ended (or, never started, was terminated).
     pub(crate) exited: watch::Sender<bool>,
     /// Stops the background waiter when the last controller handle goes away.
@@ -124,6 +131,10 @@ pub(crate) struct Core {
     pub(crate) guest_info: Option<GuestInfo>,
     /// The largest file `copy_in` / `copy_out` accept.
     pub(crate) copy_limit: u64,
+    /// The disks and shares, from create on.
+    pub(crate) devices: Option<Arc<DeviceSet>>,
+    /// Cancels in-flight device operations: fired once, by terminate or the VM's exit.
+    pub(crate) device_cancel: CancellationToken,
 }
 
 /// Who runs the cleanup chain: `terminate_vm`, or the waiter after the VM ended by itself.
@@ -173,8 +184,11 @@ impl Controller {
                     exit: None,
                     guest_info: None,
                     copy_limit: crate::files::DEFAULT_COPY_LIMIT,
+                    devices: None,
+                    device_cancel: CancellationToken::new(),
                 }),
                 op_lock: tokio::sync::Mutex::new(()),
+                device_lock: tokio::sync::Mutex::new(()),
                 exited,
                 waiter_stop: CancellationToken::new(),
             }),
@@ -302,7 +316,9 @@ impl Controller {
             .map_err(|e| self.guest_error(operation, e))
     }
 
-    /// Describe and reserve the VM: NotCreated → Created. A second call is refused.
+    /// Describe and reserve the VM: NotCreated → Created. A second call is refused. The disks
+    /// and shares of `config` are reserved at their cold slots and tags first (no I/O): a
+    /// configuration that does not fit is refused before the backend is asked.
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "create_vm"))]
     pub async fn create_vm(&self, config: VmConfig) -> Result<(), ControllerError> {
         let _op = self.inner.op_lock.lock().await;
@@ -312,6 +328,13 @@ impl Controller {
                 return Ok(());
             }
         }
+        let devices = DeviceSet::for_config(&config, self.inner.timeouts).map_err(|source| {
+            ControllerError::Device {
+                id: self.inner.id.clone(),
+                operation: Operation::Create,
+                source,
+            }
+        })?;
         let vm = self
             .inner
             .backend
@@ -324,6 +347,7 @@ impl Controller {
         let mut core = self.core();
         core.vm = Some(vm);
         core.config = Some(config);
+        core.devices = Some(Arc::new(devices));
         core.machine.commit(Operation::Create, Outcome::Succeeded);
         Ok(())
     }

@@ -320,7 +320,20 @@ pub enum ControllerError {
         #[source]
         source: GuestError,
     },
-    /// The caller's cancellation token fired.
+    /// A disk or share request failed (the VM's state did not change); what the books show in
+    /// [`crate::Controller::devices`] is what is there.
+    #[error("{operation} on VM {id} failed")]
+    Device {
+        /// The VM.
+        id: String,
+        /// The controller operation.
+        operation: Operation,
+        /// Why.
+        #[source]
+        source: crate::devices::DeviceError,
+    },
+    /// The caller's cancellation token fired, or (for a device operation) a terminate or the
+    /// VM's exit cut the operation short.
     #[error("{operation} on VM {id} was cancelled")]
     Cancelled {
         /// The VM.

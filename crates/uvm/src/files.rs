@@ -26,34 +26,41 @@ const MAX_PATH_BYTES: usize = 4096;
 /// # Errors
 /// [`ControllerError::InvalidArgument`] saying what is wrong.
 pub fn check_guest_path(path: &str) -> Result<(), ControllerError> {
-    let invalid = |message: String| ControllerError::InvalidArgument {
-        what: "guest path",
-        message,
-    };
+    match guest_path_problem(path) {
+        None => Ok(()),
+        Some(message) => Err(ControllerError::InvalidArgument {
+            what: "guest path",
+            message,
+        }),
+    }
+}
+
+/// What is wrong with a guest path, as [`check_guest_path`] judges it; `None` when nothing is.
+pub(crate) fn guest_path_problem(path: &str) -> Option<String> {
     if path.len() > MAX_PATH_BYTES {
-        return Err(invalid(format!(
+        return Some(format!(
             "{} bytes, at most {MAX_PATH_BYTES} allowed",
             path.len()
-        )));
+        ));
     }
     if path.contains('\0') {
-        return Err(invalid(format!("{path:?} contains NUL")));
+        return Some(format!("{path:?} contains NUL"));
     }
     let Some(rest) = path.strip_prefix('/') else {
-        return Err(invalid(format!("{path:?} is not absolute")));
+        return Some(format!("{path:?} is not absolute"));
     };
     if rest.is_empty() {
-        return Err(invalid("\"/\" names no file".into()));
+        return Some("\"/\" names no file".into());
     }
     if rest
         .split('/')
         .any(|c| c.is_empty() || c == "." || c == "..")
     {
-        return Err(invalid(format!(
+        return Some(format!(
             "{path:?} is not normalised (empty, \".\" or \"..\" components)"
-        )));
+        ));
     }
-    Ok(())
+    None
 }
 
 fn check_mode(mode: u32) -> Result<(), ControllerError> {

@@ -10,6 +10,10 @@
 //! operation) pair, whether the operation is allowed and which state it leads to; the state
 //! changes only through it (module `machine`).
 //!
+//! Disks and shares are kept by the device sub-controllers in [`devices`] (each machine one
+//! table, like the VM's), driven through [`Controller::add_disk`], [`Controller::add_share`] and
+//! their removals, and shown by [`Controller::devices`].
+//!
 //! Beyond hcsshim: [`Controller::state`] and [`Controller::stats`] never wait behind a long
 //! operation; [`Controller::terminate_vm`] cancels an in-flight [`Controller::start_vm`]; every
 //! guest-facing step has a deadline ([`Timeouts`]); the state carries a [`Reason`] and the guest
@@ -18,6 +22,8 @@
 #![warn(missing_docs)]
 
 mod controller;
+mod device_ops;
+pub mod devices;
 pub mod error;
 mod files;
 mod lifecycle;
@@ -28,6 +34,8 @@ pub mod state;
 pub mod testing;
 
 pub use controller::{normalize_memory, Controller, Status, Timeouts};
+pub use device_ops::Devices;
+pub use devices::DeviceError;
 pub use error::{
     error_chain, ControllerError, GuestError, GuestRequest, HostError, Rejection, SeamError,
 };

@@ -23,7 +23,7 @@ impl Controller {
     /// Steps, in order: prepare the guest listener (before the VM exists, so the guest's
     /// announcement cannot be missed) → start the VM → start the exit waiter → connect the guest
     /// (bounded by [`crate::Timeouts::guest_connect`], and cut short if the VM exits) → apply the
-    /// security policy when one is configured. Any failure leaves the VM **Invalid** and names the
+    /// security policy when one is configured → mount the disks and shares given at create. Any failure leaves the VM **Invalid** and names the
     /// step; `terminate_vm` then cleans up. A `terminate_vm` during the start cancels it: this call
     /// returns [`ControllerError::StartCancelled`] and the terminate ends the VM.
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "start_vm"))]
@@ -132,6 +132,14 @@ impl Controller {
             .await
             .map_err(|e| failed(StartStep::ApplySecurityPolicy)(e.into()))?;
         }
+
+        let devices = self.core().devices.clone();
+        if let Some(devices) = devices {
+            devices
+                .mount_cold(&**vm, &*inner.guest)
+                .await
+                .map_err(|e| failed(StartStep::MountDevices)(e.into_seam()))?;
+        }
         Ok(())
     }
 
@@ -153,7 +161,10 @@ impl Controller {
     /// End the VM and release everything it holds: → Terminated. A no-op on NotCreated and
     /// Terminated. Cancels an in-flight `start_vm` first.
     ///
-    /// The chain is ordered **terminate VM → close guest connection → release VM**. Failures of the
+    /// The chain is ordered **tear devices down → terminate VM → close guest connection →
+    /// release VM**. The device teardown cancels in-flight device operations, then unmounts and
+    /// ejects in the guest and detaches and removes on the host, every failure logged and
+    /// swallowed (a VM or guest already gone is skipped). Failures of the
     /// first two are logged and the chain goes on; a failure of the release leaves the VM
     /// **Invalid** ([`ControllerError::ReleaseFailed`]) and a later call retries the whole chain.
     /// A VM that was never started skips the terminate step.
@@ -161,6 +172,9 @@ impl Controller {
     pub async fn terminate_vm(&self) -> Result<(), ControllerError> {
         let cancelled_start = {
             let core = self.core();
+            if matches!(core.machine.admit(Operation::Terminate), Ok(Admit::Run)) {
+                core.device_cancel.cancel();
+            }
             match &core.start_cancel {
                 Some(token) => {
                     token.cancel();
@@ -194,6 +208,7 @@ impl Controller {
         };
         let t = self.inner.timeouts;
 
+        self.teardown_devices(vm.as_ref(), vm_started).await;
         if let (Some(vm), true) = (&vm, vm_started) {
             match tokio::time::timeout(t.vm_terminate, vm.terminate()).await {
                 Ok(Ok(())) => {}
@@ -282,6 +297,7 @@ async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
         match (core.machine.admit(Operation::VmExited), core.cleanup) {
             (Ok(Admit::Run), None) => {
                 core.cleanup = Some(CleanupOwner::Waiter);
+                core.device_cancel.cancel();
                 core.vm.clone()
             }
             (Ok(Admit::Run), Some(_)) | (Ok(Admit::NoOp), _) | (Err(_), _) => None,
@@ -289,6 +305,17 @@ async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
     };
     if let Some(vm) = vm {
         let released = close_and_release(&inner, Some(&*vm)).await;
+        // The VM is gone and released: its devices went with it. Forget them through their
+        // tables, with neither side reachable.
+        let devices = lock(&inner.core).devices.clone();
+        if let Some(devices) = devices {
+            let _dev = inner.device_lock.lock().await;
+            let gone = crate::devices::Reach {
+                guest: false,
+                host: false,
+            };
+            devices.teardown(&*vm, &*inner.guest, gone).await;
+        }
         let mut core = lock(&inner.core);
         core.cleanup = None;
         let outcome = match released {

@@ -88,13 +88,21 @@ pub enum Operation {
     StartTime,
     /// [`crate::Controller::exit_status`].
     ExitStatus,
+    /// [`crate::Controller::add_disk`].
+    AddDisk,
+    /// [`crate::Controller::remove_disk`].
+    RemoveDisk,
+    /// [`crate::Controller::add_share`].
+    AddShare,
+    /// [`crate::Controller::remove_share`].
+    RemoveShare,
     /// Not a request: the background waiter saw the VM process end.
     VmExited,
 }
 
 impl Operation {
     /// Every operation, for tables and property tests.
-    pub const ALL: [Operation; 17] = [
+    pub const ALL: [Operation; 21] = [
         Operation::Create,
         Operation::Start,
         Operation::Terminate,
@@ -111,6 +119,10 @@ impl Operation {
         Operation::CopyOut,
         Operation::StartTime,
         Operation::ExitStatus,
+        Operation::AddDisk,
+        Operation::RemoveDisk,
+        Operation::AddShare,
+        Operation::RemoveShare,
         Operation::VmExited,
     ];
 }
@@ -135,6 +147,10 @@ impl Operation {
             Operation::CopyOut => "copy_out",
             Operation::StartTime => "start_time",
             Operation::ExitStatus => "exit_status",
+            Operation::AddDisk => "add_disk",
+            Operation::RemoveDisk => "remove_disk",
+            Operation::AddShare => "add_share",
+            Operation::RemoveShare => "remove_share",
             Operation::VmExited => "vm_exited",
         }
     }
@@ -221,7 +237,11 @@ pub const fn plan(state: State, op: Operation) -> Plan {
         | O::UpdateMemory
         | O::UpdatePolicyFragment
         | O::CopyIn
-        | O::CopyOut => match state {
+        | O::CopyOut
+        | O::AddDisk
+        | O::RemoveDisk
+        | O::AddShare
+        | O::RemoveShare => match state {
             S::Running => Plan::stay(S::Running),
             S::NotCreated | S::Created | S::Terminated | S::Invalid => Plan::Refuse,
         },
@@ -298,6 +318,8 @@ pub enum StartStep {
     ConnectGuest,
     /// Handing the configured security policy to the guest.
     ApplySecurityPolicy,
+    /// Mounting the disks and shares given at create in the guest.
+    MountDevices,
 }
 
 impl fmt::Display for StartStep {
@@ -307,6 +329,7 @@ impl fmt::Display for StartStep {
             StartStep::StartVm => "start VM",
             StartStep::ConnectGuest => "connect guest",
             StartStep::ApplySecurityPolicy => "apply security policy",
+            StartStep::MountDevices => "mount devices",
         })
     }
 }

@@ -54,7 +54,11 @@ fn expected(op: Operation) -> [Plan; 5] {
         | O::UpdateMemory
         | O::UpdatePolicyFragment
         | O::CopyIn
-        | O::CopyOut => running_only,
+        | O::CopyOut
+        | O::AddDisk
+        | O::RemoveDisk
+        | O::AddShare
+        | O::RemoveShare => running_only,
         O::StartTime => [R, R, stay(S::Running), stay(S::Terminated), R],
         O::ExitStatus => [R, R, R, stay(S::Terminated), R],
         O::VmExited => [N, N, run(S::Terminated, S::Invalid), N, N],

@@ -11,8 +11,8 @@ use super::{Call, FakeGuest, FakeVm};
 use crate::controller::lock;
 use crate::error::{GuestError, GuestRequest, HostError};
 use crate::seams::{
-    DiskConfig, DiskLocation, DiskMount, GuestMounts, HostDevices, ScsiSlot, ShareConfig,
-    ShareMount, ShareTransport,
+    cold_disk_slot, cold_share_tag, DiskConfig, DiskLocation, DiskMount, GuestMounts, HostDevices,
+    ScsiSlot, ShareConfig, ShareMount, ShareTransport, VmConfig,
 };
 use crate::Rejection;
 
@@ -30,6 +30,30 @@ pub enum FakeMount {
 pub(super) struct FakeDevices {
     disks: BTreeMap<ScsiSlot, DiskConfig>,
     shares: BTreeMap<String, ShareConfig>,
+    /// Host paths the backend refuses to attach (as one open for writing by another VM).
+    refused: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+impl FakeDevices {
+    /// What a VM created with `config` has attached cold: its disks at their cold slots, its
+    /// shares under their cold tags.
+    pub(super) fn cold(config: &VmConfig) -> FakeDevices {
+        FakeDevices {
+            disks: config
+                .disks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, spec)| Some((cold_disk_slot(i)?, spec.disk.clone())))
+                .collect(),
+            shares: config
+                .shares
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| (cold_share_tag(i), spec.share.clone()))
+                .collect(),
+            refused: std::collections::BTreeSet::new(),
+        }
+    }
 }
 
 /// The fake guest's mounts and scripted refusals.
@@ -48,6 +72,23 @@ impl FakeVm {
     /// The shares added now, by tag.
     pub fn added_shares(&self) -> BTreeMap<String, ShareConfig> {
         lock(&self.devices).shares.clone()
+    }
+    /// Attaching the disk at `host_path` is refused with [`HostError::InvalidInput`], as a
+    /// backend refuses an image another VM has open for writing.
+    pub fn refuse_disk(&self, host_path: impl Into<std::path::PathBuf>) {
+        lock(&self.devices).refused.insert(host_path.into());
+    }
+    pub(super) fn forget_devices(&self) {
+        let mut d = lock(&self.devices);
+        d.disks.clear();
+        d.shares.clear();
+    }
+    /// A device call on a VM whose process ended finds it gone.
+    fn alive(&self) -> Result<(), HostError> {
+        if self.has_exited() {
+            return Err(HostError::Gone);
+        }
+        Ok(())
     }
 }
 
@@ -73,6 +114,7 @@ impl FakeGuest {
     }
 
     fn mount(&self, request: GuestRequest, path: &str, mount: FakeMount) -> Result<(), GuestError> {
+        self.connected()?;
         let mut m = lock(&self.mounts);
         if m.mounts.contains_key(path) {
             return Err(GuestError::Rejected {
@@ -86,6 +128,7 @@ impl FakeGuest {
     }
 
     fn unmount(&self, request: GuestRequest, path: &str) -> Result<(), GuestError> {
+        self.connected()?;
         let mut m = lock(&self.mounts);
         if let Some(kind) = m.unmount_refusals.get(path) {
             return Err(GuestError::Rejected {
@@ -109,7 +152,17 @@ impl FakeGuest {
 impl HostDevices for FakeVm {
     async fn attach_disk(&self, slot: ScsiSlot, disk: &DiskConfig) -> Result<(), HostError> {
         self.script.host(Call::AttachDisk).await?;
+        self.alive()?;
         let mut d = lock(&self.devices);
+        if d.refused.contains(&disk.host_path) {
+            return Err(HostError::InvalidInput {
+                what: "disk",
+                message: format!(
+                    "{} is attached writable to another VM",
+                    disk.host_path.display()
+                ),
+            });
+        }
         if d.disks.contains_key(&slot) {
             return Err(HostError::InvalidInput {
                 what: "slot",
@@ -121,6 +174,7 @@ impl HostDevices for FakeVm {
     }
     async fn detach_disk(&self, slot: ScsiSlot) -> Result<(), HostError> {
         self.script.host(Call::DetachDisk).await?;
+        self.alive()?;
         lock(&self.devices).disks.remove(&slot);
         Ok(())
     }
@@ -132,6 +186,7 @@ impl HostDevices for FakeVm {
     }
     async fn add_share(&self, tag: &str, share: &ShareConfig) -> Result<(), HostError> {
         self.script.host(Call::AddShare).await?;
+        self.alive()?;
         let mut d = lock(&self.devices);
         if d.shares.contains_key(tag) {
             return Err(HostError::InvalidInput {
@@ -144,6 +199,7 @@ impl HostDevices for FakeVm {
     }
     async fn remove_share(&self, tag: &str) -> Result<(), HostError> {
         self.script.host(Call::RemoveShare).await?;
+        self.alive()?;
         lock(&self.devices).shares.remove(tag);
         Ok(())
     }
@@ -172,6 +228,7 @@ impl GuestMounts for FakeGuest {
     }
     async fn eject_disk(&self, location: &DiskLocation) -> Result<(), GuestError> {
         self.script.guest(Call::EjectDisk).await?;
+        self.connected()?;
         lock(&self.mounts).ejected.push(location.clone());
         Ok(())
     }

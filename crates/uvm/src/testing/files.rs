@@ -42,7 +42,7 @@ impl FakeGuest {
             None => Ok(()),
         }
     }
-    fn connected(&self) -> Result<(), GuestError> {
+    pub(super) fn connected(&self) -> Result<(), GuestError> {
         match lock(&self.state).health {
             LinkHealth::Connected => Ok(()),
             _ => Err(GuestError::NotConnected),

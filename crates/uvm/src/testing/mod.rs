@@ -335,7 +335,7 @@ impl VmBackend for FakeBackend {
             exit: watch::channel(None).0,
             successful_releases: Mutex::new(0),
             memory: Mutex::new(None),
-            devices: Mutex::default(),
+            devices: Mutex::new(devices::FakeDevices::cold(config)),
         });
         lock(&self.vms).push(vm.clone());
         Ok(vm)
@@ -415,6 +415,8 @@ impl VmLifetime for FakeVm {
     }
     async fn release(&self) -> Result<(), HostError> {
         self.script.host(Call::Release).await?;
+        // The VM process is gone, and what was attached to it with it.
+        self.forget_devices();
         self.exit(VmExit {
             code: None,
             signal: Some(9),
