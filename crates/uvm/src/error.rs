@@ -115,6 +115,8 @@ pub enum GuestRequest {
     ReadChunk,
     /// Closing a file handle.
     CloseFile,
+    /// Asking the guest to power off.
+    Shutdown,
 }
 
 impl GuestRequest {
@@ -139,6 +141,7 @@ impl GuestRequest {
             GuestRequest::OpenRead => "open a file for reading",
             GuestRequest::ReadChunk => "read from a file",
             GuestRequest::CloseFile => "close a file",
+            GuestRequest::Shutdown => "shut down",
         }
     }
 }
