@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod incomplete;
 pub mod names;
 pub mod ready;
 pub mod record;
@@ -31,10 +32,13 @@ mod logs;
 mod service;
 mod stacks;
 mod supervisor;
+mod tether;
 
+pub use incomplete::{incomplete, remove_abandoned, Incomplete, IncompleteError};
 pub use names::{resolve, NameError};
 pub use ready::{Ready, ReadyError};
 pub use record::{read_record, ConfigRecord, ProcessRecord, RecordError, VmRecord};
 pub use root::{check_root, ensure_root, resolve_root, RootError};
 pub use start::{start_supervisor, StartError, Started, SupervisorCommand};
 pub use supervisor::{run, SupervisorError, SupervisorSpec};
+pub use tether::TetherError;

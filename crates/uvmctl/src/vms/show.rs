@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{json, Value};
 use uvm_api::v1;
-use uvm_supervisor::{names, read_record, VmRecord};
+use uvm_supervisor::incomplete::names_of;
+use uvm_supervisor::{names, read_record, Incomplete, VmRecord};
 
 use super::{status_error, Target};
 
@@ -80,18 +81,43 @@ pub fn ps(args: PsArgs, root: &Path) -> anyhow::Result<u8> {
         Vec::new()
     };
     let mut rows = Vec::new();
+    let mut incomplete = Vec::new();
     for id in ids {
-        // A directory without a record is a VM being created or removed right now.
-        let Ok(record) = read_record(&root.join(&id)) else {
-            continue;
-        };
-        let alive = record.pids.get("supervisor").is_some_and(|p| p.is_alive());
-        if args.all || (alive && record.state == "Running") {
-            rows.push((record, alive));
+        let dir = root.join(&id);
+        match read_record(&dir) {
+            Ok(record) => {
+                let alive = record.pids.get("supervisor").is_some_and(|p| p.is_alive());
+                if args.all || (alive && record.state == "Running") {
+                    rows.push((record, alive));
+                }
+            }
+            // No record (yet): a create under way, or one that died before its supervisor
+            // wrote it. Only with -a: neither is a running VM.
+            Err(uvm_supervisor::RecordError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                if args.all && dir.is_dir() {
+                    let name = names_of(root, &id).join(",");
+                    incomplete.push((id, name, uvm_supervisor::incomplete(&dir)));
+                }
+            }
+            // Removed meanwhile, or unreadable: not listed.
+            Err(_) => {}
         }
     }
     if args.json {
-        let list: Vec<Value> = rows.iter().map(|(r, a)| record_json(r, *a)).collect();
+        let mut list: Vec<Value> = rows.iter().map(|(r, a)| record_json(r, *a)).collect();
+        list.extend(incomplete.iter().map(|(id, name, state)| {
+            json!({
+                "id": id,
+                "name": name,
+                "state": match state {
+                    Incomplete::Creating => "Creating",
+                    Incomplete::Abandoned => "Abandoned",
+                },
+                "supervisor_alive": *state == Incomplete::Creating,
+            })
+        }));
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);
     }
@@ -104,6 +130,9 @@ pub fn ps(args: PsArgs, root: &Path) -> anyhow::Result<u8> {
             shown_state(&record, alive),
             record.created_at
         );
+    }
+    for (id, name, state) in incomplete {
+        println!("{id:<16}  {name:<20}  {:<28}  -", state.shown());
     }
     Ok(0)
 }
