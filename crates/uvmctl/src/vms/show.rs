@@ -201,6 +201,12 @@ fn merge_live(value: &mut Value, live: &v1::InspectResponse) {
             }),
         );
     }
+    if let Some(exit) = live.exit_status.as_ref().and_then(|e| e.exit.as_ref()) {
+        map.insert(
+            "exit".into(),
+            json!({"code": exit.code, "signal": exit.signal, "reason": exit.reason}),
+        );
+    }
     let pids: serde_json::Map<String, Value> = live
         .processes
         .iter()
@@ -321,6 +327,7 @@ fn event_json(event: &v1::EventsResponse) -> Value {
         Some(Event::BootPhase(b)) => json!({
             "type": "boot_phase",
             "step": b.step().as_str_name().trim_start_matches("START_STEP_"),
+            "elapsed_ms": b.elapsed.and_then(|d| Duration::try_from(d).ok()).map(|d| d.as_secs_f64() * 1000.0),
         }),
         Some(Event::ExecStarted(e)) => json!({
             "type": "exec_started", "exec_id": e.exec_id, "pid": e.pid, "args": e.args,
@@ -329,6 +336,7 @@ fn event_json(event: &v1::EventsResponse) -> Value {
             "type": "exec_exited",
             "exec_id": e.exec_id,
             "exit_code": e.exit.map(|x| x.exit_code),
+            "signal": e.exit.map(|x| x.signal).filter(|s| *s != 0),
         }),
         None => json!({"type": "unknown"}),
     };
