@@ -249,6 +249,12 @@ impl Controller {
                     message: error_chain(&source),
                 }),
             );
+            // A VM process that ended has ended, even if its release failed (Invalid).
+            let ended = core.exit.is_some();
+            drop(core);
+            if ended {
+                self.inner.exited.send_replace(true);
+            }
             return Err(ControllerError::ReleaseFailed {
                 id: self.inner.id.clone(),
                 source,
@@ -332,26 +338,31 @@ impl Controller {
 /// The VM process ended. When it ended by itself while Running, the waiter owns the cleanup:
 /// collapse the guest connection (releasing anything waiting on the guest) and release the VM, then
 /// Running → Terminated (or Invalid if the release fails) — so Terminated always means released.
-/// During a start or a terminate it only records the exit: those operations finish the job.
+/// During a start or a terminate it only records the exit: those operations finish the job. It
+/// announces the exit (`exited`, what `wait` waits for) unless a terminate runs the chain: that
+/// terminate announces it once it has committed, so a `wait` never returns before the state
+/// says how the VM ended.
 async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
     let Some(inner) = weak.upgrade() else {
         return;
     };
-    let vm = {
+    let (vm, terminating) = {
         let mut core = lock(&inner.core);
         let state = core.machine.state();
         tracing::info!(vm = %inner.id, %exit, %state, "VM process ended");
         core.exit = Some(exit.clone());
         core.stopped_at.get_or_insert_with(SystemTime::now);
+        let terminating = core.cleanup == Some(CleanupOwner::Terminate);
         // Only the table decides whether the exit is ours to clean up; a terminate already
         // running the chain owns it even then.
-        match (core.machine.admit(Operation::VmExited), core.cleanup) {
+        let vm = match (core.machine.admit(Operation::VmExited), core.cleanup) {
             (Ok(Admit::Run), None) => {
                 core.cleanup = Some(CleanupOwner::Waiter);
                 core.vm.clone()
             }
             (Ok(Admit::Run), Some(_)) | (Ok(Admit::NoOp), _) | (Err(_), _) => None,
-        }
+        };
+        (vm, terminating)
     };
     if let Some(vm) = vm {
         let released = close_and_release(&inner, Some(&*vm)).await;
@@ -365,7 +376,9 @@ async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
         };
         core.machine.commit(Operation::VmExited, outcome);
     }
-    inner.exited.send_replace(true);
+    if !terminating {
+        inner.exited.send_replace(true);
+    }
 }
 
 /// The tail of the cleanup chain: close the guest connection (failure logged and swallowed), then

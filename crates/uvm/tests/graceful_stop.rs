@@ -213,3 +213,54 @@ async fn exec_tells_a_signalled_process_from_one_that_exited_with_the_same_statu
         137
     );
 }
+
+#[tokio::test]
+async fn a_wait_during_a_terminate_returns_only_once_the_terminate_has_committed() {
+    let f = Fakes::running().await;
+    let release = f.script.hold(Call::Release);
+    let terminate = {
+        let c = f.controller.clone();
+        tokio::spawn(async move { c.terminate_vm_within(Duration::from_secs(30)).await })
+    };
+    // The guest powered off (the VM process has ended); the release is under way. The exit
+    // waiter, woken by the exit before the release was entered, has run by now.
+    release.entered().await;
+    tokio::task::yield_now().await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let wait = f.controller.wait(&cancel);
+    tokio::pin!(wait);
+    // Polled while the release is held: not done (the state is still Running).
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut wait)
+            .await
+            .is_err(),
+        "wait returned while the VM was {}",
+        f.controller.state()
+    );
+    release.release();
+    terminate.await.expect("join").expect("terminate");
+    wait.await.expect("wait");
+    assert_eq!(f.controller.state(), State::Terminated);
+}
+
+#[tokio::test]
+async fn a_wait_returns_once_a_terminate_whose_release_failed_left_the_vm_invalid() {
+    let f = Fakes::running().await;
+    f.script.fail_nth(Call::Release, 1);
+    let err = f
+        .controller
+        .terminate_vm_within(Duration::from_secs(30))
+        .await
+        .expect_err("release fails");
+    assert!(
+        matches!(err, uvm::ControllerError::ReleaseFailed { .. }),
+        "{err:?}"
+    );
+    assert_eq!(f.controller.state(), State::Invalid);
+    // The VM process has ended: a wait does not hang on the failed release.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    tokio::time::timeout(Duration::from_secs(30), f.controller.wait(&cancel))
+        .await
+        .expect("wait returns")
+        .expect("wait");
+}
