@@ -300,6 +300,41 @@ async fn an_exec_dropped_while_its_start_is_in_flight_gets_its_process_killed_an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_log_follower_is_told_of_each_line_and_learns_how_many_fell_out_of_the_window() {
+    let h = harness(Peer::Agent, CALL).await;
+    // 5 more lines than the link keeps (200 by default).
+    let lines: Vec<String> = (0..205).map(|i| format!("guest line {i}")).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let mut counter = h.link.subscribe_log();
+    let _guest = announce(&h.uds, ready(&refs)).await;
+    h.link.connect().await.expect("connect");
+    // An event per line, not a poll: woken by each, until the last one is in.
+    let last_in = async {
+        while h.link.log_after(0).lines.last().map(String::as_str) != Some("guest line 204") {
+            counter.changed().await.expect("the link lives");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), last_in)
+        .await
+        .expect("every line is forwarded");
+    let total = *counter.borrow();
+    let slice = h.link.log_after(0);
+    assert_eq!((slice.skipped, slice.next), (total - 200, total));
+    assert_eq!(slice.lines.len(), 200);
+    assert_eq!(
+        slice.lines.last().map(String::as_str),
+        Some("guest line 204")
+    );
+    let later = h.link.log_after(total - 1);
+    assert_eq!(
+        (later.lines, later.skipped, later.next),
+        (vec!["guest line 204".to_string()], 0, total)
+    );
+    assert!(h.link.log_after(total).lines.is_empty());
+    assert!(!h.link.log_is_drained());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_connection_releases_a_pending_exec() {
     let h = harness(Peer::Agent, CALL).await;
     let _guest = announce(&h.uds, ready(&[])).await;
