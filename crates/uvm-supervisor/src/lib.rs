@@ -6,7 +6,7 @@
 //! `<root>/<id>/api.sock` until the VM is removed ([`run`]). The CLI's other commands are clients:
 //! they find a VM by name or id prefix ([`names::resolve`]) and read records without asking.
 //! A directory without a record is a create under way or one a killed `create` abandoned
-//! ([`incomplete`]); a supervisor started with a tether removes its VM when the tethered process
+//! ([`mod@incomplete`]); a supervisor started with a tether removes its VM when the tethered process
 //! ends (tests use it so that a killed test leaves nothing behind).
 //!
 //! ```text
