@@ -1,16 +1,19 @@
 //! Exec over the agent's long-poll API: start the process, pump stdin/stdout/stderr as separate
-//! concurrent RPC streams, forward signals, wait for the exit code. An exec whose future is
-//! dropped before the exit code arrived (a client gone) kills its process and reaps it.
+//! concurrent RPC streams, forward signals, wait for the exit status. An exec whose future is
+//! dropped before the exit status arrived (a client gone) kills its process and reaps it — even
+//! when it is dropped while the start request is still in flight: that request runs in a task
+//! of its own, and a process whose start nobody hears of any more is killed on arrival.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::task::AbortOnDropHandle;
-use uvm::seams::{ExecRequest, GuestConnection, TerminalSize};
+use uvm::seams::{ExecRequest, GuestConnection, ProcessExit, TerminalSize};
 use uvm::{GuestError, GuestRequest};
 use uvm_agent_proto::agent::{
-    ExecRequest as WireExec, OutputStream, ProcessRef, ReadOutputRequest, ResizeRequest,
-    SignalRequest, TerminalSize as WireSize, WriteStdinRequest,
+    ExecRequest as WireExec, ExecResponse as WireStarted, OutputStream, ProcessRef,
+    ReadOutputRequest, ResizeRequest, SignalRequest, TerminalSize as WireSize, WaitResponse,
+    WriteStdinRequest,
 };
 use uvm_agent_proto::{capabilities, MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK};
 
@@ -24,7 +27,10 @@ const SIGKILL: i32 = 9;
 /// Size of one stdin write.
 const STDIN_CHUNK: usize = 64 << 10;
 
-pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, GuestError> {
+pub(crate) async fn run(
+    link: &VsockGuest,
+    request: ExecRequest,
+) -> Result<ProcessExit, GuestError> {
     if request.args.is_empty() {
         return Err(GuestError::Rejected {
             request: GuestRequest::ExecProcess,
@@ -63,20 +69,10 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
             .into(),
         ..WireExec::default()
     };
-    let started_process = link
-        .call(
-            GuestRequest::ExecProcess,
-            Some(t),
-            client.exec_process(VsockGuest::ctx(), &wire),
-        )
-        .await?;
-    let (exec_id, pid) = (started_process.exec_id, started_process.pid);
     // From here on the process exists: if this future is dropped before its exit status
     // arrived, the guard kills and reaps it.
-    let mut kill_guard = KillOnDrop {
-        link: link.clone(),
-        exec_id: Some(exec_id.clone()),
-    };
+    let (started_process, mut kill_guard) = start_process(link, wire, t).await?;
+    let (exec_id, pid) = (started_process.exec_id, started_process.pid);
     if let Some(started) = started {
         let _ = started.send(pid);
     }
@@ -211,14 +207,56 @@ pub(crate) async fn run(link: &VsockGuest, request: ExecRequest) -> Result<i32, 
     };
     let status = status?;
     // The agent has reaped and forgotten the process: nothing left to kill.
-    kill_guard.exec_id = None;
+    kill_guard.disarm();
     if !outputs_done {
         match tokio::time::timeout(OUTPUT_GRACE, &mut outputs).await {
             Ok(r) => drop(r?),
             Err(_) => tracing::warn!(exec_id, "exec output did not end after the process exited"),
         }
     }
-    Ok(status.exit_code)
+    Ok(process_exit(&status))
+}
+
+/// How the agent's wait status reads on this side of the seam.
+fn process_exit(status: &WaitResponse) -> ProcessExit {
+    ProcessExit {
+        code: status.exit_code,
+        signal: (status.signal != 0).then_some(status.signal),
+    }
+}
+
+/// Asks the agent to start the process, in a task of its own so that the request completes even
+/// if our caller goes away meanwhile; returns the started process with its armed kill guard.
+/// When nobody takes the answer any more, the guard travelling with it kills and reaps the
+/// process.
+async fn start_process(
+    link: &VsockGuest,
+    wire: WireExec,
+    timeout: Duration,
+) -> Result<(WireStarted, KillOnDrop), GuestError> {
+    let client = link.client()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task_link = link.clone();
+    tokio::spawn(async move {
+        let started = task_link
+            .call(
+                GuestRequest::ExecProcess,
+                Some(timeout),
+                client.exec_process(VsockGuest::ctx(), &wire),
+            )
+            .await
+            .map(|started| {
+                let guard = KillOnDrop {
+                    link: task_link.clone(),
+                    exec_id: Some(started.exec_id.clone()),
+                };
+                (started, guard)
+            });
+        // A receiver gone: the value comes back and is dropped here, guard and all.
+        let _ = tx.send(started);
+    });
+    // The task always sends unless the runtime is shutting down.
+    rx.await.unwrap_or(Err(GuestError::ConnectionLost))
 }
 
 /// Sends `signal` to the process `exec_id` through the agent's `SignalProcess`.
@@ -246,6 +284,48 @@ struct KillOnDrop {
     exec_id: Option<String>,
 }
 
+impl KillOnDrop {
+    /// The process was reaped: nothing to do on drop.
+    fn disarm(&mut self) {
+        self.exec_id = None;
+    }
+}
+
+/// SIGKILL, then the wait that makes the agent reap and forget the process — the wait even when
+/// the signal failed (the process may have ended just before it: its wait reaps it).
+async fn kill_and_reap(link: &VsockGuest, exec_id: &str) {
+    if let Err(e) = signal_process(link, exec_id, SIGKILL).await {
+        tracing::debug!(exec_id, error = %e, "cannot kill an abandoned guest process; reaping it anyway");
+    }
+    let Ok(client) = link.client() else {
+        tracing::warn!(
+            exec_id,
+            "the guest link is gone: cannot reap an abandoned guest process"
+        );
+        return;
+    };
+    let req = ProcessRef {
+        exec_id: exec_id.to_string(),
+        ..ProcessRef::default()
+    };
+    let t = link.shared.cfg.call_timeout;
+    match link
+        .call(
+            GuestRequest::WaitProcess,
+            Some(t),
+            client.wait_process(VsockGuest::ctx(), &req),
+        )
+        .await
+    {
+        Ok(status) => tracing::debug!(
+            exec_id,
+            code = status.exit_code,
+            "abandoned guest process killed and reaped"
+        ),
+        Err(e) => tracing::warn!(exec_id, error = %e, "cannot reap an abandoned guest process"),
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let Some(exec_id) = self.exec_id.take() else {
@@ -256,36 +336,7 @@ impl Drop for KillOnDrop {
             return;
         };
         let link = self.link.clone();
-        runtime.spawn(async move {
-            if let Err(e) = signal_process(&link, &exec_id, SIGKILL).await {
-                tracing::warn!(exec_id, error = %e, "cannot kill an abandoned guest process");
-                return;
-            }
-            // Its exit status makes the agent forget it (the reap, as far as the host goes).
-            let Ok(client) = link.client() else { return };
-            let req = ProcessRef {
-                exec_id: exec_id.clone(),
-                ..ProcessRef::default()
-            };
-            let t = link.shared.cfg.call_timeout;
-            match link
-                .call(
-                    GuestRequest::WaitProcess,
-                    Some(t),
-                    client.wait_process(VsockGuest::ctx(), &req),
-                )
-                .await
-            {
-                Ok(status) => tracing::debug!(
-                    exec_id,
-                    code = status.exit_code,
-                    "abandoned guest process killed and reaped"
-                ),
-                Err(e) => {
-                    tracing::warn!(exec_id, error = %e, "cannot reap an abandoned guest process")
-                }
-            }
-        });
+        runtime.spawn(async move { kill_and_reap(&link, &exec_id).await });
     }
 }
 

@@ -24,4 +24,4 @@ mod files;
 mod hybrid;
 mod link;
 
-pub use link::{GuestLinkConfig, LinkMarks, VsockGuest};
+pub use link::{GuestLinkConfig, LinkMarks, LogSlice, VsockGuest};

@@ -13,16 +13,16 @@ use tokio_util::sync::CancellationToken;
 use uvm::seams::{
     Capabilities, CopySink, CopySource, DiskLocation, DiskMount, ExecRequest, FileMeta,
     GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, GuestFiles, GuestInfo,
-    GuestMounts, GuestPolicy, GuestStats, LinkHealth, PolicyFragment, SecurityPolicy, ShareMount,
-    ShareTransport,
+    GuestMounts, GuestPolicy, GuestPower, GuestStats, LinkHealth, PolicyFragment, ProcessExit,
+    SecurityPolicy, ShareMount, ShareTransport,
 };
 use uvm::{GuestError, GuestRequest, Rejection};
 use uvm_agent_proto::agent::{Empty, HandshakeRequest};
 use uvm_agent_proto::agent_ttrpc::AgentClient;
 use uvm_agent_proto::announce::{read_bounded_line, read_ready_line, ReadyError, ReadyLine};
 use uvm_agent_proto::{
-    hybrid_vsock, ttrpc, AGENT_VSOCK_PORT, HOST_ANNOUNCE_PORT, MAX_ENTROPY_BYTES, MAX_LOG_LINE,
-    PROTOCOL_VERSION,
+    capabilities, hybrid_vsock, ttrpc, AGENT_VSOCK_PORT, HOST_ANNOUNCE_PORT, MAX_ENTROPY_BYTES,
+    MAX_LOG_LINE, PROTOCOL_VERSION,
 };
 // Poisoning is recovered from: the link state and the recent log are only ever replaced whole.
 use uvm_util::lock;
@@ -52,6 +52,17 @@ impl GuestLinkConfig {
             recent_log_lines: 200,
         }
     }
+}
+
+/// Guest log lines after a point ([`VsockGuest::log_after`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogSlice {
+    /// The lines, oldest first.
+    pub lines: Vec<String>,
+    /// Lines after the point asked for that are no longer kept.
+    pub skipped: u64,
+    /// The count of lines forwarded so far: the point to ask after next time.
+    pub next: u64,
 }
 
 /// When the link's milestones happened (host clock), for boot-phase timings.
@@ -85,6 +96,9 @@ pub(crate) struct Shared {
     pub(crate) closing: CancellationToken,
     drained: watch::Sender<bool>,
     recent_log: Mutex<VecDeque<String>>,
+    /// How many guest log lines were ever forwarded; changes with each new line (a follower
+    /// waits on it instead of polling).
+    log_lines: watch::Sender<u64>,
 }
 
 /// The guest link over hybrid vsock + ttrpc. One per VM.
@@ -122,6 +136,7 @@ impl VsockGuest {
                 closing: CancellationToken::new(),
                 drained: watch::channel(false).0,
                 recent_log: Mutex::new(VecDeque::new()),
+                log_lines: watch::channel(0).0,
             }),
         }
     }
@@ -134,6 +149,37 @@ impl VsockGuest {
     /// The last guest log lines (the agent's own log), oldest first.
     pub fn recent_log(&self) -> Vec<String> {
         lock(&self.shared.recent_log).iter().cloned().collect()
+    }
+
+    /// The kept guest log lines after the first `seen` ever forwarded, and the count to pass
+    /// next time. Lines that fell out of the kept window are skipped: their number is
+    /// `skipped`.
+    pub fn log_after(&self, seen: u64) -> LogSlice {
+        let recent = lock(&self.shared.recent_log);
+        let total = *self.shared.log_lines.borrow();
+        let oldest_kept = total - recent.len() as u64;
+        let from = seen.clamp(oldest_kept, total);
+        let skip = usize::try_from(from - oldest_kept).unwrap_or(usize::MAX);
+        LogSlice {
+            lines: recent.iter().skip(skip).cloned().collect(),
+            skipped: from - seen.min(from),
+            next: total,
+        }
+    }
+
+    /// Changes whenever a guest log line is forwarded (its value: the lines forwarded so far).
+    pub fn subscribe_log(&self) -> watch::Receiver<u64> {
+        self.shared.log_lines.subscribe()
+    }
+
+    /// Whether the guest's log stream has ended and was fully forwarded.
+    pub fn log_is_drained(&self) -> bool {
+        *self.shared.drained.borrow()
+    }
+
+    /// Changes once the guest's log stream has ended and was fully forwarded.
+    pub fn subscribe_drained(&self) -> watch::Receiver<bool> {
+        self.shared.drained.subscribe()
     }
 
     fn state(&self) -> MutexGuard<'_, LinkState> {
@@ -269,6 +315,8 @@ impl VsockGuest {
                             recent.pop_front();
                         }
                         recent.push_back(line.text);
+                        // Under the lines' lock: a reader sees the count and the lines agree.
+                        shared.log_lines.send_modify(|n| *n += 1);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -477,8 +525,29 @@ impl VsockGuest {
 
 #[async_trait]
 impl GuestExec for VsockGuest {
-    async fn exec(&self, request: ExecRequest) -> Result<i32, GuestError> {
+    async fn exec(&self, request: ExecRequest) -> Result<ProcessExit, GuestError> {
         crate::exec::run(self, request).await
+    }
+}
+
+#[async_trait]
+impl GuestPower for VsockGuest {
+    /// The agent's `Shutdown`: it syncs, replies, then powers the VM off.
+    async fn shutdown(&self) -> Result<(), GuestError> {
+        if !self.capabilities().has(capabilities::SHUTDOWN) {
+            return Err(GuestError::Unsupported {
+                operation: "a guest shutdown on request",
+            });
+        }
+        let client = self.client()?;
+        let t = self.shared.cfg.call_timeout;
+        self.call(
+            GuestRequest::Shutdown,
+            Some(t),
+            client.shutdown(Self::ctx(), &Empty::new()),
+        )
+        .await
+        .map(drop)
     }
 }
 

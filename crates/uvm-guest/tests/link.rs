@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use uvm::seams::{
     ExecRequest, FileMeta, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, GuestFiles,
-    LinkHealth, TerminalSize,
+    LinkHealth, ProcessExit, TerminalSize,
 };
 use uvm::testing::Capture;
 use uvm::{GuestError, GuestRequest, Rejection};
@@ -211,7 +211,7 @@ async fn connect_after_the_announcement_then_exec_streams_output_and_exit_code()
     req.stdout = Some(Box::new(out.clone()));
     req.stderr = Some(Box::new(err.clone()));
     let code = h.link.exec(req).await.expect("exec");
-    assert_eq!(code, 3);
+    assert_eq!(code, ProcessExit::exited(3));
     assert_eq!(out.text(), "out\n");
     assert_eq!(err.text(), "err\n");
 
@@ -219,7 +219,7 @@ async fn connect_after_the_announcement_then_exec_streams_output_and_exit_code()
     let mut req = ExecRequest::new(["cat"]);
     req.stdin = Some(Box::new(std::io::Cursor::new(b"round trip\n".to_vec())));
     req.stdout = Some(Box::new(out.clone()));
-    assert_eq!(h.link.exec(req).await.expect("cat"), 0);
+    assert_eq!(h.link.exec(req).await.expect("cat"), ProcessExit::exited(0));
     assert_eq!(out.text(), "round trip\n");
 
     assert!(!h.link.dump_stacks().await.expect("dump").is_empty());
@@ -235,6 +235,103 @@ async fn connect_after_the_announcement_then_exec_streams_output_and_exit_code()
         .iter()
         .any(|l| l == "agent log line one"));
     assert_eq!(h.link.health(), LinkHealth::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_by_a_signal_reports_the_signal_and_an_exit_137_does_not() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    let killed = h
+        .link
+        .exec(ExecRequest::new(["sh", "-c", "kill -9 $$"]))
+        .await
+        .expect("exec");
+    assert_eq!(killed, ProcessExit::signalled(9));
+    let exited = h
+        .link
+        .exec(ExecRequest::new(["sh", "-c", "exit 137"]))
+        .await
+        .expect("exec");
+    assert_eq!(exited, ProcessExit::exited(137));
+}
+
+/// Whether the agent still tracks a process whose arguments include `arg`, from its stack
+/// dump's process table.
+async fn tracked(link: &VsockGuest, arg: &str) -> bool {
+    link.dump_stacks()
+        .await
+        .expect("dump stacks")
+        .lines()
+        .any(|l| l.contains(arg))
+}
+
+/// Whether a `sleep <arg>` runs on this host (the in-process agent's children are ours).
+fn sleep_runs(arg: &str) -> bool {
+    let wanted = format!("sleep\0{arg}\0");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                cmdline == wanted.as_bytes()
+            })
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_dropped_while_its_start_is_in_flight_gets_its_process_killed_and_reaped() {
+    let h = harness(Peer::Agent, CALL).await;
+    let _guest = announce(&h.uds, ready(&[])).await;
+    h.link.connect().await.expect("connect");
+    // Polled once (the start request is on its way), then dropped before its answer.
+    let exec = h.link.exec(ExecRequest::new(["sleep", "7777"]));
+    assert!(tokio::time::timeout(Duration::ZERO, exec).await.is_err());
+    // The start completes in the background, then the process is killed and reaped. Bounded,
+    // so that a leaked process fails the test instead of hanging it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tracked(&h.link, "7777").await || sleep_runs("7777") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned process still runs or is still tracked by the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_log_follower_is_told_of_each_line_and_learns_how_many_fell_out_of_the_window() {
+    let h = harness(Peer::Agent, CALL).await;
+    // 5 more lines than the link keeps (200 by default).
+    let lines: Vec<String> = (0..205).map(|i| format!("guest line {i}")).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let mut counter = h.link.subscribe_log();
+    let _guest = announce(&h.uds, ready(&refs)).await;
+    h.link.connect().await.expect("connect");
+    // An event per line, not a poll: woken by each, until the last one is in.
+    let last_in = async {
+        while h.link.log_after(0).lines.last().map(String::as_str) != Some("guest line 204") {
+            counter.changed().await.expect("the link lives");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), last_in)
+        .await
+        .expect("every line is forwarded");
+    let total = *counter.borrow();
+    let slice = h.link.log_after(0);
+    assert_eq!((slice.skipped, slice.next), (total - 200, total));
+    assert_eq!(slice.lines.len(), 200);
+    assert_eq!(
+        slice.lines.last().map(String::as_str),
+        Some("guest line 204")
+    );
+    let later = h.link.log_after(total - 1);
+    assert_eq!(
+        (later.lines, later.skipped, later.next),
+        (vec!["guest line 204".to_string()], 0, total)
+    );
+    assert!(h.link.log_after(total).lines.is_empty());
+    assert!(!h.link.log_is_drained());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,7 +458,7 @@ async fn an_exec_whose_background_child_keeps_the_pipes_open_still_returns() {
         .await
         .expect("the exec returns while its background child still runs")
         .expect("exec");
-    assert_eq!(code, 4);
+    assert_eq!(code, ProcessExit::exited(4));
     let pid: i32 = out.text().trim().parse().expect("the background pid");
     let pid = rustix::process::Pid::from_raw(pid).expect("non-zero");
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
@@ -442,7 +539,7 @@ async fn a_terminal_exec_starts_at_its_size_and_follows_every_resize() {
         .expect("the resize ends the process")
         .expect("join")
         .expect("exec");
-    assert_eq!(code, 0);
+    assert_eq!(code, ProcessExit::exited(0));
     assert_eq!(out.text(), "30 100\r\n40 120\r\n");
 }
 

@@ -1,6 +1,9 @@
 //! The VM's events, each with a sequence number (1, 2, 3, … with no gaps), kept in a ring of the
-//! last [`KEPT`]: state transitions (with their reasons) and exec starts and exits. A client
-//! resumes with `since` = the last number it saw: nothing missed, nothing twice.
+//! last [`KEPT`]: state transitions (with their reasons), the boot phases of a start (each step
+//! as it finished) and exec starts and exits. A client resumes with `since` = the last number it
+//! saw: nothing missed, nothing twice. Transitions are taken from the controller's history
+//! before any other event is appended, so an event never precedes the transition that allowed
+//! it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -72,6 +75,18 @@ impl EventLog {
             self.push(Event::Transition(transition));
         }
         *seen = (*seen).max(history.len());
+    }
+
+    /// Appends `event` after the transitions of `history` not seen yet, so that nothing that
+    /// happened because of a transition (an exec on a Running VM) precedes it in sequence order.
+    pub(crate) fn push_after(
+        &self,
+        history: &[uvm::Transition],
+        reason: Option<v1::Reason>,
+        event: Event,
+    ) {
+        self.transitions(history, reason);
+        self.push(event);
     }
 
     /// The kept events after `since`, or why they cannot be delivered.
@@ -191,6 +206,32 @@ mod tests {
         assert_eq!(sequences(&log.after(3).expect("resumed")), [4, 5]);
         assert_eq!(log.after(5).expect("none new"), Vec::new());
         assert_eq!(log.newest(), 5);
+    }
+
+    #[test]
+    fn an_exec_start_comes_after_the_transition_to_running_not_yet_written_down() {
+        use uvm::{Operation, State};
+        let log = EventLog::default();
+        let t = |from, to, operation| uvm::Transition {
+            from,
+            to,
+            operation,
+        };
+        let mut history = vec![t(State::NotCreated, State::Created, Operation::Create)];
+        log.transitions(&history, None);
+        // Start committed Running; its caller has not synced the transitions yet when an exec
+        // on the now Running VM starts.
+        history.push(t(State::Created, State::Running, Operation::Start));
+        log.push_after(&history, None, exec_started(1));
+        log.transitions(&history, None);
+        let events = log.after(0).expect("all");
+        assert_eq!(sequences(&events), [1, 2, 3]);
+        assert!(
+            matches!(&events[1].event, Some(Event::Transition(t)) if t.to_state() == v1::State::Running),
+            "{:?}",
+            events[1]
+        );
+        assert!(matches!(&events[2].event, Some(Event::ExecStarted(_))));
     }
 
     #[test]

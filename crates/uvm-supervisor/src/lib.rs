@@ -5,6 +5,9 @@
 //! record `<root>/<id>/vm.json` ([`record`]), and serves the `uvm.v1` API (`uvm-api`) on
 //! `<root>/<id>/api.sock` until the VM is removed ([`run`]). The CLI's other commands are clients:
 //! they find a VM by name or id prefix ([`names::resolve`]) and read records without asking.
+//! A directory without a record is a create under way or one a killed `create` abandoned
+//! ([`mod@incomplete`]); a supervisor started with a tether removes its VM when the tethered process
+//! ends (tests use it so that a killed test leaves nothing behind).
 //!
 //! ```text
 //!   <root>/                 0700, ours      (--root, UVMCTL_ROOT, /run/uvmctl, $XDG_RUNTIME_DIR/uvmctl)
@@ -18,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod incomplete;
 pub mod names;
 pub mod ready;
 pub mod record;
@@ -31,10 +35,13 @@ mod logs;
 mod service;
 mod stacks;
 mod supervisor;
+mod tether;
 
+pub use incomplete::{incomplete, remove_abandoned, Incomplete, IncompleteError};
 pub use names::{resolve, NameError};
 pub use ready::{Ready, ReadyError};
 pub use record::{read_record, ConfigRecord, ProcessRecord, RecordError, VmRecord};
 pub use root::{check_root, ensure_root, resolve_root, RootError};
 pub use start::{start_supervisor, StartError, Started, SupervisorCommand};
 pub use supervisor::{run, SupervisorError, SupervisorSpec};
+pub use tether::TetherError;

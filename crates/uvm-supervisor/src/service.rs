@@ -1,21 +1,24 @@
 //! The `uvm.v1.VmService` of one VM, over its controller: each call maps to one controller
 //! operation, errors through [`uvm_api::controller_status`]; every call that can change the state
-//! rewrites the record afterwards. What is not built yet (following the guest log) answers
-//! `UNIMPLEMENTED` naming itself — never a fake success.
+//! rewrites the record afterwards.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uvm::State;
-use uvm_api::convert::{grace_period, timestamp};
+use uvm_api::convert::{duration, grace_period, timestamp};
+use uvm_api::v1::events_response::Event;
 use uvm_api::v1::vm_service_server::VmService;
 use uvm_api::{controller_status, v1};
 
 use crate::supervisor::Shared;
+
+/// The grace period of a Terminate that names none (the proto's promise).
+const DEFAULT_TERMINATE_GRACE: Duration = Duration::from_secs(10);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -78,8 +81,21 @@ impl VmService for VmApi {
         _: Request<v1::StartRequest>,
     ) -> Result<Response<v1::StartResponse>, Status> {
         let t0 = Instant::now();
-        let r = self.shared.vm.controller.start_vm().await;
-        self.shared.persist();
+        // Each step as an event the moment it finished, with its time since the call began.
+        let shared = self.shared.clone();
+        let progress = move |step: uvm::StartStep| {
+            shared.push_event(Event::BootPhase(v1::BootPhase {
+                step: v1::StartStep::from(step).into(),
+                elapsed: Some(duration(t0.elapsed())),
+            }));
+        };
+        let r = self
+            .shared
+            .vm
+            .controller
+            .start_vm_with_progress(&progress)
+            .await;
+        self.shared.persist().await;
         r.map_err(|e| controller_status(&e))?;
         *uvm_util::lock(&self.shared.start_total) = Some(t0.elapsed());
         Ok(Response::new(v1::StartResponse {
@@ -91,12 +107,12 @@ impl VmService for VmApi {
         &self,
         request: Request<v1::TerminateRequest>,
     ) -> Result<Response<v1::TerminateResponse>, Status> {
-        // Validated, then unused: the QEMU backend stops the VM at once (QMP `quit`), within the
-        // controller's own terminate deadline; a grace period matters once the guest is asked
-        // to shut down cleanly first.
-        let _grace = grace_period(request.get_ref().grace_period.as_ref())?;
-        let r = self.shared.vm.controller.terminate_vm().await;
-        self.shared.persist();
+        // The guest is asked to power off and gets the grace period to do it; then the VM is
+        // stopped by force.
+        let grace = grace_period(request.get_ref().grace_period.as_ref())?
+            .unwrap_or(DEFAULT_TERMINATE_GRACE);
+        let r = self.shared.vm.controller.terminate_vm_within(grace).await;
+        self.shared.persist().await;
         r.map_err(|e| controller_status(&e))?;
         Ok(Response::new(v1::TerminateResponse {
             status: Some(self.status()),
@@ -110,7 +126,7 @@ impl VmService for VmApi {
         let cancel: CancellationToken = self.shared.removed.child_token();
         let c = &self.shared.vm.controller;
         c.wait(&cancel).await.map_err(|e| controller_status(&e))?;
-        self.shared.persist();
+        self.shared.persist().await;
         Ok(Response::new(v1::WaitResponse {
             exit_status: c.exit_status().ok().map(Into::into),
             status: Some(self.status()),
@@ -282,10 +298,10 @@ impl VmService for VmApi {
                 return Err(status);
             }
             let r = c.terminate_vm().await;
-            self.shared.persist();
+            self.shared.persist().await;
             r.map_err(|e| controller_status(&e))?;
         }
-        self.shared.remove_files().map_err(|e| {
+        self.shared.remove_files().await.map_err(|e| {
             Status::internal(format!(
                 "VM {} is terminated but its directory could not be removed: {e}",
                 self.shared.id()

@@ -6,6 +6,7 @@
 use std::ffi::OsString;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -131,6 +132,15 @@ fn spawn_and_wait(
         .mode(0o600)
         .open(&log_path)
         .map_err(io("create the supervisor log"))?;
+    // The lock on the log's open file description is the supervisor's mark of life: it shares
+    // the description as its stdout, so the lock is held until the supervisor (and whatever
+    // inherited its stdout) is gone. `ps` and `rm` read it for a directory without a record.
+    rustix::fs::flock(&log, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+        StartError::Io {
+            action: "lock the supervisor log",
+            source: e.into(),
+        }
+    })?;
     let log_err = log.try_clone().map_err(io("open the supervisor log"))?;
     let (program, args) = command.argv.split_first().ok_or(StartError::Io {
         action: "start the supervisor",
@@ -151,6 +161,17 @@ fn spawn_and_wait(
         .stderr(log_err);
     if let Some(name) = &command.name {
         cmd.arg("--name").arg(name);
+    }
+    // A session of its own from its first instruction: a Ctrl-C or a hangup at the terminal of
+    // `create` must not kill it half-way through its set-up.
+    // SAFETY: the closure runs in the child between fork and exec and calls only setsid(2),
+    // which is async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
     }
     let mut child = cmd.spawn().map_err(io("start the supervisor"))?;
     // Only the child holds the write end now: its exit closes the pipe.

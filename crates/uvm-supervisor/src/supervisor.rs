@@ -26,9 +26,8 @@ use crate::record::{
     SOCKET_FILE,
 };
 use crate::service::VmApi;
+use crate::tether::Tether;
 
-/// How often the supervisor looks for a state change it did not cause (the VM ending by itself).
-const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// How long calls still open at removal get to end before the supervisor exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -47,6 +46,9 @@ pub struct SupervisorSpec {
     pub image: Image,
     /// The configuration as recorded (memory, CPUs, backend settings).
     pub config: ConfigRecord,
+    /// A process whose end removes the VM (as a forced `rm` would): tests tie their VMs to
+    /// themselves so that a killed test leaves none behind. `None`: the VM lives until removed.
+    pub tether: Option<u32>,
 }
 
 /// The supervisor failed.
@@ -79,6 +81,9 @@ pub enum SupervisorError {
     /// The gRPC server failed.
     #[error("the API server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// The process to tether to cannot be watched (it is gone already, or not ours to see).
+    #[error(transparent)]
+    Tether(#[from] crate::tether::TetherError),
 }
 
 /// What the API handlers share.
@@ -149,19 +154,48 @@ impl Shared {
         }
     }
 
-    /// Writes the record if it changed, and the new transitions as events; a removed VM has no
-    /// record to write.
-    pub(crate) fn persist(&self) {
-        if self.removed.is_cancelled() {
-            return;
-        }
+    /// Turns the controller's transitions not seen yet into events.
+    pub(crate) fn sync_transitions(&self) {
         let c = &self.vm.controller;
         self.events.transitions(
             &c.history(),
             c.status().reason.map(uvm_api::v1::Reason::from),
         );
-        let record = self.snapshot();
+    }
+
+    /// Records `event` after the transitions that happened before it: an exec that started
+    /// on a Running VM comes after the transition to Running in sequence order, whoever wrote
+    /// that transition down first.
+    pub(crate) fn push_event(&self, event: uvm_api::v1::events_response::Event) {
+        let c = &self.vm.controller;
+        self.events.push_after(
+            &c.history(),
+            c.status().reason.map(uvm_api::v1::Reason::from),
+            event,
+        );
+    }
+
+    /// Writes the new transitions as events and the record if it changed (on a blocking
+    /// thread: the write fsyncs); a removed VM has no record to write.
+    pub(crate) async fn persist(self: &Arc<Self>) {
+        if self.removed.is_cancelled() {
+            return;
+        }
+        self.sync_transitions();
+        let shared = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || shared.write_if_changed()).await {
+            tracing::error!(vm = %self.id(), error = %e, "the record writer failed");
+        }
+    }
+
+    fn write_if_changed(&self) {
+        // The snapshot is taken under the lock: of two racing writers, the later one writes
+        // the later snapshot.
         let mut last = uvm_util::lock(&self.last_record);
+        if self.removed.is_cancelled() {
+            return;
+        }
+        let record = self.snapshot();
         if last.as_ref() == Some(&record) {
             return;
         }
@@ -173,8 +207,16 @@ impl Shared {
         }
     }
 
-    /// Removes the VM's directory and name claim; the record is gone after this.
-    pub(crate) fn remove_files(&self) -> std::io::Result<()> {
+    /// Removes the VM's directory and name claim (on a blocking thread); the record is gone
+    /// after this.
+    pub(crate) async fn remove_files(self: &Arc<Self>) -> std::io::Result<()> {
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || shared.remove_files_now())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    fn remove_files_now(&self) -> std::io::Result<()> {
         let _last = uvm_util::lock(&self.last_record);
         // The record first: a directory without vm.json is not a VM to `ps`.
         match std::fs::remove_file(self.dir.join(RECORD_FILE)) {
@@ -204,9 +246,17 @@ pub async fn run(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorErr
 }
 
 async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorError> {
-    // Our own session: a terminal closing or a Ctrl-C at the `create` does not reach us.
+    // Our own session: a terminal closing or a Ctrl-C at the `create` does not reach us. (The
+    // starter makes us a session leader before we run; this is for a supervisor run by hand.)
     let _ = rustix::process::setsid();
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let tether = match spec.tether.map(Tether::open).transpose() {
+        Ok(tether) => tether,
+        Err(err) => {
+            ready.fail(&uvm_util::error_chain(&err))?;
+            return Err(err.into());
+        }
+    };
     let dir = spec.root.join(&spec.id);
     let mut options = spec.options.clone();
     options.runtime_root = Some(dir.clone());
@@ -242,7 +292,7 @@ async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorE
         Ok(l) => l,
         Err(err) => return fail_after_create(&shared, ready, err).await,
     };
-    shared.persist();
+    shared.persist().await;
     if uvm_util::lock(&shared.last_record).is_none() {
         let err = SupervisorError::Record(RecordError::Io {
             action: "write",
@@ -251,10 +301,27 @@ async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorE
         });
         return fail_after_create(&shared, ready, err).await;
     }
-    ready.ok()?;
+    if let Err(e) = ready.ok() {
+        // The starter is gone (killed before it heard from us): nobody knows this VM exists.
+        // Leave nothing: no VM, no record, no name claim.
+        tracing::error!(error = %uvm_util::error_chain(&e), "the starter went away before hearing we are ready; removing the VM");
+        shared.remove_forced().await;
+        return Err(e.into());
+    }
     tracing::info!(socket = %shared.socket().display(), "serving");
 
-    let watcher = tokio::spawn(watch_state(shared.clone()).in_current_span());
+    let watcher = tokio::spawn(watch_exit(shared.clone()).in_current_span());
+    let tethered = tether.map(|tether| {
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                tether.ended().await;
+                tracing::warn!("the process this VM is tethered to ended; removing the VM");
+                shared.remove_forced().await;
+            }
+            .in_current_span(),
+        )
+    });
     let stop = shutdown_signal(shared.clone());
     let served = {
         let removed = shared.removed.clone();
@@ -272,14 +339,31 @@ async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorE
         }
     };
     watcher.abort();
+    if let Some(tethered) = tethered {
+        tethered.abort();
+    }
     if !shared.removed.is_cancelled() {
         // Ended by a signal: take the VM down, keep the record for `ps` and `rm`.
         if let Err(e) = shared.vm.controller.terminate_vm().await {
             tracing::error!(error = %uvm_util::error_chain(&e), "terminate at exit failed");
         }
-        shared.persist();
+        shared.persist().await;
     }
     served.map_err(SupervisorError::Serve)
+}
+
+impl Shared {
+    /// Terminates the VM (by force) and removes its record, directory and name claim, as a
+    /// forced Remove does; failures are logged, nothing is left that can be removed.
+    async fn remove_forced(self: &Arc<Self>) {
+        if let Err(e) = self.vm.controller.terminate_vm().await {
+            tracing::error!(error = %uvm_util::error_chain(&e), "terminating the VM failed");
+        }
+        if let Err(e) = self.remove_files().await {
+            tracing::error!(error = %e, "removing the VM's files failed");
+        }
+        self.removed.cancel();
+    }
 }
 
 /// Terminates the just-created VM and reports `err` to the starter.
@@ -305,12 +389,12 @@ fn bind(path: &Path) -> Result<UnixListener, SupervisorError> {
     Ok(listener)
 }
 
-/// Rewrites the record whenever the state changes by itself (the VM ending on its own).
-async fn watch_state(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(WATCH_INTERVAL);
-    loop {
-        tick.tick().await;
-        shared.persist();
+/// Rewrites the record once the VM has ended, by itself or otherwise: the one state change no
+/// API call of ours makes (every call that changes the state rewrites the record itself).
+async fn watch_exit(shared: Arc<Shared>) {
+    let cancel = shared.removed.child_token();
+    if shared.vm.controller.wait(&cancel).await.is_ok() {
+        shared.persist().await;
     }
 }
 

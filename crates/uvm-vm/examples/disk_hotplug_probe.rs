@@ -120,7 +120,7 @@ async fn probe(
     let disk = DiskConfig::raw(image);
     // The floor's listener, for the whole run.
     let (mine, theirs) = tokio::io::duplex(4096);
-    let (kill, signals) = tokio::sync::mpsc::unbounded_channel();
+    let (kill, signals) = tokio::sync::mpsc::channel(uvm::seams::EXEC_SIGNAL_QUEUE);
     let mut req = ExecRequest::new(["sh", "-c", LISTENER]);
     req.stdout = Some(Box::new(theirs));
     req.signals = Some(signals);
@@ -177,7 +177,7 @@ async fn probe(
         guest.eject_disk(&location).await?;
         vm.detach_disk(slot).await?;
     }
-    let _ = kill.send(9);
+    let _ = kill.send(9).await;
     let _ = listener.await;
     Ok((p50(floor), p50(seen), p50(ours)))
 }

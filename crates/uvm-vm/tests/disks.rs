@@ -162,7 +162,7 @@ impl Booted {
         let mut req = ExecRequest::new(args.iter().copied());
         req.stdout = Some(out.writer());
         req.stderr = Some(err.writer());
-        let code = self.guest.exec(req).await.expect("exec");
+        let code = self.guest.exec(req).await.expect("exec").code;
         (code, out.text(), err.text())
     }
 
@@ -601,7 +601,7 @@ async fn real_vm_busy_mount_is_busy_until_its_user_leaves() {
         .expect("mount");
     // A process whose working directory is inside the mount.
     let (started_tx, started) = tokio::sync::oneshot::channel();
-    let (signal, signals) = tokio::sync::mpsc::unbounded_channel();
+    let (signal, signals) = tokio::sync::mpsc::channel(uvm::seams::EXEC_SIGNAL_QUEUE);
     let mut req = ExecRequest::new(["sleep", "600"]);
     req.cwd = Some("/mnt/busy".into());
     req.started = Some(started_tx);
@@ -620,9 +620,9 @@ async fn real_vm_busy_mount_is_busy_until_its_user_leaves() {
     assert_eq!(rejected(&e).map(|r| r.1), Some(Rejection::Busy), "{e:?}");
     let (code, out, _) = t.exec(&["cat", "/mnt/busy/f"]).await;
     assert_eq!((code, out.as_str()), (0, "x"));
-    signal.send(9).expect("the user is running");
+    signal.send(9).await.expect("the user is running");
     let code = user.await.expect("join").expect("exec");
-    assert_eq!(code, 128 + 9);
+    assert_eq!((code.code, code.signal), (128 + 9, Some(9)));
     remove(&t, s, "/mnt/busy").await;
     t.finish(&[&image]).await;
 }

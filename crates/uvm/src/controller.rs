@@ -25,7 +25,7 @@ use crate::error::{ControllerError, GuestError, HostError};
 use crate::machine::{Admit, ExitStatus, Machine, Outcome, Transition};
 use crate::seams::{
     CpuLimits, ExecRequest, Guest, GuestInfo, GuestStats, HostStats, HostVm, LinkHealth,
-    PolicyFragment, VmBackend, VmConfig,
+    PolicyFragment, ProcessExit, VmBackend, VmConfig,
 };
 use crate::state::{Operation, Reason, State, VmExit};
 
@@ -356,8 +356,19 @@ impl Controller {
     /// A terminal with a separate stderr is refused before the state is looked at. The whole
     /// process has no deadline (it may legitimately run long); the guest link bounds each request,
     /// and the VM exiting releases it.
-    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "exec_into_host"))]
     pub async fn exec_into_host(&self, request: ExecRequest) -> Result<i32, ControllerError> {
+        self.exec_into_host_exit(request)
+            .await
+            .map(|exit| exit.code)
+    }
+
+    /// [`Controller::exec_into_host`], telling also the signal that ended the process, if one
+    /// did.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "exec_into_host"))]
+    pub async fn exec_into_host_exit(
+        &self,
+        request: ExecRequest,
+    ) -> Result<ProcessExit, ControllerError> {
         if request.terminal && request.stderr.is_some() {
             return Err(ControllerError::TerminalWithStderr);
         }

@@ -128,6 +128,8 @@ pub enum GuestRequest {
     MountShare,
     /// Unmounting a share.
     UnmountShare,
+    /// Asking the guest to power off.
+    Shutdown,
 }
 
 impl GuestRequest {
@@ -157,6 +159,7 @@ impl GuestRequest {
             GuestRequest::EjectDisk => "eject a disk",
             GuestRequest::MountShare => "mount a share",
             GuestRequest::UnmountShare => "unmount a share",
+            GuestRequest::Shutdown => "shut down",
         }
     }
 }

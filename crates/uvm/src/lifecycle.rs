@@ -1,7 +1,7 @@
 //! The long operations: `start_vm`, `terminate_vm`, `wait`, and the background exit waiter.
 
 use std::sync::{Arc, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,8 +26,18 @@ impl Controller {
     /// security policy when one is configured → mount the disks and shares given at create. Any failure leaves the VM **Invalid** and names the
     /// step; `terminate_vm` then cleans up. A `terminate_vm` during the start cancels it: this call
     /// returns [`ControllerError::StartCancelled`] and the terminate ends the VM.
-    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "start_vm"))]
     pub async fn start_vm(&self) -> Result<(), ControllerError> {
+        self.start_vm_with_progress(&|_| {}).await
+    }
+
+    /// [`Controller::start_vm`], calling `progress` with each step as soon as it has finished
+    /// (in order; a step that fails or is cancelled is not reported). A start that is a no-op
+    /// reports nothing.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "start_vm"))]
+    pub async fn start_vm_with_progress(
+        &self,
+        progress: &(dyn Fn(StartStep) + Send + Sync),
+    ) -> Result<(), ControllerError> {
         let _op = self.inner.op_lock.lock().await;
         let (token, vm) = {
             let mut core = self.core();
@@ -44,7 +54,7 @@ impl Controller {
         let result = tokio::select! {
             biased;
             () = token.cancelled() => Err(StartAbort::Cancelled),
-            r = self.start_steps(&vm) => r,
+            r = self.start_steps(&vm, progress) => r,
         };
         let mut core = self.core();
         core.start_cancel = None;
@@ -76,7 +86,11 @@ impl Controller {
         }
     }
 
-    async fn start_steps(&self, vm: &Arc<dyn HostVm>) -> Result<(), StartAbort> {
+    async fn start_steps(
+        &self,
+        vm: &Arc<dyn HostVm>,
+        progress: &(dyn Fn(StartStep) + Send + Sync),
+    ) -> Result<(), StartAbort> {
         let inner = &self.inner;
         let t = inner.timeouts;
         let failed = |step: StartStep| move |e: SeamError| StartAbort::Failed { step, source: e };
@@ -89,6 +103,7 @@ impl Controller {
         )
         .await
         .map_err(|e| failed(StartStep::PrepareGuestListener)(e.into()))?;
+        progress(StartStep::PrepareGuestListener);
 
         // From here a VM process may exist, even if start reports an error.
         self.core().vm_started = true;
@@ -104,6 +119,7 @@ impl Controller {
             }
         }
         self.spawn_waiter(vm.clone());
+        progress(StartStep::StartVm);
 
         let mut exited = inner.exited.subscribe();
         let connect = with_deadline("connect guest", t.guest_connect, inner.guest.connect());
@@ -112,6 +128,7 @@ impl Controller {
                 let info = r.map_err(|e| failed(StartStep::ConnectGuest)(e.into()))?;
                 tracing::info!(agent = %info.agent_version, caps = ?info.capabilities.names, "guest connected");
                 self.core().guest_info = Some(info);
+                progress(StartStep::ConnectGuest);
             }
             _ = exited.wait_for(|e| *e) => {
                 return Err(failed(StartStep::ConnectGuest)(HostError::Gone.into()));
@@ -131,6 +148,7 @@ impl Controller {
             )
             .await
             .map_err(|e| failed(StartStep::ApplySecurityPolicy)(e.into()))?;
+            progress(StartStep::ApplySecurityPolicy);
         }
 
         let devices = self.core().devices.clone();
@@ -167,9 +185,19 @@ impl Controller {
     /// swallowed (a VM or guest already gone is skipped). Failures of the
     /// first two are logged and the chain goes on; a failure of the release leaves the VM
     /// **Invalid** ([`ControllerError::ReleaseFailed`]) and a later call retries the whole chain.
-    /// A VM that was never started skips the terminate step.
-    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "terminate_vm"))]
+    /// A VM that was never started skips the terminate step. The VM is stopped by force at once:
+    /// [`Controller::terminate_vm_within`] gives the guest time to shut down cleanly first.
     pub async fn terminate_vm(&self) -> Result<(), ControllerError> {
+        self.terminate_vm_within(Duration::ZERO).await
+    }
+
+    /// [`Controller::terminate_vm`] with a grace period: a Running VM's guest is first asked to
+    /// power off ([`crate::seams::GuestPower::shutdown`]) and gets until `grace` has passed to
+    /// do so; the terminate step (the backend's forced stop) runs only if the VM has not ended
+    /// by then, or the guest could not be asked. A zero grace, or a VM that is not Running,
+    /// goes straight to the forced stop. The rest of the chain is the same.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "terminate_vm", grace = ?grace))]
+    pub async fn terminate_vm_within(&self, grace: Duration) -> Result<(), ControllerError> {
         let cancelled_start = {
             let core = self.core();
             if matches!(core.machine.admit(Operation::Terminate), Ok(Admit::Run)) {
@@ -209,7 +237,13 @@ impl Controller {
         let t = self.inner.timeouts;
 
         self.teardown_devices(vm.as_ref(), vm_started).await;
-        if let (Some(vm), true) = (&vm, vm_started) {
+        let clean = match (&vm, vm_started, from) {
+            (Some(vm), true, State::Running) if !grace.is_zero() => {
+                self.shut_down_cleanly(vm.as_ref(), grace).await
+            }
+            _ => false,
+        };
+        if let (Some(vm), true, false) = (&vm, vm_started, clean) {
             match tokio::time::timeout(t.vm_terminate, vm.terminate()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -230,6 +264,12 @@ impl Controller {
                     message: error_chain(&source),
                 }),
             );
+            // A VM process that ended has ended, even if its release failed (Invalid).
+            let ended = core.exit.is_some();
+            drop(core);
+            if ended {
+                self.inner.exited.send_replace(true);
+            }
             return Err(ControllerError::ReleaseFailed {
                 id: self.inner.id.clone(),
                 source,
@@ -254,6 +294,38 @@ impl Controller {
         drop(core);
         self.inner.exited.send_replace(true);
         Ok(())
+    }
+
+    /// Asks the guest to power off and waits for the VM process to end, all within `grace`;
+    /// says whether it ended. A guest that cannot be asked, or does not power off in time, is
+    /// logged: the caller stops the VM by force.
+    async fn shut_down_cleanly(&self, vm: &dyn HostVm, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        let ask = with_deadline(
+            "ask the guest to shut down",
+            self.inner.timeouts.guest_call.min(grace),
+            self.inner.guest.shutdown(),
+        );
+        match ask.await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot ask the guest to shut down; stopping the VM by force");
+                return false;
+            }
+        }
+        match tokio::time::timeout_at(deadline, vm.wait()).await {
+            Ok(exit) => {
+                tracing::info!(%exit, "the guest shut down within its grace period");
+                true
+            }
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "the guest did not shut down within its grace period; stopping the VM by force"
+                );
+                false
+            }
+        }
     }
 
     /// Wait until the VM has ended **and** the guest's log has been forwarded. Refused on
@@ -281,27 +353,32 @@ impl Controller {
 /// The VM process ended. When it ended by itself while Running, the waiter owns the cleanup:
 /// collapse the guest connection (releasing anything waiting on the guest) and release the VM, then
 /// Running → Terminated (or Invalid if the release fails) — so Terminated always means released.
-/// During a start or a terminate it only records the exit: those operations finish the job.
+/// During a start or a terminate it only records the exit: those operations finish the job. It
+/// announces the exit (`exited`, what `wait` waits for) unless a terminate runs the chain: that
+/// terminate announces it once it has committed, so a `wait` never returns before the state
+/// says how the VM ended.
 async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
     let Some(inner) = weak.upgrade() else {
         return;
     };
-    let vm = {
+    let (vm, terminating) = {
         let mut core = lock(&inner.core);
         let state = core.machine.state();
         tracing::info!(vm = %inner.id, %exit, %state, "VM process ended");
         core.exit = Some(exit.clone());
         core.stopped_at.get_or_insert_with(SystemTime::now);
+        let terminating = core.cleanup == Some(CleanupOwner::Terminate);
         // Only the table decides whether the exit is ours to clean up; a terminate already
         // running the chain owns it even then.
-        match (core.machine.admit(Operation::VmExited), core.cleanup) {
+        let vm = match (core.machine.admit(Operation::VmExited), core.cleanup) {
             (Ok(Admit::Run), None) => {
                 core.cleanup = Some(CleanupOwner::Waiter);
                 core.device_cancel.cancel();
                 core.vm.clone()
             }
             (Ok(Admit::Run), Some(_)) | (Ok(Admit::NoOp), _) | (Err(_), _) => None,
-        }
+        };
+        (vm, terminating)
     };
     if let Some(vm) = vm {
         let released = close_and_release(&inner, Some(&*vm)).await;
@@ -326,7 +403,9 @@ async fn on_vm_exit(weak: Weak<Inner>, exit: VmExit) {
         };
         core.machine.commit(Operation::VmExited, outcome);
     }
-    inner.exited.send_replace(true);
+    if !terminating {
+        inner.exited.send_replace(true);
+    }
 }
 
 /// The tail of the cleanup chain: close the guest connection (failure logged and swallowed), then

@@ -115,9 +115,9 @@ async fn exec_into_host_forwards_the_guest_exit_code_and_output() {
 async fn exec_into_host_reports_the_guest_pid_and_delivers_signals() {
     let f = Fakes::running().await;
     let (started, pid) = tokio::sync::oneshot::channel();
-    let (signals, signals_rx) = tokio::sync::mpsc::unbounded_channel();
-    signals.send(15).expect("queue");
-    signals.send(9).expect("queue");
+    let (signals, signals_rx) = tokio::sync::mpsc::channel(uvm::seams::EXEC_SIGNAL_QUEUE);
+    signals.try_send(15).expect("queue");
+    signals.try_send(9).expect("queue");
     let mut request = ExecRequest::new(["sleep", "1"]);
     request.started = Some(started);
     request.signals = Some(signals_rx);

@@ -4,7 +4,7 @@
 //! Host side: [`VmBackend`] creates a [`HostVm`] = [`VmLifetime`] + [`VmResources`] +
 //! [`HostDevices`].
 //! Guest side: [`Guest`] = [`GuestConnection`] + [`GuestExec`] + [`GuestDiagnostics`] + [`GuestPolicy`]
-//! + [`GuestFiles`] + [`GuestMounts`].
+//! + [`GuestFiles`] + [`GuestMounts`] + [`GuestPower`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -299,8 +299,9 @@ pub struct ExecRequest {
     /// tell "started" from "refused"; `None` tells nobody.
     pub started: Option<tokio::sync::oneshot::Sender<u32>>,
     /// Signal numbers to deliver to the process while it runs (the agent's `SignalProcess`);
-    /// `None` sends none.
-    pub signals: Option<tokio::sync::mpsc::UnboundedReceiver<i32>>,
+    /// `None` sends none. Bounded: a sender that outpaces the guest waits (see
+    /// [`EXEC_SIGNAL_QUEUE`] for a suitable capacity).
+    pub signals: Option<tokio::sync::mpsc::Receiver<i32>>,
 }
 
 impl std::fmt::Debug for ExecRequest {
@@ -341,17 +342,47 @@ impl ExecRequest {
     }
 }
 
+/// A capacity for [`ExecRequest::signals`]: signals are few and small; more queued than this
+/// means the guest is not taking them, and the sender should wait rather than pile them up.
+pub const EXEC_SIGNAL_QUEUE: usize = 16;
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// The status as a shell's `$?` has it: the exit code, or 128 + the signal number.
+    pub code: i32,
+    /// The signal that ended the process; `None` when it exited by itself (an `exit 137` is
+    /// `code` 137 without a signal).
+    pub signal: Option<i32>,
+}
+
+impl ProcessExit {
+    /// A process that exited by itself with `code`.
+    pub const fn exited(code: i32) -> ProcessExit {
+        ProcessExit { code, signal: None }
+    }
+
+    /// A process ended by `signal` (its shell status is 128 + `signal`).
+    pub const fn signalled(signal: i32) -> ProcessExit {
+        ProcessExit {
+            code: 128 + signal,
+            signal: Some(signal),
+        }
+    }
+}
+
 /// Running processes in the guest.
 #[async_trait]
 pub trait GuestExec: Send + Sync {
-    /// Run the process to completion, streaming its stdio; returns its exit code. Dropping the
-    /// future before it resolves kills the process (SIGKILL) and reaps it in the guest.
+    /// Run the process to completion, streaming its stdio; returns how it ended. Dropping the
+    /// future before it resolves — even while the start request is still in flight — kills the
+    /// process (SIGKILL) and reaps it in the guest.
     ///
     /// # Errors
     /// [`GuestError::Rejected`] when the guest refuses to start it (with the kind: not found,
     /// permission denied, …), [`GuestError::Unsupported`] for a terminal size the guest cannot
     /// follow, or the link failed while it ran.
-    async fn exec(&self, request: ExecRequest) -> Result<i32, GuestError>;
+    async fn exec(&self, request: ExecRequest) -> Result<ProcessExit, GuestError>;
 }
 
 /// Looking inside the guest.
@@ -435,9 +466,27 @@ pub trait GuestFiles: Send + Sync {
     ) -> Result<FileMeta, GuestError>;
 }
 
+/// Asking the guest to power its VM off cleanly.
+#[async_trait]
+pub trait GuestPower: Send + Sync {
+    /// Ask the guest to flush and power off. Returns once the guest accepted; the VM process
+    /// ends afterwards, by itself ([`VmLifetime::wait`] tells when).
+    ///
+    /// # Errors
+    /// [`GuestError::Unsupported`] where the guest cannot power off on request, or the guest
+    /// refused, or the link failed.
+    async fn shutdown(&self) -> Result<(), GuestError>;
+}
+
 /// The whole guest side, as the controller drives it.
 pub trait Guest:
-    GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles + GuestMounts
+    GuestConnection
+    + GuestExec
+    + GuestDiagnostics
+    + GuestPolicy
+    + GuestFiles
+    + GuestMounts
+    + GuestPower
 {
 }
 impl<
@@ -447,6 +496,7 @@ impl<
             + GuestPolicy
             + GuestFiles
             + GuestMounts
+            + GuestPower
             + ?Sized,
     > Guest for T
 {

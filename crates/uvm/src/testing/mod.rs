@@ -19,16 +19,18 @@ use crate::error::{ControllerError, GuestError, GuestRequest, HostError};
 use crate::seams::{
     Capabilities, CpuLimits, ExecRequest, FileMeta, GuestConnection, GuestDiagnostics,
     GuestEndpoint, GuestExec, GuestInfo, GuestPolicy, GuestStats, HostStats, HostVm, LinkHealth,
-    PolicyFragment, SecurityPolicy, VmBackend, VmConfig, VmLifetime, VmResources,
+    PolicyFragment, ProcessExit, SecurityPolicy, VmBackend, VmConfig, VmLifetime, VmResources,
 };
 use crate::state::{State, VmExit};
 use crate::Rejection;
 
 mod devices;
 mod files;
+mod power;
 use crate::{Controller, Timeouts};
 pub use devices::FakeMount;
 pub use files::FAKE_COPY_CHUNK;
+pub use power::GUEST_SHUTDOWN_REASON;
 
 /// Every call a fake records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +75,8 @@ pub enum Call {
     CopyOut,
     /// One chunk of [`Call::CopyOut`] ([`FAKE_COPY_CHUNK`] bytes, the last one shorter).
     ReadChunk,
+    /// `GuestPower::shutdown`.
+    Shutdown,
     /// Not recorded in the log (the waiter calls it at any time); holdable.
     LogDrain,
     /// `HostDevices::attach_disk`.
@@ -118,6 +122,7 @@ impl Call {
             Call::WriteChunk => "write_chunk",
             Call::CopyOut => "copy_out",
             Call::ReadChunk => "read_chunk",
+            Call::Shutdown => "shutdown",
             Call::LogDrain => "log_drain",
             Call::AttachDisk => "attach_disk",
             Call::DetachDisk => "detach_disk",
@@ -150,6 +155,7 @@ impl Call {
             Call::EjectDisk => Some(GuestRequest::EjectDisk),
             Call::MountShare => Some(GuestRequest::MountShare),
             Call::UnmountShare => Some(GuestRequest::UnmountShare),
+            Call::Shutdown => Some(GuestRequest::Shutdown),
             Call::Create
             | Call::Start
             | Call::Terminate
@@ -460,7 +466,7 @@ struct GuestLinkState {
     prepared: bool,
     health: LinkHealth,
     capabilities: Capabilities,
-    exit_code: i32,
+    exit: ProcessExit,
     stdout: Vec<u8>,
     policy: Option<SecurityPolicy>,
     endpoint: Option<GuestEndpoint>,
@@ -468,6 +474,8 @@ struct GuestLinkState {
     refusals: HashMap<String, Rejection>,
     /// The signals execs were sent, in order.
     signals: Vec<i32>,
+    /// The VM a `shutdown` powers off; `None`: the guest ignores it.
+    powers_off: Option<Arc<FakeVm>>,
 }
 
 /// A fake guest link. `exec` writes the scripted stdout, then waits until released by a hold or
@@ -496,13 +504,14 @@ impl FakeGuest {
                         "files".into(),
                     ],
                 },
-                exit_code: 0,
+                exit: ProcessExit::exited(0),
                 stdout: Vec::new(),
                 policy: None,
                 endpoint: None,
                 files: HashMap::new(),
                 refusals: HashMap::new(),
                 signals: Vec::new(),
+                powers_off: None,
             }),
             mounts: Mutex::default(),
             closed: watch::channel(0).0,
@@ -516,9 +525,13 @@ impl FakeGuest {
     }
     /// What the next exec prints and returns.
     pub fn set_exec_result(&self, stdout: &[u8], exit_code: i32) {
+        self.set_exec_exit(stdout, ProcessExit::exited(exit_code));
+    }
+    /// What the next exec prints and how it ends (e.g. killed by a signal).
+    pub fn set_exec_exit(&self, stdout: &[u8], exit: ProcessExit) {
         let mut s = lock(&self.state);
         s.stdout = stdout.to_vec();
-        s.exit_code = exit_code;
+        s.exit = exit;
     }
     /// Whether a connection is open.
     pub fn is_connected(&self) -> bool {
@@ -599,7 +612,7 @@ impl GuestConnection for FakeGuest {
 
 #[async_trait]
 impl GuestExec for FakeGuest {
-    async fn exec(&self, mut request: ExecRequest) -> Result<i32, GuestError> {
+    async fn exec(&self, mut request: ExecRequest) -> Result<ProcessExit, GuestError> {
         let mut closed = self.closed.subscribe();
         closed.mark_unchanged();
         tokio::select! {
@@ -611,7 +624,7 @@ impl GuestExec for FakeGuest {
             if s.health != LinkHealth::Connected {
                 return Err(GuestError::NotConnected);
             }
-            (s.stdout.clone(), s.exit_code)
+            (s.stdout.clone(), s.exit)
         };
         if let Some(started) = request.started.take() {
             let _ = started.send(FAKE_EXEC_PID);
@@ -703,13 +716,15 @@ impl Fakes {
             .expect("the test created a VM before asking for it")
     }
 
-    /// A controller with a created VM (the call log keeps the `Create`).
+    /// A controller with a created VM (the call log keeps the `Create`); its guest obeys a
+    /// `shutdown` by powering the VM off.
     pub async fn created() -> Fakes {
         let f = Fakes::new();
         f.controller
             .create_vm(VmConfig::default())
             .await
             .expect("create on fakes");
+        f.guest.obey_shutdown(f.vm());
         assert_eq!(f.controller.state(), State::Created);
         f
     }

@@ -101,9 +101,7 @@ pub async fn exec(args: ExecArgs, root: &Path) -> anyhow::Result<u8> {
                     stderr.write_all(&data).await?;
                     stderr.flush().await?;
                 }
-                Out::Exited(exited) => {
-                    return Ok(u8::try_from(exited.exit_code.rem_euclid(256)).unwrap_or(1));
-                }
+                Out::Exited(exited) => return Ok(shell_status(&exited)),
             },
             Ok(Some(v1::ExecResponse { frame: None })) => {}
             Ok(None) => anyhow::bail!("the exec stream ended without an exit status"),
@@ -179,4 +177,28 @@ fn follow_window_size(tx: mpsc::Sender<v1::ExecRequest>) -> Option<AbortOnDropHa
             }
         }
     })))
+}
+
+/// Our exit status for the process's, as a shell gives it: 128 + the signal for a process a
+/// signal ended, its exit code (mod 256) otherwise.
+fn shell_status(exited: &v1::ExecExited) -> u8 {
+    let status = match exited.signal {
+        0 => exited.exit_code,
+        signal => 128 + signal,
+    };
+    u8::try_from(status.rem_euclid(256)).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signalled_process_exits_128_plus_the_signal_and_others_their_code_mod_256() {
+        let status = |exit_code, signal| shell_status(&v1::ExecExited { exit_code, signal });
+        assert_eq!(status(137, 9), 137);
+        assert_eq!(status(0, 15), 143);
+        assert_eq!(status(3, 0), 3);
+        assert_eq!(status(256 + 7, 0), 7);
+    }
 }

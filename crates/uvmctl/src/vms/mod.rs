@@ -17,7 +17,7 @@ use tonic::{Code, Request};
 use uvm_api::v1::vm_service_client::VmServiceClient;
 use uvm_api::{v1, VM_ID_METADATA};
 use uvm_supervisor::record::{LOG_FILE, SOCKET_FILE};
-use uvm_supervisor::{names, read_record, VmRecord};
+use uvm_supervisor::{names, read_record, Incomplete, VmRecord};
 
 pub use copy::{cp, CpArgs};
 pub use exec::{exec, ExecArgs};
@@ -41,6 +41,10 @@ pub struct CreateArgs {
     /// Print {"id", "name", "state", "api_socket"} as JSON instead of the id.
     #[arg(long)]
     json: bool,
+    /// Remove the VM (as `rm -f` would) once process PID has ended: what tests use so that a
+    /// test killed outright leaves no VM behind.
+    #[arg(long, value_name = "PID", hide = true)]
+    tether_to: Option<u32>,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -55,6 +59,9 @@ pub struct SuperviseArgs {
     /// The inherited pipe end to report readiness on.
     #[arg(long)]
     ready_fd: Option<i32>,
+    /// The process whose end removes the VM.
+    #[arg(long, value_name = "PID")]
+    tether_to: Option<u32>,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -72,9 +79,8 @@ pub struct IdArg {
 pub struct StopArgs {
     /// The VM: its name, its id, or a unique prefix of its id.
     id: String,
-    /// Seconds the guest gets to shut down before the VM is stopped by force. (Today the QEMU
-    /// backend stops the VM at once, with QMP `quit`: there is no clean guest shutdown to wait
-    /// for yet.)
+    /// Seconds the guest gets to shut down cleanly (its agent flushes and powers off) before
+    /// the VM is stopped by force; 0 stops it by force at once. Default: 10.
     #[arg(long, value_name = "S")]
     timeout: Option<u64>,
 }
@@ -103,7 +109,22 @@ impl Target {
         uvm_supervisor::check_root(root)?;
         let id = names::resolve(root, query)?;
         let dir = root.join(&id);
-        let record = read_record(&dir)?;
+        let record = match read_record(&dir) {
+            Ok(record) => record,
+            Err(uvm_supervisor::RecordError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                bail!(
+                    "VM {id} has no record: it is {}",
+                    match uvm_supervisor::incomplete(&dir) {
+                        Incomplete::Creating => "being created".to_string(),
+                        Incomplete::Abandoned =>
+                            format!("left by a `create` that died; `uvmctl rm {id}` cleans it"),
+                    }
+                )
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Target { id, dir, record })
     }
 
@@ -152,6 +173,9 @@ pub async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
         "supervise".into(),
     ];
     argv.extend(args.vm.to_args().into_iter().map(Into::into));
+    if let Some(pid) = args.tether_to {
+        argv.extend(["--tether-to".into(), pid.to_string().into()]);
+    }
     let command = uvm_supervisor::SupervisorCommand {
         argv,
         root: root.to_path_buf(),
@@ -209,6 +233,7 @@ pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
         options: args.vm.options(),
         image,
         config: args.vm.config_record(),
+        tether: args.tether_to,
     };
     uvm_supervisor::run(spec, ready).await?;
     Ok(0)
@@ -280,6 +305,18 @@ pub async fn rm(args: RmArgs, root: &Path) -> anyhow::Result<u8> {
 const DEAD_SUPERVISOR_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn rm_one(root: &Path, query: &str, force: bool) -> anyhow::Result<String> {
+    uvm_supervisor::check_root(root)?;
+    let id = names::resolve(root, query)?;
+    if !root
+        .join(&id)
+        .join(uvm_supervisor::record::RECORD_FILE)
+        .exists()
+    {
+        // No record: a create under way (refused), or one that died before its supervisor
+        // wrote it (its directory and name claim go).
+        uvm_supervisor::remove_abandoned(root, &id)?;
+        return Ok(id);
+    }
     let target = Target::find(root, query)?;
     if !target.supervisor_alive() {
         // Its VM's processes die with it (tethered: the kernel sends them SIGKILL), but a QEMU

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{json, Value};
 use uvm_api::v1;
-use uvm_supervisor::{names, read_record, VmRecord};
+use uvm_supervisor::incomplete::names_of;
+use uvm_supervisor::{names, read_record, Incomplete, VmRecord};
 
 use super::{status_error, Target};
 
@@ -80,18 +81,43 @@ pub fn ps(args: PsArgs, root: &Path) -> anyhow::Result<u8> {
         Vec::new()
     };
     let mut rows = Vec::new();
+    let mut incomplete = Vec::new();
     for id in ids {
-        // A directory without a record is a VM being created or removed right now.
-        let Ok(record) = read_record(&root.join(&id)) else {
-            continue;
-        };
-        let alive = record.pids.get("supervisor").is_some_and(|p| p.is_alive());
-        if args.all || (alive && record.state == "Running") {
-            rows.push((record, alive));
+        let dir = root.join(&id);
+        match read_record(&dir) {
+            Ok(record) => {
+                let alive = record.pids.get("supervisor").is_some_and(|p| p.is_alive());
+                if args.all || (alive && record.state == "Running") {
+                    rows.push((record, alive));
+                }
+            }
+            // No record (yet): a create under way, or one that died before its supervisor
+            // wrote it. Only with -a: neither is a running VM.
+            Err(uvm_supervisor::RecordError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                if args.all && dir.is_dir() {
+                    let name = names_of(root, &id).join(",");
+                    incomplete.push((id, name, uvm_supervisor::incomplete(&dir)));
+                }
+            }
+            // Removed meanwhile, or unreadable: not listed.
+            Err(_) => {}
         }
     }
     if args.json {
-        let list: Vec<Value> = rows.iter().map(|(r, a)| record_json(r, *a)).collect();
+        let mut list: Vec<Value> = rows.iter().map(|(r, a)| record_json(r, *a)).collect();
+        list.extend(incomplete.iter().map(|(id, name, state)| {
+            json!({
+                "id": id,
+                "name": name,
+                "state": match state {
+                    Incomplete::Creating => "Creating",
+                    Incomplete::Abandoned => "Abandoned",
+                },
+                "supervisor_alive": *state == Incomplete::Creating,
+            })
+        }));
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);
     }
@@ -104,6 +130,9 @@ pub fn ps(args: PsArgs, root: &Path) -> anyhow::Result<u8> {
             shown_state(&record, alive),
             record.created_at
         );
+    }
+    for (id, name, state) in incomplete {
+        println!("{id:<16}  {name:<20}  {:<28}  -", state.shown());
     }
     Ok(0)
 }
@@ -170,6 +199,12 @@ fn merge_live(value: &mut Value, live: &v1::InspectResponse) {
                 "init_to_ready": ms(&boot.init_to_ready),
                 "start_total": ms(&boot.start_total),
             }),
+        );
+    }
+    if let Some(exit) = live.exit_status.as_ref().and_then(|e| e.exit.as_ref()) {
+        map.insert(
+            "exit".into(),
+            json!({"code": exit.code, "signal": exit.signal, "reason": exit.reason}),
         );
     }
     let pids: serde_json::Map<String, Value> = live
@@ -292,6 +327,7 @@ fn event_json(event: &v1::EventsResponse) -> Value {
         Some(Event::BootPhase(b)) => json!({
             "type": "boot_phase",
             "step": b.step().as_str_name().trim_start_matches("START_STEP_"),
+            "elapsed_ms": b.elapsed.and_then(|d| Duration::try_from(d).ok()).map(|d| d.as_secs_f64() * 1000.0),
         }),
         Some(Event::ExecStarted(e)) => json!({
             "type": "exec_started", "exec_id": e.exec_id, "pid": e.pid, "args": e.args,
@@ -300,6 +336,7 @@ fn event_json(event: &v1::EventsResponse) -> Value {
             "type": "exec_exited",
             "exec_id": e.exec_id,
             "exit_code": e.exit.map(|x| x.exit_code),
+            "signal": e.exit.map(|x| x.signal).filter(|s| *s != 0),
         }),
         None => json!({"type": "unknown"}),
     };

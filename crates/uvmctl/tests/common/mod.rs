@@ -31,7 +31,9 @@ pub fn require_prerequisites() {
     uvm_image::ImageSpec::from_env().unwrap_or_else(|e| missing(e));
 }
 
-/// A temporary state root; dropping it kills what its records name and removes it.
+/// A temporary state root; dropping it kills what its records name and removes it. A test
+/// killed before its drop runs leaves only the empty root: its VMs are tethered to it (`create
+/// --tether-to`) and their supervisors remove them when it dies.
 pub struct Root {
     dir: tempfile::TempDir,
 }
@@ -50,9 +52,14 @@ impl Root {
         self.dir.path()
     }
 
+    /// `uvmctl --root <root> ARGS`; a `create` is tethered to this test process, so that a
+    /// test killed outright (a timeout) still has its VMs removed by their supervisors.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(UVMCTL);
         cmd.arg("--root").arg(self.path()).args(args);
+        if args.first() == Some(&"create") {
+            cmd.arg("--tether-to").arg(std::process::id().to_string());
+        }
         cmd
     }
 
