@@ -480,13 +480,7 @@ pub trait GuestPower: Send + Sync {
 
 /// The whole guest side, as the controller drives it.
 pub trait Guest:
-    GuestConnection
-    + GuestExec
-    + GuestDiagnostics
-    + GuestPolicy
-    + GuestFiles
-    + GuestMounts
-    + GuestPower
+    GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles + GuestMounts + GuestPower
 {
 }
 impl<
