@@ -12,6 +12,10 @@ use uvm::{ExitStatus, Operation, Reason, StartStep, State, Status, Transition, V
 use crate::status::ApiError;
 use crate::v1;
 
+mod devices;
+
+pub use devices::{disk_request, share_request};
+
 /// A protobuf duration for `d`, saturating at protobuf's maximum (about 10,000 years).
 pub fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
@@ -212,6 +216,8 @@ impl From<VmConfig> for v1::VmConfig {
             cpus: config.cpus,
             security_policy: config.security_policy.map(|p| p.0),
             backend_options: Default::default(),
+            disks: config.disks.iter().map(Into::into).collect(),
+            shares: config.shares.iter().map(Into::into).collect(),
         }
     }
 }

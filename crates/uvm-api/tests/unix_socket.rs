@@ -230,6 +230,41 @@ impl VmService for TestVm {
         unimplemented("Events")
     }
 
+    async fn add_disk(
+        &self,
+        _: Request<v1::AddDiskRequest>,
+    ) -> Result<Response<v1::AddDiskResponse>, Status> {
+        unimplemented("AddDisk")
+    }
+
+    async fn remove_disk(
+        &self,
+        _: Request<v1::RemoveDiskRequest>,
+    ) -> Result<Response<v1::RemoveDiskResponse>, Status> {
+        unimplemented("RemoveDisk")
+    }
+
+    async fn add_share(
+        &self,
+        _: Request<v1::AddShareRequest>,
+    ) -> Result<Response<v1::AddShareResponse>, Status> {
+        unimplemented("AddShare")
+    }
+
+    async fn remove_share(
+        &self,
+        _: Request<v1::RemoveShareRequest>,
+    ) -> Result<Response<v1::RemoveShareResponse>, Status> {
+        unimplemented("RemoveShare")
+    }
+
+    async fn list_devices(
+        &self,
+        _: Request<v1::ListDevicesRequest>,
+    ) -> Result<Response<v1::ListDevicesResponse>, Status> {
+        unimplemented("ListDevices")
+    }
+
     async fn remove(
         &self,
         _: Request<v1::RemoveRequest>,

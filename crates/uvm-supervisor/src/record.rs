@@ -58,6 +58,100 @@ pub struct ConfigRecord {
     pub cpus: u32,
     /// Backend settings: machine, accel, kernel, append.
     pub backend: BTreeMap<String, String>,
+    /// The disks given at create (`--disk`), in order.
+    #[serde(default)]
+    pub disks: Vec<MountSpecRecord>,
+    /// The shares given at create (`--share`), in order.
+    #[serde(default)]
+    pub shares: Vec<MountSpecRecord>,
+}
+
+/// A disk or share given at create: a host path mounted at a guest path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpecRecord {
+    /// The image or directory on the host (absolute).
+    pub host_path: PathBuf,
+    /// Where the guest mounts it.
+    pub guest_path: String,
+    /// Attached (and mounted) read-only.
+    pub read_only: bool,
+}
+
+/// A disk or share on the VM as the record shows it: what `ps` and `inspect` read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// `disk` or `share`.
+    pub kind: String,
+    /// Its SCSI slot index (controller × 64 + lun); disks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// Its tag; shares only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The image or directory on the host.
+    pub host_path: PathBuf,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// Its state as the controller names it (`Attached`, `Added`, …).
+    pub state: String,
+    /// Given at create rather than added since.
+    pub cold: bool,
+    /// Its guest mounts.
+    pub mounts: Vec<MountRecord>,
+}
+
+/// A guest mount of a disk or share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// Where.
+    pub guest_path: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+    /// Its state (`Reserved`, `Mounted`, `Unmounted`).
+    pub state: String,
+}
+
+impl DeviceRecord {
+    /// The records of `devices`: disks by slot, then shares by tag.
+    pub fn of(devices: &uvm::Devices) -> Vec<DeviceRecord> {
+        let disks = devices.disks.iter().map(|d| DeviceRecord {
+            kind: "disk".into(),
+            slot: Some(d.slot.index()),
+            tag: None,
+            host_path: d.config.host_path.clone(),
+            read_only: d.config.read_only,
+            state: d.state.to_string(),
+            cold: d.cold,
+            mounts: d
+                .mounts
+                .iter()
+                .map(|m| MountRecord {
+                    guest_path: m.config.guest_path.clone(),
+                    read_only: m.config.read_only,
+                    state: m.state.to_string(),
+                })
+                .collect(),
+        });
+        let shares = devices.shares.iter().map(|s| DeviceRecord {
+            kind: "share".into(),
+            slot: None,
+            tag: Some(s.tag.clone()),
+            host_path: s.config.host_path.clone(),
+            read_only: s.config.read_only,
+            state: s.state.to_string(),
+            cold: s.cold,
+            mounts: s
+                .mounts
+                .iter()
+                .map(|m| MountRecord {
+                    guest_path: m.config.guest_path.clone(),
+                    read_only: m.config.read_only,
+                    state: m.state.to_string(),
+                })
+                .collect(),
+        });
+        disks.chain(shares).collect()
+    }
 }
 
 /// The whole record.
@@ -79,8 +173,9 @@ pub struct VmRecord {
     pub created_at: String,
     /// When it first reached Running (RFC 3339, UTC).
     pub started_at: Option<String>,
-    /// Attached devices (none yet: device hotplug is to come).
-    pub devices: Vec<serde_json::Value>,
+    /// The disks and shares on the VM, with their states and mounts.
+    #[serde(default)]
+    pub devices: Vec<DeviceRecord>,
     /// The API socket.
     pub api_socket: PathBuf,
 }
@@ -213,6 +308,12 @@ mod tests {
                 memory_mib: 256,
                 cpus: 1,
                 backend: [("machine".to_string(), "q35".to_string())].into(),
+                disks: vec![MountSpecRecord {
+                    host_path: "/images/data.img".into(),
+                    guest_path: "/data".into(),
+                    read_only: true,
+                }],
+                shares: Vec::new(),
             },
             state: "Running".into(),
             reason: None,
@@ -223,7 +324,20 @@ mod tests {
             .into(),
             created_at: rfc3339(SystemTime::now()),
             started_at: None,
-            devices: Vec::new(),
+            devices: vec![DeviceRecord {
+                kind: "disk".into(),
+                slot: Some(0),
+                tag: None,
+                host_path: "/images/data.img".into(),
+                read_only: true,
+                state: "Attached".into(),
+                cold: true,
+                mounts: vec![MountRecord {
+                    guest_path: "/data".into(),
+                    read_only: true,
+                    state: "Mounted".into(),
+                }],
+            }],
             api_socket: "/run/uvmctl/0123456789abcdef/api.sock".into(),
         }
     }

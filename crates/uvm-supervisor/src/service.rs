@@ -10,7 +10,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uvm::State;
-use uvm_api::convert::{duration, grace_period, timestamp};
+use uvm_api::convert::{disk_request, duration, grace_period, share_request, timestamp};
 use uvm_api::v1::events_response::Event;
 use uvm_api::v1::vm_service_server::VmService;
 use uvm_api::{controller_status, v1};
@@ -46,6 +46,8 @@ impl VmApi {
             cpus: s.config.cpus,
             security_policy: None,
             backend_options: s.config.backend.clone().into_iter().collect(),
+            disks: s.vm.options.disks.iter().map(Into::into).collect(),
+            shares: s.vm.options.shares.iter().map(Into::into).collect(),
         };
         config.backend_options.retain(|_, v| !v.is_empty());
         let boot = guest.as_ref().map(|g| {
@@ -70,7 +72,47 @@ impl VmApi {
                 .map(|(name, pid)| v1::HostProcess { name, pid })
                 .collect(),
             last_event_sequence: s.events.newest(),
+            devices: Some((&c.devices()).into()),
         }
+    }
+
+    /// After a device change: the record rewritten, and on success an event naming it.
+    async fn device_changed<T>(
+        &self,
+        result: Result<T, uvm::ControllerError>,
+        operation: v1::Operation,
+        guest_path: String,
+        host_path: String,
+    ) -> Result<T, Status> {
+        self.shared.persist().await;
+        let done = result.map_err(|e| controller_status(&e))?;
+        self.shared
+            .push_event(Event::DeviceChanged(v1::DeviceChanged {
+                operation: operation.into(),
+                guest_path,
+                host_path,
+            }));
+        Ok(done)
+    }
+
+    /// The host path of what is mounted at `guest_path`, for a removal's event.
+    fn host_path_at(&self, guest_path: &str) -> String {
+        let devices = self.shared.vm.controller.devices();
+        let disks = devices
+            .disks
+            .iter()
+            .filter(|d| d.mounts.iter().any(|m| m.config.guest_path == guest_path))
+            .map(|d| d.config.host_path.clone());
+        let shares = devices
+            .shares
+            .iter()
+            .filter(|s| s.mounts.iter().any(|m| m.config.guest_path == guest_path))
+            .map(|s| s.config.host_path.clone());
+        disks
+            .chain(shares)
+            .next()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -278,6 +320,84 @@ impl VmService for VmApi {
     ) -> Result<Response<Self::EventsStream>, Status> {
         let stream = crate::events::events(self.shared.clone(), request.get_ref())?;
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn add_disk(
+        &self,
+        request: Request<v1::AddDiskRequest>,
+    ) -> Result<Response<v1::AddDiskResponse>, Status> {
+        let spec = disk_request(request.into_inner())?;
+        let guest_path = spec.mount.guest_path.clone();
+        let host_path = spec.disk.host_path.to_string_lossy().into_owned();
+        let c = &self.shared.vm.controller;
+        let r = c.add_disk(spec.disk, spec.mount).await;
+        let slot = self
+            .device_changed(r, v1::Operation::AddDisk, guest_path, host_path)
+            .await?;
+        let disk = c
+            .devices()
+            .disks
+            .iter()
+            .find(|d| d.slot == slot)
+            .map(Into::into);
+        Ok(Response::new(v1::AddDiskResponse {
+            slot: slot.index(),
+            disk,
+        }))
+    }
+
+    async fn remove_disk(
+        &self,
+        request: Request<v1::RemoveDiskRequest>,
+    ) -> Result<Response<v1::RemoveDiskResponse>, Status> {
+        let guest_path = request.into_inner().guest_path;
+        let host_path = self.host_path_at(&guest_path);
+        let r = self.shared.vm.controller.remove_disk(&guest_path).await;
+        self.device_changed(r, v1::Operation::RemoveDisk, guest_path, host_path)
+            .await?;
+        Ok(Response::new(v1::RemoveDiskResponse {}))
+    }
+
+    async fn add_share(
+        &self,
+        request: Request<v1::AddShareRequest>,
+    ) -> Result<Response<v1::AddShareResponse>, Status> {
+        let spec = share_request(request.into_inner())?;
+        let guest_path = spec.mount.guest_path.clone();
+        let host_path = spec.share.host_path.to_string_lossy().into_owned();
+        let c = &self.shared.vm.controller;
+        let r = c.add_share(spec.share, spec.mount).await;
+        let tag = self
+            .device_changed(r, v1::Operation::AddShare, guest_path, host_path)
+            .await?;
+        let share = c
+            .devices()
+            .shares
+            .iter()
+            .find(|s| s.tag == tag)
+            .map(Into::into);
+        Ok(Response::new(v1::AddShareResponse { tag, share }))
+    }
+
+    async fn remove_share(
+        &self,
+        request: Request<v1::RemoveShareRequest>,
+    ) -> Result<Response<v1::RemoveShareResponse>, Status> {
+        let guest_path = request.into_inner().guest_path;
+        let host_path = self.host_path_at(&guest_path);
+        let r = self.shared.vm.controller.remove_share(&guest_path).await;
+        self.device_changed(r, v1::Operation::RemoveShare, guest_path, host_path)
+            .await?;
+        Ok(Response::new(v1::RemoveShareResponse {}))
+    }
+
+    async fn list_devices(
+        &self,
+        _: Request<v1::ListDevicesRequest>,
+    ) -> Result<Response<v1::ListDevicesResponse>, Status> {
+        Ok(Response::new(v1::ListDevicesResponse {
+            devices: Some((&self.shared.vm.controller.devices()).into()),
+        }))
     }
 
     async fn remove(

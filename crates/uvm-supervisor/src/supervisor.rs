@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
-use uvm::seams::VmConfig;
 use uvm::State;
 use uvm_image::Image;
 use uvm_vm::{Vm, VmOptions};
@@ -22,8 +21,8 @@ use uvm_vm::{Vm, VmOptions};
 use crate::names;
 use crate::ready::{Ready, ReadyError};
 use crate::record::{
-    rfc3339, write_record, ConfigRecord, ProcessRecord, RecordError, VmRecord, RECORD_FILE,
-    SOCKET_FILE,
+    rfc3339, write_record, ConfigRecord, DeviceRecord, ProcessRecord, RecordError, VmRecord,
+    RECORD_FILE, SOCKET_FILE,
 };
 use crate::service::VmApi;
 use crate::tether::Tether;
@@ -149,7 +148,7 @@ impl Shared {
             pids,
             created_at: rfc3339(self.created_at),
             started_at: self.vm.controller.start_time().ok().flatten().map(rfc3339),
-            devices: Vec::new(),
+            devices: DeviceRecord::of(&self.vm.controller.devices()),
             api_socket: self.socket(),
         }
     }
@@ -261,12 +260,7 @@ async fn supervise(spec: SupervisorSpec, ready: Ready) -> Result<(), SupervisorE
     let mut options = spec.options.clone();
     options.runtime_root = Some(dir.clone());
     let vm = Vm::with_id(&spec.image, options, spec.id.clone());
-    let config = VmConfig {
-        memory_mib: spec.options.memory_mib,
-        cpus: spec.options.cpus,
-        security_policy: None,
-        ..VmConfig::default()
-    };
+    let config = uvm_vm::vm_config(&spec.options);
     if let Err(source) = vm.controller.create_vm(config).await {
         let err = SupervisorError::Create {
             id: spec.id.clone(),

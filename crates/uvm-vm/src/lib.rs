@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uvm::seams::{HostVm, VmBackend, VmConfig};
+use uvm::seams::{DiskSpec, HostVm, ShareSpec, VmBackend, VmConfig};
 use uvm::{Controller, ControllerError, HostError, Timeouts};
 use uvm_guest::{GuestLinkConfig, VsockGuest};
 use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
@@ -46,6 +46,10 @@ pub struct VmOptions {
     pub runtime_root: Option<PathBuf>,
     /// Appended to the guest kernel command line.
     pub extra_cmdline: String,
+    /// Disks given at create: attached cold, mounted by `start_vm` ([`VmConfig::disks`]).
+    pub disks: Vec<DiskSpec>,
+    /// Shares given at create: added cold, mounted by `start_vm` ([`VmConfig::shares`]).
+    pub shares: Vec<ShareSpec>,
 }
 
 impl Default for VmOptions {
@@ -58,6 +62,8 @@ impl Default for VmOptions {
             timeouts: Timeouts::default(),
             runtime_root: None,
             extra_cmdline: String::new(),
+            disks: Vec::new(),
+            shares: Vec::new(),
         }
     }
 }
@@ -115,11 +121,14 @@ pub fn command_lines(
     QemuBackend::new(qemu_config(image, options)).command_lines(dir, &vm_config(options))
 }
 
-fn vm_config(options: &VmOptions) -> VmConfig {
+/// The controller's configuration of a VM made with `options` (what `create_vm` gets).
+pub fn vm_config(options: &VmOptions) -> VmConfig {
     VmConfig {
         memory_mib: options.memory_mib,
         cpus: options.cpus,
         security_policy: None,
+        disks: options.disks.clone(),
+        shares: options.shares.clone(),
         ..VmConfig::default()
     }
 }

@@ -1,4 +1,5 @@
-//! uvmctl as a library: the terminal handling that the CLI and its tests share. The VM itself
-//! is `uvm-vm`'s, the benchmark `uvm-bench`'s.
+//! uvmctl as a library: the terminal handling and the `--disk`/`--share` argument that the CLI
+//! and its tests share. The VM itself is `uvm-vm`'s, the benchmark `uvm-bench`'s.
 
+pub mod mount_spec;
 pub mod terminal;

@@ -12,8 +12,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::task::AbortOnDropHandle;
-use uvm::seams::ExecRequest;
+use uvm::seams::{
+    DiskConfig, DiskMount, DiskSpec, ExecRequest, ShareConfig, ShareMount, ShareSpec,
+};
 use uvm_vm::{image_with, BootTimings, Vm, VmOptions};
+use uvmctl::mount_spec::{parse_mount_spec, MountSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -73,6 +76,16 @@ enum Action {
     Events(vms::EventsArgs),
     /// Copy a file into a running VM (SRC ID:DST) or out of it (ID:SRC DST).
     Cp(vms::CpArgs),
+    /// Attach, detach and list a running VM's disks.
+    Disk {
+        #[command(subcommand)]
+        command: vms::DiskCommand,
+    },
+    /// Share host directories into a running VM, stop sharing them, list them.
+    Share {
+        #[command(subcommand)]
+        command: vms::ShareCommand,
+    },
     /// Change a running VM's memory, CPU cap or CPU group.
     Update(vms::UpdateArgs),
     /// What a running VM's guest agent, supervisor and QEMU threads are doing.
@@ -134,6 +147,14 @@ struct VmArgs {
     /// More guest kernel arguments, appended to the command line uvmctl gives the kernel.
     #[arg(long, value_name = "ARGS", default_value = "")]
     append: String,
+    /// A disk image (raw ext4, xfs or vfat) attached at create and mounted at GUEST_PATH when
+    /// the VM starts; `:ro` attaches it read-only. Repeatable. Works on q35 and microvm.
+    #[arg(long = "disk", value_name = "HOST_PATH:GUEST_PATH[:ro]", value_parser = parse_mount_spec)]
+    disks: Vec<MountSpec>,
+    /// A host directory shared at create and mounted at GUEST_PATH when the VM starts; `:ro`
+    /// shares it read-only (enforced on the host and in the guest). Repeatable.
+    #[arg(long = "share", value_name = "HOST_DIR:GUEST_PATH[:ro]", value_parser = parse_mount_spec)]
+    shares: Vec<MountSpec>,
 }
 
 impl VmArgs {
@@ -165,6 +186,13 @@ impl VmArgs {
             args.push("--kernel".into());
             args.push(name(&|| kernel.to_possible_value()));
         }
+        // The host paths are absolute already (made so when parsed).
+        args.extend(self.disks.iter().map(|d| format!("--disk={}", d.to_arg())));
+        args.extend(
+            self.shares
+                .iter()
+                .map(|s| format!("--share={}", s.to_arg())),
+        );
         args
     }
 
@@ -187,10 +215,17 @@ impl VmArgs {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        let record = |m: &MountSpec| uvm_supervisor::MountSpecRecord {
+            host_path: m.host_path.clone(),
+            guest_path: m.guest_path.clone(),
+            read_only: m.read_only,
+        };
         uvm_supervisor::ConfigRecord {
             memory_mib: self.memory,
             cpus: self.cpus,
             backend,
+            disks: self.disks.iter().map(record).collect(),
+            shares: self.shares.iter().map(record).collect(),
         }
     }
 
@@ -208,8 +243,38 @@ impl VmArgs {
                 MachineArg::Microvm => uvm_vm::Machine::Microvm,
             },
             extra_cmdline: self.append.clone(),
+            disks: self.disks.iter().map(disk_spec).collect(),
+            shares: self.shares.iter().map(share_spec).collect(),
             ..VmOptions::default()
         }
+    }
+}
+
+/// A `--disk`: a raw image, its filesystem probed by the guest; `:ro` on both sides.
+fn disk_spec(m: &MountSpec) -> DiskSpec {
+    DiskSpec {
+        disk: DiskConfig {
+            read_only: m.read_only,
+            ..DiskConfig::raw(&m.host_path)
+        },
+        mount: DiskMount {
+            read_only: m.read_only,
+            ..DiskMount::at(&m.guest_path)
+        },
+    }
+}
+
+/// A `--share`: `:ro` on both sides.
+fn share_spec(m: &MountSpec) -> ShareSpec {
+    ShareSpec {
+        share: ShareConfig {
+            host_path: m.host_path.clone(),
+            read_only: m.read_only,
+        },
+        mount: ShareMount {
+            guest_path: m.guest_path.clone(),
+            read_only: m.read_only,
+        },
     }
 }
 
@@ -302,6 +367,8 @@ fn main() -> ExitCode {
             Action::Events(args) => vms::events(args, &root()?).await,
             Action::Cp(args) => vms::cp(args, &root()?).await,
             Action::Update(args) => vms::update(args, &root()?).await,
+            Action::Disk { command } => vms::disk(command, &root()?).await,
+            Action::Share { command } => vms::share(command, &root()?).await,
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }

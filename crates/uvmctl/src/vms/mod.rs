@@ -3,6 +3,7 @@
 //! itself, so that one binary is all there is to install.
 
 mod copy;
+mod devices;
 mod exec;
 mod show;
 
@@ -20,13 +21,13 @@ use uvm_supervisor::record::{LOG_FILE, SOCKET_FILE};
 use uvm_supervisor::{names, read_record, Incomplete, VmRecord};
 
 pub use copy::{cp, CpArgs};
+pub use devices::{disk, share, DiskCommand, ShareCommand};
 pub use exec::{exec, ExecArgs};
 pub use show::{events, inspect, ps, stats, EventsArgs, InspectArgs, PsArgs, StatsArgs};
 
 use crate::VmArgs;
 
-const CREATE_EXAMPLE: &str =
-    "Example:\n  uvmctl create --name web --memory 512 --start\n  uvmctl exec web -- uname -a";
+const CREATE_EXAMPLE: &str = "Examples:\n  uvmctl create --name web --memory 512 --start\n  uvmctl exec web -- uname -a\n  uvmctl create --name db --disk ./data.img:/data --share ./conf:/etc/app:ro --start";
 
 /// `uvmctl create`.
 #[derive(clap::Args, Debug)]

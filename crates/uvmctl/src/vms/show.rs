@@ -154,7 +154,15 @@ pub async fn inspect(args: InspectArgs, root: &Path) -> anyhow::Result<u8> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
+        let devices = match &mut value {
+            Value::Object(map) => map.remove("devices"),
+            _ => None,
+        };
         print_fields(&value, "");
+        let devices = devices
+            .and_then(|d| d.as_array().cloned())
+            .unwrap_or_default();
+        super::devices::print_inspect_lines(&devices);
     }
     Ok(0)
 }
@@ -205,6 +213,12 @@ fn merge_live(value: &mut Value, live: &v1::InspectResponse) {
         map.insert(
             "exit".into(),
             json!({"code": exit.code, "signal": exit.signal, "reason": exit.reason}),
+        );
+    }
+    if let Some(devices) = &live.devices {
+        map.insert(
+            "devices".into(),
+            Value::Array(super::devices::devices_json(devices)),
         );
     }
     let pids: serde_json::Map<String, Value> = live
@@ -337,6 +351,12 @@ fn event_json(event: &v1::EventsResponse) -> Value {
             "exec_id": e.exec_id,
             "exit_code": e.exit.map(|x| x.exit_code),
             "signal": e.exit.map(|x| x.signal).filter(|s| *s != 0),
+        }),
+        Some(Event::DeviceChanged(d)) => json!({
+            "type": "device_changed",
+            "operation": d.operation().as_str_name().trim_start_matches("OPERATION_"),
+            "guest_path": d.guest_path,
+            "host_path": d.host_path,
         }),
         None => json!({"type": "unknown"}),
     };
