@@ -74,6 +74,8 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_OPEN_FILES: usize = 16;
 /// A file handle unused this long is dropped by the agent (an unfinished write leaves nothing).
 pub const FILE_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Bound on `MountShareRequest.wait_ms`: how long the agent waits for a device to appear.
+pub const MAX_DEVICE_WAIT_MS: u32 = 60_000;
 /// Bound on the entropy seed of one `Handshake`.
 pub const MAX_ENTROPY_BYTES: usize = 512;
 /// Bound on one line of the announce stream (longer lines are truncated).
@@ -104,6 +106,8 @@ pub mod capabilities {
     pub const TERMINAL_RESIZE: &str = "terminal-resize";
     /// `OpenWrite`, `WriteChunk`, `CommitWrite`, `OpenRead`, `ReadChunk`, `CloseFile`.
     pub const FILES: &str = "files";
+    /// `MountShare`, `UnmountShare` (virtio-fs and 9p).
+    pub const SHARES: &str = "shares";
 }
 
 /// The fully qualified ttrpc service name, as registered by [`agent_ttrpc::create_agent`].

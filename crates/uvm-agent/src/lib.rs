@@ -13,6 +13,7 @@ mod entropy;
 pub mod error;
 pub mod files;
 pub mod modules;
+pub mod mounts;
 pub mod power;
 pub mod process;
 pub mod run;

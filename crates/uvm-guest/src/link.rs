@@ -556,7 +556,8 @@ impl GuestPolicy for VsockGuest {
     }
 }
 
-/// Mounts need agent requests that do not exist yet: each is a typed `Unsupported`.
+/// Disks need agent requests that do not exist yet: each is a typed `Unsupported`. Shares go
+/// to the agent's `MountShare` and `UnmountShare` ([`crate::shares`]).
 #[async_trait]
 impl GuestMounts for VsockGuest {
     async fn mount_disk(
@@ -583,18 +584,14 @@ impl GuestMounts for VsockGuest {
 
     async fn mount_share(
         &self,
-        _tag: &str,
-        _transport: ShareTransport,
-        _mount: &ShareMount,
+        tag: &str,
+        transport: ShareTransport,
+        mount: &ShareMount,
     ) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "mounting shares",
-        })
+        crate::shares::mount(self, tag, transport, mount).await
     }
 
-    async fn unmount_share(&self, _guest_path: &str) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "unmounting shares",
-        })
+    async fn unmount_share(&self, guest_path: &str) -> Result<(), GuestError> {
+        crate::shares::unmount(self, guest_path).await
     }
 }
