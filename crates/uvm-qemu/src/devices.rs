@@ -1,6 +1,6 @@
-//! Disks and shares on QEMU ([`HostDevices`]). Not built yet: every attach is a typed
-//! `Unsupported`, and a VM given devices at create is refused (see `QemuBackend::check`), so
-//! nothing is ever silently left out.
+//! Disks and shares on QEMU ([`HostDevices`]). Shares are built (module `shares`); disks not
+//! yet: every attach is a typed `Unsupported`, and a VM given disks at create is refused (see
+//! `QemuBackend::check`), so nothing is ever silently left out.
 
 use async_trait::async_trait;
 use uvm::seams::{DiskConfig, DiskLocation, HostDevices, ScsiSlot, ShareConfig, ShareTransport};
@@ -39,16 +39,15 @@ impl HostDevices for QemuVm {
         }
     }
 
-    async fn add_share(&self, _tag: &str, _share: &ShareConfig) -> Result<(), HostError> {
-        Err(unsupported("add_share"))
+    async fn add_share(&self, tag: &str, share: &ShareConfig) -> Result<(), HostError> {
+        self.shares.add(self, tag, share).await
     }
 
-    /// Nothing can be added yet, so there is nothing to remove.
-    async fn remove_share(&self, _tag: &str) -> Result<(), HostError> {
-        Ok(())
+    async fn remove_share(&self, tag: &str) -> Result<(), HostError> {
+        self.shares.remove(self, tag).await
     }
 
-    fn share_transport(&self, _tag: &str) -> ShareTransport {
-        ShareTransport::VirtioFs
+    fn share_transport(&self, tag: &str) -> ShareTransport {
+        self.shares.transport(tag)
     }
 }

@@ -17,6 +17,7 @@ use uvm_util::{lock, short_id};
 use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths};
 use crate::error::QemuError;
 use crate::qmp::{Balloon, QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
+use crate::shares::{self, ShareHost, Shares};
 use crate::stats;
 use crate::supervisor::{self, BootMarks, Launch, QemuState, Shared, Which};
 use crate::{AccelKind, Machine, QemuConfig};
@@ -78,8 +79,16 @@ impl QemuBackend {
         self.accel
     }
 
+    fn share_host(&self) -> ShareHost<'_> {
+        ShareHost {
+            machine: self.config.machine,
+            virtiofsd: self.config.virtiofsd.as_deref(),
+            spare_ports: self.config.share_hotplug_ports,
+        }
+    }
+
     /// The exact QEMU arguments this backend runs a VM with (machine, firmware, clock arguments
-    /// under TCG and all): what the benchmark's "floor" runs by hand.
+    /// under TCG, root ports and cold shares): what the benchmark's "floor" runs by hand.
     pub fn qemu_args(&self, paths: &RuntimePaths, config: &VmConfig) -> Vec<String> {
         let c = &self.config;
         let mut extra_cmdline = String::new();
@@ -88,7 +97,8 @@ impl QemuBackend {
             extra_cmdline.push(' ');
         }
         extra_cmdline.push_str(&c.extra_cmdline);
-        qemu_command_line(&QemuCommand {
+        let plan = self.share_host().plan(config);
+        let mut args = qemu_command_line(&QemuCommand {
             kernel: &c.kernel,
             initramfs: &c.initramfs,
             accel: self.accel,
@@ -98,7 +108,9 @@ impl QemuBackend {
             cpus: config.cpus,
             paths,
             extra_cmdline: &extra_cmdline,
-        })
+        });
+        args.extend(shares::qemu_args(&plan, c.machine, paths));
+        args
     }
 
     /// Exactly what [`QemuBackend::create_vm`] would run for `config`, with the runtime files
@@ -141,11 +153,8 @@ impl QemuBackend {
                 operation: "disks given at create",
             });
         }
-        if !config.shares.is_empty() {
-            return Err(HostError::Unsupported {
-                backend: "qemu",
-                operation: "shares given at create",
-            });
+        for spec in &config.shares {
+            shares::check_host_dir(&spec.share)?;
         }
         if c.machine == Machine::Microvm {
             if !c.qboot.is_file() {
@@ -204,9 +213,24 @@ impl QemuBackend {
             source,
         })?;
         let paths = RuntimePaths::new(dir.path());
+        let share_host = self.share_host();
+        let plan = share_host.plan(config);
+        let helpers = match (&c.virtiofsd, share_host.transport()) {
+            (Some(virtiofsd), uvm::seams::ShareTransport::VirtioFs) => plan
+                .cold
+                .iter()
+                .map(|s| shares::helper_launch(virtiofsd, s.id, &s.config, &paths))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let shared = Shared::new(paths.clone()).map_err(|source| HostError::Io {
+            operation: "create the supervisor's wake-up",
+            source,
+        })?;
         let launch = Launch {
             vsock_program: c.vhost_vsock.clone(),
             vsock_args: vhost_vsock_command_line(&paths),
+            helpers,
             qemu_program: c.qemu.clone(),
             qemu_args: self.qemu_args(&paths, config),
         };
@@ -218,7 +242,8 @@ impl QemuBackend {
             machine: c.machine,
             accel: self.accel,
             grace: c.terminate_grace,
-            shared: Arc::new(Shared::new(paths)),
+            shared: Arc::new(shared),
+            shares: Shares::new(&share_host, &plan),
             launch,
             runtime_dir,
             qmp: tokio::sync::Mutex::new(None),
@@ -330,6 +355,8 @@ pub struct QemuVm {
     accel: AccelKind,
     grace: Duration,
     shared: Arc<Shared>,
+    /// Its shared directories.
+    pub(crate) shares: Shares,
     launch: Launch,
     runtime_dir: PathBuf,
     /// The negotiated QMP connection; (re)made on demand while QEMU runs.
@@ -343,6 +370,8 @@ struct ShutdownRecorder(Arc<Shared>);
 
 impl QmpObserver for ShutdownRecorder {
     fn event(&self, event: &QmpEvent) {
+        // Nobody subscribed is fine: events are only kept for those who wait for one.
+        let _ = self.0.events.send(event.clone());
         if let Some(shutdown) = event.shutdown() {
             tracing::info!(reason = %shutdown.reason, guest = shutdown.guest, "QEMU shutting down");
             self.0.record_shutdown(shutdown.reason);
@@ -359,6 +388,21 @@ impl QemuVm {
     /// vhost-device-vsock's PID once spawned (it stays `Some` after it exits and is reaped).
     pub fn vsock_pid(&self) -> Option<u32> {
         self.shared.lock().get(Which::Vsock).map(|p| p.pid)
+    }
+
+    /// The PIDs of the helpers (virtiofsd, one per virtio-fs share) running or not yet
+    /// forgotten.
+    pub fn helper_pids(&self) -> Vec<u32> {
+        self.shared.lock().helpers.values().map(|p| p.pid).collect()
+    }
+
+    /// The tags of the VM's shares now.
+    pub fn share_tags(&self) -> Vec<String> {
+        self.shares.entries().into_iter().map(|e| e.tag).collect()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The VM's private runtime directory (`<runtime_root>/uvm-<id>-<random>`).
@@ -412,7 +456,7 @@ impl QemuVm {
 
     /// The QMP connection, made now if there is none (e.g. `start` was cancelled after QEMU
     /// came up). `Gone` once QEMU has exited.
-    async fn qmp(&self) -> Result<Arc<QmpClient>, HostError> {
+    pub(crate) async fn qmp(&self) -> Result<Arc<QmpClient>, HostError> {
         let mut slot = self.qmp.lock().await;
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(client.clone());
