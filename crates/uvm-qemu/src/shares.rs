@@ -502,7 +502,9 @@ async fn unplug_and_end(vm: &QemuVm, entry: &ShareEntry) -> Result<(), HostError
         // QEMU serves it: nothing of ours runs. (The fsdev stays: QMP cannot delete it.)
         return Ok(());
     }
-    if !qemu_gone {
+    // Without a port (microvm) the device stays and keeps its chardev: only the virtiofsd goes,
+    // and the device serves nothing from then on.
+    if !qemu_gone && entry.port.is_some() {
         let remove = ChardevRemove {
             id: chardev_id(entry.id),
         };
