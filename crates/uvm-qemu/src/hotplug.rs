@@ -210,6 +210,44 @@ impl QemuVm {
     }
 }
 
+impl QemuVm {
+    /// Run the QMP command `execute` with `arguments` and return what QEMU answers — for probes
+    /// and debugging. The backend's books do not follow what it does: a device added this way
+    /// is unknown to `HostDevices`.
+    ///
+    /// # Errors
+    /// [`HostError::Failed`] when QEMU refuses; [`HostError::Gone`], [`HostError::Timeout`] or
+    /// [`HostError::Io`] as for any QMP command.
+    pub async fn qmp_execute(
+        &self,
+        execute: &str,
+        arguments: Map<String, Value>,
+    ) -> Result<Value, HostError> {
+        const OP: &str = "run a QMP command";
+        let qmp = self.qmp().await?;
+        match tokio::time::timeout(
+            QMP_TIMEOUT,
+            qmp.execute_value(execute, Value::Object(arguments)),
+        )
+        .await
+        {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(QmpError::Command { class, desc, .. })) => {
+                Err(refused(OP, "(raw)", &class, &desc))
+            }
+            Ok(Err(source)) => Err(QemuError::Qmp {
+                command: "(raw)",
+                source,
+            }
+            .into_host(OP)),
+            Err(_) => Err(HostError::Timeout {
+                operation: OP,
+                after: QMP_TIMEOUT,
+            }),
+        }
+    }
+}
+
 /// QEMU's refusal of `command` as the seam's error.
 pub(crate) fn refused(
     operation: &'static str,

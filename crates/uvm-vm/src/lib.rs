@@ -51,6 +51,8 @@ pub struct VmOptions {
     pub shares: Vec<ShareSpec>,
     /// Serve shares over 9p even where virtiofsd is installed (9p shares exist only cold).
     pub nine_p_shares: bool,
+    /// Spare PCIe root ports for hot-added shares (q35); `None` keeps the backend's default.
+    pub share_hotplug_ports: Option<u8>,
 }
 
 impl Default for VmOptions {
@@ -65,6 +67,7 @@ impl Default for VmOptions {
             extra_cmdline: String::new(),
             shares: Vec::new(),
             nine_p_shares: false,
+            share_hotplug_ports: None,
         }
     }
 }
@@ -103,6 +106,9 @@ pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {
     qemu.extra_cmdline = options.extra_cmdline.clone();
     if options.nine_p_shares {
         qemu.virtiofsd = None;
+    }
+    if let Some(ports) = options.share_hotplug_ports {
+        qemu.share_hotplug_ports = ports;
     }
     if let Some(root) = &options.runtime_root {
         qemu.runtime_root = root.clone();

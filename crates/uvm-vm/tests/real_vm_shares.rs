@@ -443,3 +443,109 @@ async fn real_vm_nine_p_serves_cold_shares_where_virtio_fs_is_not_used() {
         .expect("remove a cold 9p share on q35");
     t.finish().await;
 }
+
+/// The median of `samples`, in milliseconds.
+fn p50_ms(samples: &mut [Duration]) -> f64 {
+    samples.sort_unstable();
+    samples[samples.len() / 2].as_secs_f64() * 1e3
+}
+
+/// Helpers the probe spawns by hand, killed and reaped however the probe ends.
+struct HandSpawned(Vec<std::process::Child>);
+
+impl Drop for HandSpawned {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A probe rather than a check (it asserts only that each step worked): share hot-add →
+/// mounted against the bare QMP `device_add` of the same device → bound to the guest's
+/// virtiofs driver, interleaved in one VM. It prints the medians; the rows go to uvm-bench.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_probe_share_hot_add_against_a_bare_device_add() {
+    const ROUNDS: usize = 4;
+    let (_keep, dir) = host_dir("probe");
+    let t = booted(Machine::Q35, |o| {
+        o.share_hotplug_ports = Some(2 * ROUNDS as u8);
+    })
+    .await;
+    let host = t.host();
+    let share = ShareConfig {
+        host_path: dir.clone(),
+        read_only: false,
+    };
+    let virtiofsd = uvm_qemu::find_binary("virtiofsd");
+    let mut spawned = HandSpawned(Vec::new());
+    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let tag = format!("probe{round}");
+        let start = std::time::Instant::now();
+        host.add_share(&tag, &share).await.expect("add share");
+        t.mount(&tag, &format!("/mnt/{tag}"), false).await;
+        ours.push(start.elapsed());
+
+        // The bare path: its virtiofsd and chardev made beforehand, untimed.
+        let id = format!("bare{round}");
+        let socket = host.runtime_dir().join(format!("{id}.sock"));
+        let child = std::process::Command::new(&virtiofsd)
+            .arg("--shared-dir")
+            .arg(&dir)
+            .arg("--socket-path")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn virtiofsd");
+        spawned.0.push(child);
+        let listening = std::time::Instant::now() + Duration::from_secs(10);
+        while !uvm_host::unix_socket_listening(&socket).unwrap_or(false) {
+            assert!(
+                std::time::Instant::now() < listening,
+                "virtiofsd not listening"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let chardev = serde_json::json!({
+            "id": id,
+            "backend": { "type": "socket", "data": {
+                "addr": { "type": "unix", "data": { "path": socket } }, "server": false } },
+        });
+        host.qmp_execute("chardev-add", object(chardev))
+            .await
+            .expect("chardev-add");
+        // Ours took ports 0..ROUNDS (the lowest free ones); the bare devices take the rest.
+        let device = serde_json::json!({
+            "driver": "vhost-user-fs-pci", "id": id, "chardev": id, "tag": id,
+            "bus": format!("uvm-port{}", ROUNDS + round),
+        });
+        let bound = 2 * (round + 1);
+        // Polls (1 ms) with the shell's own glob: no process per look but `usleep`.
+        let watch = format!(
+            "while set -- /sys/bus/virtio/drivers/virtiofs/virtio*; [ $# -lt {bound} ]; \
+             do usleep 1000; done"
+        );
+        let start = std::time::Instant::now();
+        let (added, _) = tokio::join!(host.qmp_execute("device_add", object(device)), t.ok(&watch));
+        bare.push(start.elapsed());
+        added.expect("device_add");
+    }
+    let (ours_ms, bare_ms) = (p50_ms(&mut ours), p50_ms(&mut bare));
+    eprintln!(
+        "share hot-add → mounted p50 {ours_ms:.1} ms; bare device_add → visible p50 {bare_ms:.1} ms; \
+         ratio {:.2} ({ROUNDS} rounds, interleaved)",
+        ours_ms / bare_ms
+    );
+    drop(spawned);
+    t.finish().await;
+}
+
+fn object(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
+}
