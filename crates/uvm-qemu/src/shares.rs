@@ -58,6 +58,8 @@ pub(crate) struct ShareEntry {
     pub id: u32,
     /// The index of its PCIe root port (q35); `None` on microvm.
     pub port: Option<usize>,
+    /// A removal started and has not finished (the device may be on its way out).
+    pub removing: bool,
 }
 
 /// The shares a VM gets at create, and its hotplug ports.
@@ -99,6 +101,7 @@ impl ShareHost<'_> {
                 transport: self.transport(),
                 id: u32::try_from(i).unwrap_or(u32::MAX),
                 port: q35.then_some(i),
+                removing: false,
             })
             .collect();
         let ports = if q35 {
@@ -367,6 +370,12 @@ impl Shares {
         check_host_dir(share)?;
         let _one_at_a_time = self.ops.lock().await;
         if let Some(existing) = self.book().entries.get(tag) {
+            if existing.removing {
+                return Err(HostError::Failed {
+                    operation: "add share",
+                    source: format!("{tag:?} is being removed: finish its removal first").into(),
+                });
+            }
             if existing.config == *share {
                 return Ok(());
             }
@@ -414,6 +423,7 @@ impl Shares {
             transport: ShareTransport::VirtioFs,
             id,
             port: Some(port),
+            removing: false,
         };
         let launch = helper_launch(virtiofsd, id, share, vm.paths());
         if let Err(e) = plug(vm, &entry, launch).await {
@@ -441,6 +451,9 @@ impl Shares {
                 backend: "qemu",
                 operation: "removing a 9p share from a running microvm VM",
             });
+        }
+        if let Some(e) = self.book().entries.get_mut(tag) {
+            e.removing = true;
         }
         unplug_and_end(vm, &entry).await?;
         self.book().entries.remove(tag);
