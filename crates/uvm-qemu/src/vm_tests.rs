@@ -411,3 +411,44 @@ async fn a_share_added_before_the_vm_runs_fails_and_leaves_nothing() {
     vm.release().await.expect("release");
     assert!(f.runtime_entries().is_empty());
 }
+
+#[tokio::test]
+async fn a_hot_share_without_a_free_port_or_over_9p_is_refused_before_anything_runs()
+{
+    use uvm::seams::{HostDevices, ShareConfig};
+    let f = Fixture::new();
+    let share = ShareConfig {
+        host_path: f.files.path().to_path_buf(),
+        read_only: true,
+    };
+    let mut no_port = f.config();
+    no_port.virtiofsd = Some("/bin/true".into());
+    no_port.share_hotplug_ports = 0;
+    let vm = QemuBackend::new(no_port)
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    let r = vm.add_share("t", &share).await;
+    assert!(
+        matches!(&r, Err(e @ HostError::Failed { operation: "add share", .. })
+            if uvm_util::error_chain(e).contains("no free PCIe hotplug port")),
+        "{r:?}"
+    );
+    vm.release().await.expect("release");
+
+    let mut nine_p = f.config();
+    nine_p.virtiofsd = None;
+    nine_p.share_hotplug_ports = 2;
+    let vm = QemuBackend::new(nine_p)
+        .create_vm("b", &vm_config(256, 1))
+        .expect("create");
+    assert_eq!(vm.share_transport("t"), uvm::seams::ShareTransport::NineP);
+    assert!(matches!(
+        vm.add_share("t", &share).await,
+        Err(HostError::Unsupported {
+            backend: "qemu",
+            ..
+        })
+    ));
+    vm.release().await.expect("release");
+    assert!(f.runtime_entries().is_empty());
+}
