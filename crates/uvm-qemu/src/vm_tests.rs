@@ -413,8 +413,7 @@ async fn a_share_added_before_the_vm_runs_fails_and_leaves_nothing() {
 }
 
 #[tokio::test]
-async fn a_hot_share_without_a_free_port_or_over_9p_is_refused_before_anything_runs()
-{
+async fn a_hot_share_without_a_free_port_or_over_9p_is_refused_before_anything_runs() {
     use uvm::seams::{HostDevices, ShareConfig};
     let f = Fixture::new();
     let share = ShareConfig {

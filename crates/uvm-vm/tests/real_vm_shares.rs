@@ -380,6 +380,16 @@ async fn cold_shares_at_create(machine: Machine) {
     t.mount(&ro_tag, "/mnt/ro", true).await;
     both_ways(&t, &rw, "/mnt/rw", "cold-rw").await;
     refuses_writes(&t, &ro, "/mnt/ro").await;
+    if machine == Machine::Microvm {
+        let hot = ShareConfig {
+            host_path: rw.clone(),
+            read_only: false,
+        };
+        assert!(matches!(
+            host.add_share("hot", &hot).await,
+            Err(HostError::Unsupported { .. })
+        ));
+    }
     // A cold share can be removed too (on microvm its virtiofsd ends; the device stays empty).
     t.vm.guest.unmount_share("/mnt/ro").await.expect("unmount");
     host.remove_share(&ro_tag)
@@ -402,10 +412,19 @@ async fn real_vm_cold_virtio_fs_shares_at_create_on_microvm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_vm_nine_p_serves_cold_shares_where_virtio_fs_is_not_used() {
+async fn real_vm_nine_p_serves_cold_shares_where_virtio_fs_is_not_used_on_q35() {
+    nine_p_cold_shares(Machine::Q35).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_nine_p_serves_cold_shares_where_virtio_fs_is_not_used_on_microvm() {
+    nine_p_cold_shares(Machine::Microvm).await;
+}
+
+async fn nine_p_cold_shares(machine: Machine) {
     let (_keep_rw, rw) = host_dir("9p-rw");
     let (_keep_ro, ro) = host_dir("9p-ro");
-    let t = booted(Machine::Q35, |o| {
+    let t = booted(machine, |o| {
         o.nine_p_shares = true;
         o.shares = vec![spec(&rw, false, "/mnt/rw"), spec(&ro, true, "/mnt/ro")];
     })
@@ -438,9 +457,17 @@ async fn real_vm_nine_p_serves_cold_shares_where_virtio_fs_is_not_used() {
         .await
         .expect("unmount the bind");
     t.vm.guest.unmount_share("/mnt/ro").await.expect("unmount");
-    host.remove_share(&ro_tag)
-        .await
-        .expect("remove a cold 9p share on q35");
+    match machine {
+        Machine::Q35 => host
+            .remove_share(&ro_tag)
+            .await
+            .expect("remove a cold 9p share"),
+        // QEMU serves it, and microvm cannot unplug.
+        Machine::Microvm => assert!(matches!(
+            host.remove_share(&ro_tag).await,
+            Err(HostError::Unsupported { .. })
+        )),
+    }
     t.finish().await;
 }
 
