@@ -557,7 +557,7 @@ impl GuestPolicy for VsockGuest {
 }
 
 /// Disks need agent requests that do not exist yet: each is a typed `Unsupported`. Shares go
-/// to the agent's `MountShare` and `UnmountShare` ([`crate::shares`]).
+/// to the agent's `MountShare` and `UnmountShare` (module `shares`).
 #[async_trait]
 impl GuestMounts for VsockGuest {
     async fn mount_disk(
