@@ -1,7 +1,7 @@
 //! Disks and shares on QEMU ([`HostDevices`]). Disks: SCSI on q35 (hot-added through QMP),
-//! virtio-blk given at create on microvm (see [`crate::disks`]). Shares are not built yet:
-//! adding one is a typed `Unsupported`, and a VM given shares at create is refused (see
-//! `QemuBackend::check`), so nothing is ever silently left out.
+//! virtio-blk given at create on microvm (see [`crate::disks`]). Shares: virtio-fs through one
+//! virtiofsd each (hot-added on q35 through PCIe root ports), or 9p given at create (see
+//! [`crate::shares`]).
 
 use std::time::Duration;
 
@@ -113,7 +113,7 @@ impl QemuVm {
         let qmp = self.qmp().await?;
         let id = disk_id(slot);
         // Subscribed before asking, so the event cannot be missed.
-        let mut events = self.qmp_events.subscribe();
+        let mut events = self.shared().events.subscribe();
         match execute(&qmp, &DeviceDel { id: id.clone() }).await {
             Ok(_) => {
                 let deleted = async {
@@ -239,16 +239,15 @@ impl HostDevices for QemuVm {
         }
     }
 
-    async fn add_share(&self, _tag: &str, _share: &ShareConfig) -> Result<(), HostError> {
-        Err(unsupported("add_share"))
+    async fn add_share(&self, tag: &str, share: &ShareConfig) -> Result<(), HostError> {
+        self.shares.add(self, tag, share).await
     }
 
-    /// Nothing can be added yet, so there is nothing to remove.
-    async fn remove_share(&self, _tag: &str) -> Result<(), HostError> {
-        Ok(())
+    async fn remove_share(&self, tag: &str) -> Result<(), HostError> {
+        self.shares.remove(self, tag).await
     }
 
-    fn share_transport(&self, _tag: &str) -> ShareTransport {
-        ShareTransport::VirtioFs
+    fn share_transport(&self, tag: &str) -> ShareTransport {
+        self.shares.transport(tag)
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uvm::seams::{HostVm, VmBackend, VmConfig};
+use uvm::seams::{HostVm, ShareSpec, VmBackend, VmConfig};
 use uvm::{Controller, ControllerError, HostError, Timeouts};
 use uvm_guest::{GuestLinkConfig, VsockGuest};
 use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
@@ -46,6 +46,13 @@ pub struct VmOptions {
     pub runtime_root: Option<PathBuf>,
     /// Appended to the guest kernel command line.
     pub extra_cmdline: String,
+    /// Shares added cold at create (the `i`-th under `uvm::seams::cold_share_tag(i)`); the
+    /// guest mounts them when asked (`GuestMounts::mount_share`).
+    pub shares: Vec<ShareSpec>,
+    /// Serve shares over 9p even where virtiofsd is installed (9p shares exist only cold).
+    pub nine_p_shares: bool,
+    /// Spare PCIe root ports for hot-added shares (q35); `None` keeps the backend's default.
+    pub share_hotplug_ports: Option<u8>,
 }
 
 impl Default for VmOptions {
@@ -58,6 +65,9 @@ impl Default for VmOptions {
             timeouts: Timeouts::default(),
             runtime_root: None,
             extra_cmdline: String::new(),
+            shares: Vec::new(),
+            nine_p_shares: false,
+            share_hotplug_ports: None,
         }
     }
 }
@@ -94,6 +104,12 @@ pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {
     qemu.accel = options.accel;
     qemu.machine = options.machine;
     qemu.extra_cmdline = options.extra_cmdline.clone();
+    if options.nine_p_shares {
+        qemu.virtiofsd = None;
+    }
+    if let Some(ports) = options.share_hotplug_ports {
+        qemu.share_hotplug_ports = ports;
+    }
     if let Some(root) = &options.runtime_root {
         qemu.runtime_root = root.clone();
     }
@@ -120,6 +136,7 @@ fn vm_config(options: &VmOptions) -> VmConfig {
         memory_mib: options.memory_mib,
         cpus: options.cpus,
         security_policy: None,
+        shares: options.shares.clone(),
         ..VmConfig::default()
     }
 }
