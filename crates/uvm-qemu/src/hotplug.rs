@@ -12,10 +12,8 @@ use uvm::HostError;
 
 use crate::error::QemuError;
 use crate::qmp::{Command, Empty, QmpError};
-use crate::vm::QemuVm;
+use crate::vm::{QemuVm, QMP_TIMEOUT};
 
-/// Bound on QMP commands of a hot-plug.
-pub(crate) const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a hot-unplug may take: the guest's 5 s attention-button delay, and TCG is slow.
 pub(crate) const UNPLUG_DEADLINE: Duration = Duration::from_secs(20);
 
@@ -32,9 +30,10 @@ impl Command for DeviceAdd {
     type Output = Empty;
 }
 
+/// QMP `device_del`: ask for the device's removal (`DEVICE_DELETED` says it happened).
 #[derive(Serialize)]
-struct DeviceDel {
-    id: String,
+pub(crate) struct DeviceDel {
+    pub id: String,
 }
 impl Command for DeviceDel {
     const NAME: &'static str = "device_del";
