@@ -7,6 +7,7 @@
 #   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
 #   - linux-source-6.1 and the kernel build tools (for scripts/build-kernel.sh);
 #   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
+#   - virtiofsd 1.14.0 (virtio-fs shares), built against libseccomp-dev and libcap-ng-dev;
 #   - cargo-nextest and cargo-deny;
 #   - the Rust toolchain rust-toolchain.toml pins, made known to rustup under its name.
 # Idempotent: a second run only checks and takes seconds. Needs root (or sudo) for apt.
@@ -20,6 +21,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${UVMCTL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/uvmctl}"
 VHOST_VSOCK_VERSION="0.3.0"
+VIRTIOFSD_VERSION="1.14.0"
 # The newest cargo-deny when this was written; it needs Rust >= 1.88.
 CARGO_DENY_VERSION="0.20.2"
 QEMU_MIN_MAJOR=10
@@ -277,6 +279,25 @@ setup_vhost_vsock() {
     cargo install --locked --quiet vhost-device-vsock --version "$VHOST_VSOCK_VERSION" </dev/null
 }
 
+# virtiofsd (the Rust one) serves each virtio-fs share; without it shares fall back to 9p. It
+# links libseccomp (its syscall filter) and libcap-ng (dropping capabilities), found through
+# pkg-config. cargo install puts it in ~/.cargo/bin, where uvm-qemu's find_binary looks.
+setup_virtiofsd() {
+    if command -v virtiofsd >/dev/null &&
+        virtiofsd --version 2>/dev/null | grep -qw "$VIRTIOFSD_VERSION"; then
+        say "virtiofsd $VIRTIOFSD_VERSION present"
+        return
+    fi
+    local missing=() p
+    for p in libseccomp-dev libcap-ng-dev pkg-config; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    command -v cc >/dev/null || missing+=(build-essential)
+    [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
+    say "cargo install virtiofsd $VIRTIOFSD_VERSION (takes a few minutes)"
+    cargo install --locked --quiet virtiofsd --version "$VIRTIOFSD_VERSION" </dev/null
+}
+
 setup_nextest() {
     if cargo nextest --version >/dev/null 2>&1; then
         say "cargo-nextest present"
@@ -334,6 +355,7 @@ main() {
     setup_kernel
     setup_kernel_source
     setup_vhost_vsock
+    setup_virtiofsd
     setup_nextest
     setup_cargo_deny
     say "done in $((SECONDS - start)) s"

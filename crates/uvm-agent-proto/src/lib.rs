@@ -76,7 +76,8 @@ pub const MAX_OPEN_FILES: usize = 16;
 pub const FILE_IDLE_TIMEOUT_SECS: u64 = 60;
 /// How long `MountDisk` waits for its device when the request names no wait.
 pub const DEFAULT_DEVICE_WAIT_MS: u32 = 5_000;
-/// Bound on `MountDiskRequest.wait_ms`.
+/// Bound on `MountDiskRequest.wait_ms` and `MountShareRequest.wait_ms`: how long the agent waits
+/// for a device to appear.
 pub const MAX_DEVICE_WAIT_MS: u32 = 60_000;
 /// Bound on one `MountDiskRequest`'s options, together (Linux's mount data is one page).
 pub const MAX_MOUNT_OPTIONS_BYTES: usize = 4000;
@@ -112,6 +113,8 @@ pub mod capabilities {
     pub const FILES: &str = "files";
     /// `MountDisk`, `UnmountDisk`, `EjectDisk`.
     pub const DISKS: &str = "disks";
+    /// `MountShare`, `UnmountShare` (virtio-fs and 9p).
+    pub const SHARES: &str = "shares";
 }
 
 /// The fully qualified ttrpc service name, as registered by [`agent_ttrpc::create_agent`].

@@ -213,6 +213,9 @@ pub enum ApiError {
         #[source]
         source: io::Error,
     },
+    /// A share could not be mounted or unmounted.
+    #[error(transparent)]
+    Share(#[from] crate::mounts::share::ShareError),
     /// A `/proc` file could not be read or understood.
     #[error("cannot read {what}")]
     Proc {
@@ -258,6 +261,7 @@ impl ApiError {
                 io::ErrorKind::InvalidInput => Code::INVALID_ARGUMENT,
                 _ => Code::INTERNAL,
             },
+            ApiError::Share(e) => e.code(),
             ApiError::Pty { .. }
             | ApiError::Resize { .. }
             | ApiError::StdinWrite { .. }

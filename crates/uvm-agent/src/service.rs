@@ -8,10 +8,10 @@ use std::time::Duration;
 use uvm_agent_proto::agent::{
     disk_location, BootMarks, DiskLocation, DumpStacksResponse, EjectDiskRequest, Empty,
     ExecRequest, ExecResponse, FileHandle, GuestStatsResponse, HandshakeRequest, HandshakeResponse,
-    MountDiskRequest, OpenReadRequest, OpenReadResponse, OpenWriteRequest, OutputStream,
-    ProcessRef, ReadChunkRequest, ReadChunkResponse, ReadOutputRequest, ReadOutputResponse,
-    ResizeRequest, SignalRequest, TerminalSize, UnmountDiskRequest, WaitResponse,
-    WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
+    MountDiskRequest, MountShareRequest, OpenReadRequest, OpenReadResponse, OpenWriteRequest,
+    OutputStream, ProcessRef, ReadChunkRequest, ReadChunkResponse, ReadOutputRequest,
+    ReadOutputResponse, ResizeRequest, SignalRequest, TerminalSize, UnmountDiskRequest,
+    UnmountShareRequest, WaitResponse, WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
 };
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
@@ -24,6 +24,7 @@ use crate::clock::{self, BootTimes};
 use crate::error::ApiError;
 use crate::files::{FileLimits, Files};
 use crate::mounts::disk::{self, Location, Sysfs};
+use crate::mounts::share;
 use crate::power::{self, ShutdownAction};
 use crate::process::{ExecSpec, Processes};
 use crate::{entropy, info, stacks, stats, warn};
@@ -110,6 +111,7 @@ impl AgentService {
             capabilities::TERMINAL_RESIZE,
             capabilities::FILES,
             capabilities::DISKS,
+            capabilities::SHARES,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -214,6 +216,47 @@ fn disk_mount(req: MountDiskRequest) -> Result<disk::DiskMount, ApiError> {
         fs_type: (!req.fs_type.is_empty()).then_some(req.fs_type),
         options: req.options,
         wait: Duration::from_millis(u64::from(wait_ms)),
+    })
+}
+
+/// The share a `MountShare` asks for, its fields checked here (the tag and path by
+/// [`share::mount_share`]).
+fn share_request(req: MountShareRequest) -> Result<share::ShareRequest, ApiError> {
+    use uvm_agent_proto::agent::ShareTransport;
+    let transport = match req.transport.enum_value() {
+        Ok(ShareTransport::VIRTIO_FS) => share::Transport::VirtioFs,
+        Ok(ShareTransport::NINE_P) => share::Transport::NineP,
+        Err(n) => {
+            return Err(ApiError::invalid(
+                "transport",
+                format!("{n} is neither VIRTIO_FS nor NINE_P"),
+            ))
+        }
+    };
+    if req.wait_ms > MAX_DEVICE_WAIT_MS {
+        return Err(ApiError::invalid(
+            "wait_ms",
+            format!("{}, at most {MAX_DEVICE_WAIT_MS} allowed", req.wait_ms),
+        ));
+    }
+    Ok(share::ShareRequest {
+        tag: req.tag,
+        transport,
+        guest_path: req.guest_path,
+        read_only: req.read_only,
+        wait: Duration::from_millis(u64::from(req.wait_ms)),
+    })
+}
+
+/// Run a mount request on the blocking pool: it makes system calls that may wait.
+async fn blocking_mount(
+    f: impl FnOnce() -> Result<(), ApiError> + Send + 'static,
+) -> Result<(), ApiError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ApiError::Share(share::ShareError::System {
+            what: "run the mount request",
+            source: std::io::Error::other(e.to_string()),
+        }))
     })
 }
 
@@ -407,6 +450,30 @@ impl agent_ttrpc::Agent for AgentService {
     async fn eject_disk(&self, _ctx: &TtrpcContext, req: EjectDiskRequest) -> ttrpc::Result<Empty> {
         let location = location(req.location.as_ref())?;
         disk::eject_disk(&self.sysfs, &location)?;
+        Ok(Empty::new())
+    }
+
+    async fn mount_share(
+        &self,
+        _ctx: &TtrpcContext,
+        req: MountShareRequest,
+    ) -> ttrpc::Result<Empty> {
+        let req = share_request(req)?;
+        let (tag, path) = (req.tag.clone(), req.guest_path.clone());
+        blocking_mount(move || share::mount_share(&req)).await?;
+        info!("share {tag:?} mounted at {path}");
+        Ok(Empty::new())
+    }
+
+    async fn unmount_share(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UnmountShareRequest,
+    ) -> ttrpc::Result<Empty> {
+        let path = req.guest_path;
+        let shown = path.clone();
+        blocking_mount(move || share::unmount_share(&path)).await?;
+        info!("share at {shown} unmounted");
         Ok(Empty::new())
     }
 

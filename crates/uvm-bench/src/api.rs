@@ -10,7 +10,7 @@
 //! - `uvmctl cp` of a file of [`ApiOptions::copy_mib`] MiB into and out of the guest, alternated
 //!   with the same bytes through `uvmctl exec -i … -- sh -c 'cat > …'` and `exec … -- cat`.
 //!
-//! Everything lives in a private state root ([`Root`]) whose VMs are removed (`rm -f`) and whose
+//! Everything lives in a private state root (`Root`) whose VMs are removed (`rm -f`) and whose
 //! directory is deleted when it drops, whatever happened.
 
 use std::path::{Path, PathBuf};

@@ -23,5 +23,6 @@ mod exec;
 mod files;
 mod hybrid;
 mod link;
+mod shares;
 
 pub use link::{GuestLinkConfig, LinkMarks, LogSlice, VsockGuest};

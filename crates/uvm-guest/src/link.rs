@@ -625,8 +625,7 @@ impl GuestPolicy for VsockGuest {
     }
 }
 
-/// Disks through the agent's disk requests (module `disks`); shares need agent requests that
-/// do not exist yet: each is a typed `Unsupported`.
+/// Disks and shares through the agent's mount requests (modules `disks` and `shares`).
 #[async_trait]
 impl GuestMounts for VsockGuest {
     async fn mount_disk(
@@ -647,18 +646,14 @@ impl GuestMounts for VsockGuest {
 
     async fn mount_share(
         &self,
-        _tag: &str,
-        _transport: ShareTransport,
-        _mount: &ShareMount,
+        tag: &str,
+        transport: ShareTransport,
+        mount: &ShareMount,
     ) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "mounting shares",
-        })
+        crate::shares::mount(self, tag, transport, mount).await
     }
 
-    async fn unmount_share(&self, _guest_path: &str) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "unmounting shares",
-        })
+    async fn unmount_share(&self, guest_path: &str) -> Result<(), GuestError> {
+        crate::shares::unmount(self, guest_path).await
     }
 }

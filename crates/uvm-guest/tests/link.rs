@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use uvm::seams::{
     ExecRequest, FileMeta, GuestConnection, GuestDiagnostics, GuestEndpoint, GuestExec, GuestFiles,
-    LinkHealth, ProcessExit, TerminalSize,
+    GuestMounts, LinkHealth, ProcessExit, ShareMount, ShareTransport, TerminalSize,
 };
 use uvm::testing::Capture;
 use uvm::{GuestError, GuestRequest, Rejection};
@@ -732,4 +732,41 @@ async fn a_copy_cut_in_the_middle_leaves_no_file_and_the_old_one_intact() {
     h.link.copy_in(&old, meta, &mut cut).await.expect_err("cut");
     assert_eq!(std::fs::read(&old).expect("read"), b"old");
     assert_eq!(h.link.health(), LinkHealth::Connected, "the link survives");
+}
+
+// --- Shares (only the refusals: the agent here runs on the host, where nothing is mounted) ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_requests_the_agent_refuses_arrive_typed() {
+    let (h, _guest) = connected().await;
+    assert!(h.link.capabilities().has("shares"));
+    let at = |guest_path: &str| ShareMount {
+        guest_path: guest_path.to_owned(),
+        read_only: false,
+    };
+    for path in ["/proc/share", "relative", "/mnt/../dev"] {
+        let err = h
+            .link
+            .mount_share("tag", ShareTransport::VirtioFs, &at(path))
+            .await
+            .expect_err("a refused guest path");
+        assert_refused(&err, GuestRequest::MountShare, Rejection::InvalidArgument);
+    }
+    let err = h
+        .link
+        .mount_share("", ShareTransport::NineP, &at(&guest_path(&h, "m")))
+        .await
+        .expect_err("an empty tag");
+    assert_refused(&err, GuestRequest::MountShare, Rejection::InvalidArgument);
+
+    // Nothing mounted there (missing, or a plain directory): not found, never a lazy success.
+    for path in [
+        guest_path(&h, "missing"),
+        h.dir.path().display().to_string(),
+    ] {
+        let err = h.link.unmount_share(&path).await.expect_err("not mounted");
+        assert_refused(&err, GuestRequest::UnmountShare, Rejection::NotFound);
+    }
+    let err = h.link.unmount_share("/sys").await.expect_err("refused");
+    assert_refused(&err, GuestRequest::UnmountShare, Rejection::InvalidArgument);
 }

@@ -1,20 +1,19 @@
 //! Disks and shares on QEMU ([`HostDevices`]). Disks: SCSI on q35 (hot-added through QMP),
-//! virtio-blk given at create on microvm (see [`crate::disks`]). Shares are not built yet:
-//! adding one is a typed `Unsupported`, and a VM given shares at create is refused (see
-//! `QemuBackend::check`), so nothing is ever silently left out.
+//! virtio-blk given at create on microvm (see [`crate::disks`]). Shares: virtio-fs through one
+//! virtiofsd each (hot-added on q35 through PCIe root ports), or 9p given at create (see
+//! [`crate::shares`]).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast::error::RecvError;
 use uvm::seams::{DiskConfig, DiskLocation, HostDevices, ScsiSlot, ShareConfig, ShareTransport};
 use uvm::HostError;
 
 use crate::disks::{
     self, blockdev, disk_id, qmp_failure, scsi_hd, Attached, BlockdevAdd, BlockdevDel, DeviceAdd,
-    DeviceDel,
 };
 use crate::error::QemuError;
+use crate::hotplug::{DeviceDel, Unplugged};
 use crate::qmp::{Command, QmpClient, QmpError};
 use crate::vm::{QemuVm, QMP_TIMEOUT};
 use crate::Machine;
@@ -107,49 +106,18 @@ impl QemuVm {
         }
     }
 
-    /// `device_del`, then wait for `DEVICE_DELETED`, then `blockdev-del`.
+    /// `device_del`, then wait for `DEVICE_DELETED` ([`QemuVm::unplug`], shared with shares),
+    /// then `blockdev-del`. A QEMU that is gone has let go of the disk: Ok.
     async fn hot_remove(&self, slot: ScsiSlot) -> Result<(), HostError> {
         const OP: &str = "detach disk";
-        let qmp = self.qmp().await?;
         let id = disk_id(slot);
-        // Subscribed before asking, so the event cannot be missed.
-        let mut events = self.qmp_events.subscribe();
-        match execute(&qmp, &DeviceDel { id: id.clone() }).await {
-            Ok(_) => {
-                let deleted = async {
-                    loop {
-                        match events.recv().await {
-                            Ok(e) if e.name == "DEVICE_DELETED" && e.data["device"] == *id => break,
-                            Ok(_) => {}
-                            // Missed events: the retry after the timeout finds the device gone.
-                            Err(RecvError::Lagged(n)) => {
-                                tracing::warn!(missed = n, "QMP events missed while detaching")
-                            }
-                            // The sender lives in `self`.
-                            Err(RecvError::Closed) => break,
-                        }
-                    }
-                };
-                if tokio::time::timeout(DETACH_TIMEOUT, deleted).await.is_err() {
-                    return Err(HostError::Timeout {
-                        operation: OP,
-                        after: DETACH_TIMEOUT,
-                    });
-                }
+        match self.unplug(OP, &id, DETACH_TIMEOUT).await? {
+            Unplugged::QemuGone => Ok(()),
+            Unplugged::Removed => {
+                let qmp = self.qmp().await?;
+                self.delete_node(&qmp, &id).await
             }
-            // Removed by an earlier try that timed out waiting.
-            Err(Some(QmpError::Command { class, .. })) if class == "DeviceNotFound" => {}
-            Err(Some(QmpError::Closed)) => return Err(HostError::Gone),
-            Err(Some(source)) => {
-                return Err(QemuError::Qmp {
-                    command: DeviceDel::NAME,
-                    source,
-                }
-                .into_host(OP))
-            }
-            Err(None) => return Err(timed_out(OP)),
         }
-        self.delete_node(&qmp, &id).await
     }
 }
 
@@ -239,16 +207,15 @@ impl HostDevices for QemuVm {
         }
     }
 
-    async fn add_share(&self, _tag: &str, _share: &ShareConfig) -> Result<(), HostError> {
-        Err(unsupported("add_share"))
+    async fn add_share(&self, tag: &str, share: &ShareConfig) -> Result<(), HostError> {
+        self.shares.add(self, tag, share).await
     }
 
-    /// Nothing can be added yet, so there is nothing to remove.
-    async fn remove_share(&self, _tag: &str) -> Result<(), HostError> {
-        Ok(())
+    async fn remove_share(&self, tag: &str) -> Result<(), HostError> {
+        self.shares.remove(self, tag).await
     }
 
-    fn share_transport(&self, _tag: &str) -> ShareTransport {
-        ShareTransport::VirtioFs
+    fn share_transport(&self, tag: &str) -> ShareTransport {
+        self.shares.transport(tag)
     }
 }

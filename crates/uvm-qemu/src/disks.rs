@@ -294,16 +294,6 @@ impl Command for DeviceAdd {
     type Output = Empty;
 }
 
-/// QMP `device_del`: ask for the device's removal (`DEVICE_DELETED` says it happened).
-#[derive(Serialize)]
-pub(crate) struct DeviceDel {
-    pub id: String,
-}
-impl Command for DeviceDel {
-    const NAME: &'static str = "device_del";
-    type Output = Empty;
-}
-
 /// QMP `blockdev-del`: remove a node (and the children made with it).
 #[derive(Serialize)]
 pub(crate) struct BlockdevDel {

@@ -20,7 +20,9 @@ mod cmdline;
 mod devices;
 mod disks;
 mod error;
+mod hotplug;
 mod qmp;
+mod shares;
 mod stale;
 mod stats;
 mod supervisor;
@@ -36,6 +38,7 @@ pub use cmdline::{
 pub use disks::{check_host_path, MAX_SCSI_CONTROLLERS, SCSI_FIRST_PCI_SLOT};
 pub use error::QemuError;
 pub use qmp::{QemuVersion, QmpError, QmpEvent, QmpGreeting, QmpMessage, ShutdownEvent};
+pub use shares::MAX_TAG_BYTES;
 pub use stale::{sweep_stale_runtime_dirs, OWNER_FILE};
 pub use supervisor::BootMarks;
 pub use vm::{CommandLines, QemuBackend, QemuVm, MAX_CPUS, MEMORY_GRANULARITY, MIN_MEMORY_MIB};
@@ -81,6 +84,9 @@ impl std::str::FromStr for Machine {
         }
     }
 }
+
+/// Spare PCIe root ports of a q35 VM for hot-added shares, by default.
+pub const DEFAULT_SHARE_HOTPLUG_PORTS: u8 = 2;
 
 /// Where Debian's qemu-system-data installs qboot, the minimal firmware microvm boots with.
 pub const QBOOT_ROM: &str = "/usr/share/qemu/qboot.rom";
@@ -173,6 +179,12 @@ pub struct QemuConfig {
     pub qemu: PathBuf,
     /// `vhost-device-vsock` (rust-vmm), the vsock device backend.
     pub vhost_vsock: PathBuf,
+    /// `virtiofsd` (the Rust one), which serves virtio-fs shares; `None` serves shares over 9p
+    /// (given at create only: QEMU cannot hot-add 9p).
+    pub virtiofsd: Option<PathBuf>,
+    /// Spare PCIe root ports a q35 VM gets at create for hot-added shares (each cold share gets
+    /// a port of its own besides). Each costs a little boot time (BENCHMARKS.md).
+    pub share_hotplug_ports: u8,
     /// The guest kernel (an uncompressed `vmlinux` boots fastest: PVH entry).
     pub kernel: PathBuf,
     /// The guest initramfs (the agent is its `/init`).
@@ -196,12 +208,15 @@ pub struct QemuConfig {
 
 impl QemuConfig {
     /// A configuration for `kernel` + `initramfs`, with the binaries found on `PATH` (then in
-    /// `~/.cargo/bin`, where `cargo install vhost-device-vsock` puts it), automatic accelerator,
-    /// the system temporary directory as runtime root and a 3 s terminate grace.
+    /// `~/.cargo/bin`, where `cargo install vhost-device-vsock` puts it; virtiofsd only when
+    /// found), automatic accelerator, the system temporary directory as runtime root, a 3 s
+    /// terminate grace and [`DEFAULT_SHARE_HOTPLUG_PORTS`] hotplug ports.
     pub fn new(kernel: PathBuf, initramfs: PathBuf) -> Self {
         QemuConfig {
             qemu: find_binary("qemu-system-x86_64"),
             vhost_vsock: find_binary("vhost-device-vsock"),
+            virtiofsd: Some(find_binary("virtiofsd")).filter(|p| is_executable(p)),
+            share_hotplug_ports: DEFAULT_SHARE_HOTPLUG_PORTS,
             kernel,
             initramfs,
             accel: Accel::Auto,

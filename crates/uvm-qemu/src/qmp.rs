@@ -264,13 +264,18 @@ pub(crate) fn request_line<C: Command>(command: &C, id: u64) -> Result<Vec<u8>, 
     let arguments = serde_json::to_value(command).map_err(|e| QmpError::Protocol {
         message: format!("cannot encode the arguments of {}: {e}", C::NAME),
     })?;
-    let mut request = serde_json::json!({ "execute": C::NAME, "id": id });
+    Ok(named_request_line(C::NAME, arguments, id))
+}
+
+/// The request line for the command `name` with `arguments` (an object, or nothing) and `id`.
+fn named_request_line(name: &str, arguments: Value, id: u64) -> Vec<u8> {
+    let mut request = serde_json::json!({ "execute": name, "id": id });
     if arguments.as_object().is_some_and(|a| !a.is_empty()) {
         request["arguments"] = arguments;
     }
     let mut line = request.to_string().into_bytes();
     line.push(b'\n');
-    Ok(line)
+    line
 }
 
 /// Receives what the reader sees besides replies.
@@ -352,6 +357,29 @@ impl QmpClient {
     pub(crate) async fn execute<C: Command>(&self, command: &C) -> Result<C::Output, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let line = request_line(command, id)?;
+        let value = self.round_trip(C::NAME, id, line).await?;
+        serde_json::from_value(value).map_err(|e| QmpError::Protocol {
+            message: format!("unexpected return of {}: {e}", C::NAME),
+        })
+    }
+
+    /// Run the command `name` with `arguments` (untyped, for probes and debugging).
+    pub(crate) async fn execute_value(
+        &self,
+        name: &str,
+        arguments: Value,
+    ) -> Result<Value, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let line = named_request_line(name, arguments, id);
+        self.round_trip("(raw)", id, line).await
+    }
+
+    async fn round_trip(
+        &self,
+        command: &'static str,
+        id: u64,
+        line: Vec<u8>,
+    ) -> Result<Value, QmpError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = lock(&self.pending);
@@ -371,17 +399,15 @@ impl QmpClient {
             lock(&self.pending).waiters.remove(&id);
             return Err(e.into());
         }
-        tracing::trace!(command = C::NAME, id, "QMP command sent");
+        tracing::trace!(command, id, "QMP command sent");
         match rx.await {
             Err(_) => Err(QmpError::Closed),
             Ok(Err((class, desc))) => Err(QmpError::Command {
-                command: C::NAME,
+                command,
                 class,
                 desc,
             }),
-            Ok(Ok(value)) => serde_json::from_value(value).map_err(|e| QmpError::Protocol {
-                message: format!("unexpected return of {}: {e}", C::NAME),
-            }),
+            Ok(Ok(value)) => Ok(value),
         }
     }
 }

@@ -1,5 +1,8 @@
-//! The VM's processes: one supervisor thread per VM spawns vhost-device-vsock and QEMU, waits
-//! until each is ready, then reaps them; [`Shared`] is what the async side sees of them.
+//! The VM's processes: one supervisor thread per VM spawns vhost-device-vsock, the helpers
+//! given at create (a virtiofsd per cold share) and QEMU, waits until each is ready, then reaps
+//! them — and spawns the helpers asked for while the VM runs (a virtiofsd per hot-added share),
+//! so that every child of the VM has the same parent thread and the same no-orphan guarantee;
+//! [`Shared`] is what the async side sees of them.
 //!
 //! Why a dedicated thread: `PR_SET_PDEATHSIG` fires when the *thread* that spawned a child exits,
 //! not the process. Tokio's blocking-pool threads exit when idle, so a child spawned from one
@@ -10,6 +13,7 @@
 //! Signals go through pidfds, and the supervisor marks a child reaped under the same lock that
 //! senders and `/proc` readers take, so nothing ever signals or reads a recycled PID.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -21,12 +25,13 @@ use std::time::{Duration, Instant};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::inotify;
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use uvm::VmExit;
 use uvm_host::{log_tail, tethered_command, unix_socket_listening};
 
 use crate::cmdline::RuntimePaths;
 use crate::error::QemuError;
+use crate::qmp::QmpEvent;
 
 /// How long a child may take to become ready (socket listening) before start fails.
 pub(crate) const READY_DEADLINE: Duration = Duration::from_secs(10);
@@ -51,11 +56,13 @@ pub struct BootMarks {
     pub qmp_ready: Option<Instant>,
 }
 
-/// One of the VM's two processes.
+/// One of the VM's processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Which {
     Vsock,
     Qemu,
+    /// A helper QEMU connects to, by the id its owner gave it (a virtiofsd, the only kind today).
+    Helper(u32),
 }
 
 impl Which {
@@ -63,6 +70,7 @@ impl Which {
         match self {
             Which::Vsock => "vhost-device-vsock",
             Which::Qemu => "qemu",
+            Which::Helper(_) => "virtiofsd",
         }
     }
 }
@@ -72,7 +80,24 @@ pub(crate) struct Proc {
     pub pid: u32,
     pidfd: Arc<OwnedFd>,
     pub reaped: bool,
+    /// Its stdout and stderr.
+    log: PathBuf,
+    /// Its owner is ending it: its exit is expected, not a failure of the VM.
+    pub retired: bool,
 }
+
+/// A helper to spawn: the program, and the socket it listens on once ready.
+#[derive(Debug, Clone)]
+pub(crate) struct HelperLaunch {
+    pub id: u32,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    pub socket: PathBuf,
+}
+
+/// A helper asked for while the VM runs, and where its PID (or why not) goes.
+type HelperRequest = (HelperLaunch, oneshot::Sender<Result<u32, QemuError>>);
 
 /// Where QEMU is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +115,12 @@ pub(crate) struct Procs {
     pub started: bool,
     pub vsock: Option<Proc>,
     pub qemu: Option<Proc>,
+    /// Helpers by id; an entry stays until its owner forgets it, reaped or not.
+    pub helpers: BTreeMap<u32, Proc>,
+    /// Helpers asked for, not yet served by the supervisor.
+    requests: Vec<HelperRequest>,
+    /// The supervisor has reaped its last child and serves no more requests.
+    supervisor_ended: bool,
     pub marks: BootMarks,
     qemu_status: Option<ExitStatus>,
     shutdown_reason: Option<String>,
@@ -101,14 +132,25 @@ impl Procs {
         match which {
             Which::Vsock => self.vsock.as_ref(),
             Which::Qemu => self.qemu.as_ref(),
+            Which::Helper(id) => self.helpers.get(&id),
         }
     }
 
-    fn get_mut(&mut self, which: Which) -> Option<&mut Proc> {
+    pub(crate) fn get_mut(&mut self, which: Which) -> Option<&mut Proc> {
         match which {
             Which::Vsock => self.vsock.as_mut(),
             Which::Qemu => self.qemu.as_mut(),
+            Which::Helper(id) => self.helpers.get_mut(&id),
         }
+    }
+
+    /// Every process spawned and not reaped yet.
+    fn live(&self) -> impl Iterator<Item = (Which, &Proc)> {
+        let fixed = [Which::Qemu, Which::Vsock]
+            .into_iter()
+            .filter_map(|w| self.get(w).map(|p| (w, p)));
+        let helpers = self.helpers.iter().map(|(id, p)| (Which::Helper(*id), p));
+        fixed.chain(helpers).filter(|(_, p)| !p.reaped)
     }
 
     pub(crate) fn qemu_state(&self) -> QemuState {
@@ -129,15 +171,75 @@ pub(crate) struct Shared {
     exit: watch::Sender<Option<VmExit>>,
     /// The supervisor has reaped every child (or never ran).
     done: watch::Sender<bool>,
+    /// Bumped after every reap, so the async side can wait for a helper's end.
+    reaps: watch::Sender<u64>,
+    /// Wakes the supervisor for a helper request (an eventfd).
+    wake: OwnedFd,
+    /// Every QMP event QEMU sends (DEVICE_DELETED, …), for whoever waits for one.
+    pub events: broadcast::Sender<QmpEvent>,
 }
 
+/// QMP events kept for a slow subscriber; one that falls further behind re-checks by query.
+const EVENT_BACKLOG: usize = 64;
+
 impl Shared {
-    pub(crate) fn new(paths: RuntimePaths) -> Shared {
-        Shared {
+    pub(crate) fn new(paths: RuntimePaths) -> std::io::Result<Shared> {
+        use rustix::event::{eventfd, EventfdFlags};
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(Shared {
             paths,
             procs: Mutex::new(Procs::default()),
             exit: watch::Sender::new(None),
             done: watch::Sender::new(false),
+            reaps: watch::Sender::new(0),
+            wake,
+            events: broadcast::Sender::new(EVENT_BACKLOG),
+        })
+    }
+
+    /// Ask the supervisor to spawn `launch` and wait until it listens on its socket. The answer
+    /// is its PID; `Stopped` once the VM is stopping or QEMU is not running.
+    pub(crate) fn spawn_helper(
+        &self,
+        launch: HelperLaunch,
+    ) -> Result<oneshot::Receiver<Result<u32, QemuError>>, QemuError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut procs = self.lock();
+            if procs.stopping || procs.supervisor_ended || procs.qemu_state() != QemuState::Running
+            {
+                return Err(QemuError::Stopped);
+            }
+            procs.requests.push((launch, tx));
+        }
+        rustix::io::write(&self.wake, &1u64.to_ne_bytes()).map_err(|e| QemuError::Io {
+            operation: "wake the supervisor",
+            source: e.into(),
+        })?;
+        Ok(rx)
+    }
+
+    /// Mark helper `id` as being ended by its owner (its exit is no failure), then signal it.
+    pub(crate) fn retire_helper(&self, id: u32, signal: Signal) {
+        if let Some(p) = self.lock().helpers.get_mut(&id) {
+            p.retired = true;
+        }
+        self.signal(Which::Helper(id), signal);
+    }
+
+    /// Wait up to `limit` for helper `id` to be reaped; whether it was (an unknown id was).
+    pub(crate) async fn helper_reaped(&self, id: u32, limit: Duration) -> bool {
+        let mut reaps = self.reaps.subscribe();
+        let reaped = || self.lock().helpers.get(&id).is_none_or(|p| p.reaped);
+        let waited = tokio::time::timeout(limit, reaps.wait_for(|_| reaped())).await;
+        waited.is_ok()
+    }
+
+    /// Forget helper `id` once it is reaped (its PID may be reused from then on).
+    pub(crate) fn forget_helper(&self, id: u32) {
+        let mut procs = self.lock();
+        if procs.helpers.get(&id).is_some_and(|p| p.reaped) {
+            procs.helpers.remove(&id);
         }
     }
 
@@ -170,9 +272,16 @@ impl Shared {
 
     /// Spawn nothing more, and SIGKILL whatever runs.
     pub(crate) fn stop_and_kill(&self) {
-        self.lock().stopping = true;
+        let helpers: Vec<u32> = {
+            let mut procs = self.lock();
+            procs.stopping = true;
+            procs.helpers.keys().copied().collect()
+        };
         self.signal(Which::Qemu, Signal::KILL);
         self.signal(Which::Vsock, Signal::KILL);
+        for id in helpers {
+            self.signal(Which::Helper(id), Signal::KILL);
+        }
     }
 
     /// QEMU said why it is shutting down.
@@ -230,11 +339,12 @@ impl Drop for ReaderGuard {
     }
 }
 
-/// The two programs to run.
+/// The programs to run: vhost-device-vsock, the helpers QEMU needs from its start, QEMU.
 #[derive(Debug, Clone)]
 pub(crate) struct Launch {
     pub vsock_program: PathBuf,
     pub vsock_args: Vec<String>,
+    pub helpers: Vec<HelperLaunch>,
     pub qemu_program: PathBuf,
     pub qemu_args: Vec<String>,
 }
@@ -283,6 +393,7 @@ pub(crate) fn spawn(
 struct Children {
     vsock: Option<Child>,
     qemu: Option<Child>,
+    helpers: BTreeMap<u32, Child>,
 }
 
 impl Children {
@@ -290,6 +401,17 @@ impl Children {
         match which {
             Which::Vsock => self.vsock.as_mut(),
             Which::Qemu => self.qemu.as_mut(),
+            Which::Helper(id) => self.helpers.get_mut(&id),
+        }
+    }
+
+    fn insert(&mut self, which: Which, child: Child) {
+        match which {
+            Which::Vsock => self.vsock = Some(child),
+            Which::Qemu => self.qemu = Some(child),
+            Which::Helper(id) => {
+                self.helpers.insert(id, child);
+            }
         }
     }
 }
@@ -331,18 +453,31 @@ fn start_children(
     )
     .map_err(|e| io("watch the runtime directory")(e.into()))?;
 
-    children.vsock = Some(spawn_child(
+    let vsock = spawn_child(
         shared,
         Which::Vsock,
         &launch.vsock_program,
         &launch.vsock_args,
         &paths.vhost_log,
-    )?);
+    )?;
+    children.insert(Which::Vsock, vsock);
+    // The helpers start beside vhost-device-vsock; QEMU connects to all of them at its start.
+    for helper in &launch.helpers {
+        let which = Which::Helper(helper.id);
+        let child = spawn_child(shared, which, &helper.program, &helper.args, &helper.log)?;
+        children.insert(which, child);
+    }
     let vhost_socket = paths.vhost_socket.clone();
     wait_ready(shared, &watcher, children, Which::Vsock, || {
         Ok(unix_socket_listening(&vhost_socket)?.then_some(()))
     })?;
     shared.lock().marks.vsock_ready = Some(Instant::now());
+    for helper in &launch.helpers {
+        let socket = helper.socket.clone();
+        wait_ready(shared, &watcher, children, Which::Helper(helper.id), || {
+            Ok(unix_socket_listening(&socket)?.then_some(()))
+        })?;
+    }
 
     children.qemu = Some(spawn_child(
         shared,
@@ -412,19 +547,24 @@ fn spawn_child(
         }
     };
     let now = Some(Instant::now());
-    let proc = Some(Proc {
+    let proc = Proc {
         pid,
         pidfd: Arc::new(pidfd),
         reaped: false,
-    });
+        log: log_path.to_path_buf(),
+        retired: false,
+    };
     match which {
         Which::Vsock => {
-            procs.vsock = proc;
+            procs.vsock = Some(proc);
             procs.marks.vsock_spawned = now;
         }
         Which::Qemu => {
-            procs.qemu = proc;
+            procs.qemu = Some(proc);
             procs.marks.qemu_spawned = now;
+        }
+        Which::Helper(id) => {
+            procs.helpers.insert(id, proc);
         }
     }
     tracing::debug!(process = which.name(), pid, "spawned");
@@ -453,18 +593,29 @@ fn wait_ready<T>(
         recheck = (recheck * 2).min(RECHECK_MAX);
         if let Some(exited) = wait_any(&pidfds, Some(watcher), Some(wake))? {
             let status = reap(shared, children, exited);
-            if shared.lock().stopping {
+            let (stopping, expected, log) = {
+                let procs = shared.lock();
+                let p = procs.get(exited);
+                // Another helper's end is no failure of this one once the VM runs (or when its
+                // owner is ending it): QEMU needs every helper only at its start.
+                let other_helper = matches!(exited, Which::Helper(_)) && exited != which;
+                let runtime = procs.qemu_state() == QemuState::Running;
+                (
+                    procs.stopping,
+                    other_helper && (runtime || p.is_some_and(|p| p.retired)),
+                    p.map(|p| p.log.clone()),
+                )
+            };
+            if stopping {
                 return Err(QemuError::Stopped);
             }
-            let log = match exited {
-                Which::Vsock => &shared.paths.vhost_log,
-                Which::Qemu => &shared.paths.qemu_log,
-            };
-            return Err(QemuError::ExitedEarly {
-                process: exited.name(),
-                status: status.unwrap_or_else(|| ExitStatus::from_raw(0)),
-                output: log_tail(log),
-            });
+            if !expected && status.is_some() {
+                return Err(QemuError::ExitedEarly {
+                    process: exited.name(),
+                    status: status.unwrap_or_else(|| ExitStatus::from_raw(0)),
+                    output: log.map_or_else(|| "(no log)".to_owned(), |l| log_tail(&l)),
+                });
+            }
         }
         if shared.lock().stopping {
             return Err(QemuError::Stopped);
@@ -480,15 +631,10 @@ fn wait_ready<T>(
 }
 
 fn live_pidfds(shared: &Shared) -> Vec<(Which, Arc<OwnedFd>)> {
-    let procs = shared.lock();
-    [Which::Qemu, Which::Vsock]
-        .into_iter()
-        .filter_map(|w| {
-            procs
-                .get(w)
-                .filter(|p| !p.reaped)
-                .map(|p| (w, p.pidfd.clone()))
-        })
+    shared
+        .lock()
+        .live()
+        .map(|(w, p)| (w, p.pidfd.clone()))
         .collect()
 }
 
@@ -536,7 +682,8 @@ fn drain(watcher: &OwnedFd) {
 }
 
 /// Reap `which`, which has exited; mark it reaped under the lock first, so that nothing signals
-/// or reads the PID once it can be reused. QEMU's end also ends vhost-device-vsock.
+/// or reads the PID once it can be reused. QEMU's end also ends vhost-device-vsock and the
+/// helpers.
 fn reap(shared: &Shared, children: &mut Children, which: Which) -> Option<ExitStatus> {
     let status = {
         let mut procs = shared.lock();
@@ -559,25 +706,44 @@ fn reap(shared: &Shared, children: &mut Children, which: Which) -> Option<ExitSt
         status
     };
     tracing::debug!(process = which.name(), %status, "reaped");
+    if let Which::Helper(id) = which {
+        children.helpers.remove(&id);
+    }
+    // After the lock is released: a waiter checks `Procs` when woken.
+    shared.reaps.send_modify(|n| *n += 1);
     if which == Which::Qemu {
-        // Without QEMU the vsock device serves nobody.
+        // Without QEMU the vsock device and the helpers serve nobody.
         shared.signal(Which::Vsock, Signal::KILL);
+        let helpers: Vec<u32> = shared.lock().helpers.keys().copied().collect();
+        for id in helpers {
+            shared.signal(Which::Helper(id), Signal::KILL);
+        }
     }
     Some(status)
 }
 
-/// Reap every child as it exits; returns when none is left.
+/// Reap every child as it exits, and serve helper requests meanwhile; returns when no child is
+/// left (and refuses the requests that come too late).
 fn reap_all(shared: &Shared, children: &mut Children) {
     loop {
+        serve_helper_requests(shared, children);
         let pidfds = live_pidfds(shared);
         if pidfds.is_empty() {
+            let late = {
+                let mut procs = shared.lock();
+                procs.supervisor_ended = true;
+                std::mem::take(&mut procs.requests)
+            };
+            for (_, reply) in late {
+                let _ = reply.send(Err(QemuError::Stopped));
+            }
             return;
         }
-        match wait_any(&pidfds, None, None) {
+        match wait_any(&pidfds, Some(&shared.wake), None) {
             Ok(Some(which)) => {
                 reap(shared, children, which);
             }
-            Ok(None) => {}
+            Ok(None) => drain(&shared.wake),
             Err(e) => {
                 // poll on our own pidfds cannot fail for long; do not spin if it does.
                 tracing::error!(error = %uvm_util::error_chain(&e), "waiting for children failed");
@@ -585,4 +751,49 @@ fn reap_all(shared: &Shared, children: &mut Children) {
             }
         }
     }
+}
+
+/// Spawn the helpers asked for since the last time, each waited for until it listens.
+fn serve_helper_requests(shared: &Shared, children: &mut Children) {
+    let requests = std::mem::take(&mut shared.lock().requests);
+    for (launch, reply) in requests {
+        let which = Which::Helper(launch.id);
+        let started = start_helper(shared, children, &launch);
+        if started.is_err() && shared.lock().get(which).is_some_and(|p| !p.reaped) {
+            // Not ready in time: end it; `reap_all` reaps it.
+            shared.retire_helper(launch.id, Signal::KILL);
+        }
+        // An owner that gave up (its future was dropped) finds the helper in `Procs`.
+        let _ = reply.send(started);
+    }
+}
+
+fn start_helper(
+    shared: &Shared,
+    children: &mut Children,
+    launch: &HelperLaunch,
+) -> Result<u32, QemuError> {
+    let io = |operation| {
+        move |e: rustix::io::Errno| QemuError::Io {
+            operation,
+            source: e.into(),
+        }
+    };
+    let watcher = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+        .map_err(io("watch the runtime directory"))?;
+    inotify::add_watch(
+        &watcher,
+        &shared.paths.dir,
+        inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+    )
+    .map_err(io("watch the runtime directory"))?;
+    let which = Which::Helper(launch.id);
+    let child = spawn_child(shared, which, &launch.program, &launch.args, &launch.log)?;
+    let pid = child.id();
+    children.insert(which, child);
+    let socket = launch.socket.clone();
+    wait_ready(shared, &watcher, children, which, || {
+        Ok(unix_socket_listening(&socket)?.then_some(()))
+    })?;
+    Ok(pid)
 }

@@ -18,6 +18,7 @@ use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, R
 use crate::disks::{self, DiskTable};
 use crate::error::QemuError;
 use crate::qmp::{Balloon, QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
+use crate::shares::{self, ShareHost, Shares};
 use crate::stats;
 use crate::supervisor::{self, BootMarks, Launch, QemuState, Shared, Which};
 use crate::{AccelKind, Machine, QemuConfig};
@@ -35,8 +36,6 @@ const MAX_SOCKET_PATH: usize = 107;
 pub(crate) const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a SIGKILLed child may take to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(5);
-/// QMP events kept for a slow subscriber (it only needs the few that follow its command).
-const QMP_EVENT_BACKLOG: usize = 64;
 
 /// Creates QEMU VMs.
 #[derive(Debug, Clone)]
@@ -81,8 +80,16 @@ impl QemuBackend {
         self.accel
     }
 
+    fn share_host(&self) -> ShareHost<'_> {
+        ShareHost {
+            machine: self.config.machine,
+            virtiofsd: self.config.virtiofsd.as_deref(),
+            spare_ports: self.config.share_hotplug_ports,
+        }
+    }
+
     /// The exact QEMU arguments this backend runs a VM with (machine, firmware, clock arguments
-    /// under TCG and all): what the benchmark's "floor" runs by hand.
+    /// under TCG, root ports and cold shares): what the benchmark's "floor" runs by hand.
     pub fn qemu_args(&self, paths: &RuntimePaths, config: &VmConfig) -> Vec<String> {
         let c = &self.config;
         let mut extra_cmdline = String::new();
@@ -91,7 +98,8 @@ impl QemuBackend {
             extra_cmdline.push(' ');
         }
         extra_cmdline.push_str(&c.extra_cmdline);
-        qemu_command_line(&QemuCommand {
+        let plan = self.share_host().plan(config);
+        let mut args = qemu_command_line(&QemuCommand {
             kernel: &c.kernel,
             initramfs: &c.initramfs,
             accel: self.accel,
@@ -102,7 +110,9 @@ impl QemuBackend {
             paths,
             extra_cmdline: &extra_cmdline,
             disk_args: &disks::command_line(c.machine, config.scsi_controllers, &config.disks),
-        })
+        });
+        args.extend(shares::qemu_args(&plan, c.machine, paths));
+        args
     }
 
     /// Exactly what [`QemuBackend::create_vm`] would run for `config`, with the runtime files
@@ -140,11 +150,8 @@ impl QemuBackend {
         let c = &self.config;
         let memory_bytes = validate(c, config)?;
         disks::check_cold(c.machine, config.scsi_controllers, &config.disks)?;
-        if !config.shares.is_empty() {
-            return Err(HostError::Unsupported {
-                backend: "qemu",
-                operation: "shares given at create",
-            });
+        for spec in &config.shares {
+            shares::check_host_dir(&spec.share)?;
         }
         if c.machine == Machine::Microvm {
             if !c.qboot.is_file() {
@@ -203,9 +210,24 @@ impl QemuBackend {
             source,
         })?;
         let paths = RuntimePaths::new(dir.path());
+        let share_host = self.share_host();
+        let plan = share_host.plan(config);
+        let helpers = match (&c.virtiofsd, share_host.transport()) {
+            (Some(virtiofsd), uvm::seams::ShareTransport::VirtioFs) => plan
+                .cold
+                .iter()
+                .map(|s| shares::helper_launch(virtiofsd, s.id, &s.config, &paths))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let shared = Shared::new(paths.clone()).map_err(|source| HostError::Io {
+            operation: "create the supervisor's wake-up",
+            source,
+        })?;
         let launch = Launch {
             vsock_program: c.vhost_vsock.clone(),
             vsock_args: vhost_vsock_command_line(&paths),
+            helpers,
             qemu_program: c.qemu.clone(),
             qemu_args: self.qemu_args(&paths, config),
         };
@@ -217,11 +239,11 @@ impl QemuBackend {
             machine: c.machine,
             accel: self.accel,
             grace: c.terminate_grace,
-            shared: Arc::new(Shared::new(paths)),
+            shared: Arc::new(shared),
+            shares: Shares::new(&share_host, &plan),
             launch,
             runtime_dir,
             qmp: tokio::sync::Mutex::new(None),
-            qmp_events: tokio::sync::broadcast::channel(QMP_EVENT_BACKLOG).0,
             scsi_controllers: match c.machine {
                 Machine::Q35 => config.scsi_controllers,
                 Machine::Microvm => 0,
@@ -335,12 +357,12 @@ pub struct QemuVm {
     accel: AccelKind,
     grace: Duration,
     shared: Arc<Shared>,
+    /// Its shared directories.
+    pub(crate) shares: Shares,
     launch: Launch,
     runtime_dir: PathBuf,
     /// The negotiated QMP connection; (re)made on demand while QEMU runs.
     qmp: tokio::sync::Mutex<Option<Arc<QmpClient>>>,
-    /// QEMU's events, for those who wait for one (`DEVICE_DELETED`): subscribe, then ask.
-    pub(crate) qmp_events: tokio::sync::broadcast::Sender<QmpEvent>,
     /// The SCSI controllers QEMU has (none on microvm).
     pub(crate) scsi_controllers: u8,
     /// The disks attached, hot or cold.
@@ -350,10 +372,9 @@ pub struct QemuVm {
 }
 
 /// Records QEMU's SHUTDOWN reason for the exit status, and hands every event to those waiting
-/// for one.
+/// for one (`Shared::events`: subscribe, then ask).
 struct EventObserver {
     shared: Arc<Shared>,
-    events: tokio::sync::broadcast::Sender<QmpEvent>,
 }
 
 impl QmpObserver for EventObserver {
@@ -363,7 +384,7 @@ impl QmpObserver for EventObserver {
             self.shared.record_shutdown(shutdown.reason);
         }
         // Nobody waiting is the usual case.
-        let _ = self.events.send(event.clone());
+        let _ = self.shared.events.send(event.clone());
     }
 }
 
@@ -376,6 +397,21 @@ impl QemuVm {
     /// vhost-device-vsock's PID once spawned (it stays `Some` after it exits and is reaped).
     pub fn vsock_pid(&self) -> Option<u32> {
         self.shared.lock().get(Which::Vsock).map(|p| p.pid)
+    }
+
+    /// The PIDs of the helpers (virtiofsd, one per virtio-fs share) running or not yet
+    /// forgotten.
+    pub fn helper_pids(&self) -> Vec<u32> {
+        self.shared.lock().helpers.values().map(|p| p.pid).collect()
+    }
+
+    /// The tags of the VM's shares now.
+    pub fn share_tags(&self) -> Vec<String> {
+        self.shares.entries().into_iter().map(|e| e.tag).collect()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The VM's private runtime directory (`<runtime_root>/uvm-<id>-<random>`).
@@ -463,7 +499,6 @@ impl QemuVm {
             stream,
             Arc::new(EventObserver {
                 shared: self.shared.clone(),
-                events: self.qmp_events.clone(),
             }),
             self.shared.qmp_reader(),
         );

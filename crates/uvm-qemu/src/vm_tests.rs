@@ -25,6 +25,8 @@ impl Fixture {
         QemuConfig {
             qemu: "/bin/true".into(),
             vhost_vsock: "/bin/true".into(),
+            virtiofsd: None,
+            share_hotplug_ports: 0,
             kernel: self.files.path().join("vmlinux"),
             initramfs: self.files.path().join("initramfs"),
             accel: crate::Accel::Tcg,
@@ -428,4 +430,103 @@ fn disks_given_at_create_are_checked_and_put_on_the_command_line() {
         "{qemu}"
     );
     assert!(qemu.contains(&image.display().to_string()), "{qemu}");
+}
+
+#[tokio::test]
+async fn a_share_at_create_whose_host_directory_is_missing_or_a_file_is_refused_leaving_nothing() {
+    let f = Fixture::new();
+    let file = f.files.path().join("vmlinux");
+    for host_path in [f.files.path().join("missing"), file] {
+        let mut config = vm_config(256, 1);
+        config.shares = vec![uvm::seams::ShareSpec {
+            share: uvm::seams::ShareConfig {
+                host_path,
+                read_only: false,
+            },
+            mount: uvm::seams::ShareMount {
+                guest_path: "/mnt".into(),
+                read_only: false,
+            },
+        }];
+        let refused = QemuBackend::new(f.config()).create_vm("a", &config);
+        assert!(matches!(
+            refused,
+            Err(HostError::InvalidInput {
+                what: "share host path",
+                ..
+            })
+        ));
+        assert!(f.runtime_entries().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_share_added_before_the_vm_runs_fails_and_leaves_nothing() {
+    use uvm::seams::{HostDevices, ShareConfig, ShareTransport};
+    let f = Fixture::new();
+    let mut config = f.config();
+    config.virtiofsd = Some("/bin/true".into());
+    config.share_hotplug_ports = 1;
+    let vm = QemuBackend::new(config)
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    assert_eq!(vm.share_transport("any"), ShareTransport::VirtioFs);
+    let share = ShareConfig {
+        host_path: f.files.path().to_path_buf(),
+        read_only: true,
+    };
+    assert!(matches!(
+        vm.add_share("t", &share).await,
+        Err(HostError::Failed {
+            operation: "add share",
+            ..
+        })
+    ));
+    assert!(vm.share_tags().is_empty());
+    assert!(vm.helper_pids().is_empty());
+    vm.remove_share("t")
+        .await
+        .expect("removing an unknown share is harmless");
+    vm.release().await.expect("release");
+    assert!(f.runtime_entries().is_empty());
+}
+
+#[tokio::test]
+async fn a_hot_share_without_a_free_port_or_over_9p_is_refused_before_anything_runs() {
+    use uvm::seams::{HostDevices, ShareConfig};
+    let f = Fixture::new();
+    let share = ShareConfig {
+        host_path: f.files.path().to_path_buf(),
+        read_only: true,
+    };
+    let mut no_port = f.config();
+    no_port.virtiofsd = Some("/bin/true".into());
+    no_port.share_hotplug_ports = 0;
+    let vm = QemuBackend::new(no_port)
+        .create_vm("a", &vm_config(256, 1))
+        .expect("create");
+    let r = vm.add_share("t", &share).await;
+    assert!(
+        matches!(&r, Err(e @ HostError::Failed { operation: "add share", .. })
+            if uvm_util::error_chain(e).contains("no free PCIe hotplug port")),
+        "{r:?}"
+    );
+    vm.release().await.expect("release");
+
+    let mut nine_p = f.config();
+    nine_p.virtiofsd = None;
+    nine_p.share_hotplug_ports = 2;
+    let vm = QemuBackend::new(nine_p)
+        .create_vm("b", &vm_config(256, 1))
+        .expect("create");
+    assert_eq!(vm.share_transport("t"), uvm::seams::ShareTransport::NineP);
+    assert!(matches!(
+        vm.add_share("t", &share).await,
+        Err(HostError::Unsupported {
+            backend: "qemu",
+            ..
+        })
+    ));
+    vm.release().await.expect("release");
+    assert!(f.runtime_entries().is_empty());
 }

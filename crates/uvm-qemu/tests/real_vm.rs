@@ -343,3 +343,102 @@ async fn real_vm_controller_sees_a_guest_that_ends_by_itself() {
     // The controller released the VM after its exit: nothing of it remains.
     assert_eq!(runtime_dirs(root.path()), 0);
 }
+
+// --- Shares: the virtiofsd the backend spawns, without a guest ---
+
+/// An executable script `name` in `dir` that prints `message` and fails.
+fn failing_program(dir: &Path, name: &str, message: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\necho '{message}' >&2\nexit 3\n")).expect("write");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    path
+}
+
+fn share_spec(host_path: &Path) -> uvm::seams::ShareSpec {
+    uvm::seams::ShareSpec {
+        share: uvm::seams::ShareConfig {
+            host_path: host_path.to_path_buf(),
+            read_only: false,
+        },
+        mount: uvm::seams::ShareMount {
+            guest_path: "/mnt".into(),
+            read_only: false,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_a_virtiofsd_failing_at_start_fails_the_start_and_leaves_nothing() {
+    let root = short_root();
+    let files = tempfile::tempdir().expect("tempdir");
+    let mut config = real_config(root.path());
+    config.virtiofsd = Some(failing_program(
+        files.path(),
+        "virtiofsd",
+        "virtiofsd: bad dir",
+    ));
+    let mut vm_config = small_vm();
+    vm_config.shares = vec![share_spec(files.path())];
+    let vm = QemuBackend::new(config)
+        .create_vm("badfs", &vm_config)
+        .expect("create");
+    let r = tokio::time::timeout(Duration::from_secs(20), vm.start())
+        .await
+        .expect("start fails fast");
+    assert!(
+        matches!(&r, Err(e @ uvm::HostError::Failed { operation: "start VM", .. })
+            if { let m = uvm_util::error_chain(e); m.contains("virtiofsd exited") && m.contains("bad dir") }),
+        "{r:?}"
+    );
+    assert_eq!(vm.qemu_pid(), None, "QEMU never started without its share");
+    let mut pids = vm.helper_pids();
+    pids.extend(vm.vsock_pid());
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.release().await.expect("release");
+    for pid in pids {
+        assert!(!is_our_child(pid), "process {pid} remains");
+    }
+    assert!(!dir.exists(), "runtime dir {} remains", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_a_hot_added_share_whose_virtiofsd_fails_is_refused_and_the_vm_runs_on() {
+    use uvm::seams::{HostDevices, ShareConfig};
+    let root = short_root();
+    let files = tempfile::tempdir().expect("tempdir");
+    let mut config = real_config(root.path());
+    config.virtiofsd = Some(failing_program(
+        files.path(),
+        "virtiofsd",
+        "virtiofsd: no way",
+    ));
+    let vm = started(config, "hotfs").await;
+    let share = ShareConfig {
+        host_path: files.path().to_path_buf(),
+        read_only: true,
+    };
+    let r = vm.add_share("t", &share).await;
+    assert!(
+        matches!(&r, Err(e @ uvm::HostError::Failed { operation: "add share", .. })
+            if uvm_util::error_chain(e).contains("no way")),
+        "{r:?}"
+    );
+    assert!(vm.share_tags().is_empty());
+    assert!(
+        vm.helper_pids().is_empty(),
+        "the failed virtiofsd is forgotten"
+    );
+    let share_files: Vec<_> = std::fs::read_dir(vm.runtime_dir())
+        .expect("runtime dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("share-"))
+        .collect();
+    assert!(share_files.is_empty(), "{share_files:?}");
+    vm.stats().await.expect("the VM still runs");
+    let pids = [vm.qemu_pid().expect("qemu"), vm.vsock_pid().expect("vsock")];
+    let dir = vm.runtime_dir().to_path_buf();
+    vm.terminate().await.expect("terminate");
+    vm.release().await.expect("release");
+    assert_gone(&vm, &pids, &dir);
+}

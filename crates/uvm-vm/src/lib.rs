@@ -48,8 +48,13 @@ pub struct VmOptions {
     pub extra_cmdline: String,
     /// Disks given at create: attached cold, mounted by `start_vm` ([`VmConfig::disks`]).
     pub disks: Vec<DiskSpec>,
-    /// Shares given at create: added cold, mounted by `start_vm` ([`VmConfig::shares`]).
+    /// Shares added cold at create (the `i`-th under `uvm::seams::cold_share_tag(i)`); the
+    /// guest mounts them when asked (`GuestMounts::mount_share`).
     pub shares: Vec<ShareSpec>,
+    /// Serve shares over 9p even where virtiofsd is installed (9p shares exist only cold).
+    pub nine_p_shares: bool,
+    /// Spare PCIe root ports for hot-added shares (q35); `None` keeps the backend's default.
+    pub share_hotplug_ports: Option<u8>,
 }
 
 impl Default for VmOptions {
@@ -64,6 +69,8 @@ impl Default for VmOptions {
             extra_cmdline: String::new(),
             disks: Vec::new(),
             shares: Vec::new(),
+            nine_p_shares: false,
+            share_hotplug_ports: None,
         }
     }
 }
@@ -100,6 +107,12 @@ pub fn qemu_config(image: &Image, options: &VmOptions) -> QemuConfig {
     qemu.accel = options.accel;
     qemu.machine = options.machine;
     qemu.extra_cmdline = options.extra_cmdline.clone();
+    if options.nine_p_shares {
+        qemu.virtiofsd = None;
+    }
+    if let Some(ports) = options.share_hotplug_ports {
+        qemu.share_hotplug_ports = ports;
+    }
     if let Some(root) = &options.runtime_root {
         qemu.runtime_root = root.clone();
     }

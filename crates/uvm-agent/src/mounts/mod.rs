@@ -4,6 +4,7 @@
 
 pub mod disk;
 pub mod path;
+pub mod share;
 mod uevent;
 
 use std::io;
