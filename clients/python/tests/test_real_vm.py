@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
+import subprocess
+import threading
 
 import pytest
 
 from conftest import assert_root_empty, make_root, remove_empty_root
-from uvmctl_client import NotFound, UvmError, Vm, pb
+from uvmctl_client import InvalidArgument, NotFound, Unavailable, UvmError, Vm, pb
 
 pytestmark = pytest.mark.real_vm
 
@@ -62,6 +65,58 @@ def test_copy_in_and_out_round_trip(real_vm, tmp_path):
     assert real_vm.copy_out("/tmp/copied", dest) == len(data)
     assert dest.read_bytes() == data
     assert os.stat(dest).st_mode & 0o7777 == 0o640
+
+
+def test_a_disk_and_a_share_are_added_listed_busy_and_removed(real_vm, tmp_path):
+    if shutil.which("mkfs.ext4") is None:
+        pytest.fail("real-VM test prerequisite missing: mkfs.ext4 (package e2fsprogs)")
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "hello").write_text("from the image\n")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(image)], check=True)
+    with pytest.raises(InvalidArgument):
+        real_vm.add_disk(tmp_path / "nosuch.img", "/data")
+    with pytest.raises(NotFound):
+        real_vm.remove_disk("/nothing")
+
+    added = real_vm.add_disk(image, "/data", read_only=True)
+    assert added.disk.state == pb.DISK_STATE_ATTACHED
+    assert real_vm.exec(["cat", "/data/hello"]).stdout == b"from the image\n"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    share = real_vm.add_share(shared, "/shared")
+    assert share.share.state == pb.SHARE_STATE_ADDED
+    assert real_vm.exec(["sh", "-c", "echo guest > /shared/g"]).exit_code == 0
+    assert (shared / "g").read_text() == "guest\n"
+    devices = real_vm.devices()
+    assert [d.mounts[0].mount.guest_path for d in devices.disks] == ["/data"]
+    assert [s.mounts[0].state for s in devices.shares] == [pb.MOUNT_STATE_MOUNTED]
+    assert real_vm.inspect().devices == devices
+
+    # Busy while a process works in it; removable once it has ended.
+    release = threading.Event()
+
+    def holder_requests():
+        spec = pb.ExecSpec(args=["sh", "-c", "echo ready; read x; exit 0"], workdir="/data")
+        spec.attach_stdin = True
+        yield pb.ExecRequest(spec=spec)
+        release.wait()
+        yield pb.ExecRequest(close_stdin=pb.CloseStdin())
+
+    holder = real_vm._stub.Exec(holder_requests(), metadata=real_vm._metadata)
+    frames = iter(holder)
+    assert next(frames).WhichOneof("frame") == "started"
+    assert next(frames).stdout == b"ready\n"
+    with pytest.raises(Unavailable):
+        real_vm.remove_disk("/data")
+    release.set()
+    assert [f.exited.exit_code for f in frames if f.WhichOneof("frame") == "exited"] == [0]
+    real_vm.remove_disk("/data")
+    real_vm.remove_share("/shared")
+    assert real_vm.devices() == pb.Devices()
 
 
 def _wait_exited(pidfds: dict[int, int], seconds: float) -> list[int]:

@@ -64,6 +64,10 @@ class DeadlineExceeded(UvmError):
     """DEADLINE_EXCEEDED: the call's deadline (``timeout``) or a step of the operation ran out."""
 
 
+class Unavailable(UvmError):
+    """``UNAVAILABLE``: in use (a busy mount; retry once it is free), or the guest link broke."""
+
+
 class UvmctlError(UvmError):
     """A ``uvmctl`` command failed (or could not be found, or printed what we cannot read).
 
@@ -91,6 +95,7 @@ _BY_CODE: dict[grpc.StatusCode, type[UvmError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
 }
 
 

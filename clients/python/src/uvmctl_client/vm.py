@@ -338,6 +338,68 @@ class Vm:
             exec_id=started.exec_id,
         )
 
+    # ---- disks and shares --------------------------------------------------------------------
+
+    def add_disk(
+        self,
+        host_path: str | os.PathLike[str],
+        guest_path: str,
+        *,
+        read_only: bool = False,
+        qcow2: bool = False,
+        fs_type: str | None = None,
+        partition: int = 0,
+        timeout: float | None = None,
+    ) -> pb.AddDiskResponse:
+        """Attaches the disk image ``host_path`` (made absolute here: the supervisor's working
+        directory is not ours) and mounts it at ``guest_path``; RUNNING only, q35 only (microvm
+        takes disks at create). ``fs_type`` (``ext4``, ``xfs``, ``vfat``) is probed when
+        ``None``; ``partition`` 0 is the whole disk. Returns the ``uvm.v1.AddDiskResponse`` (its
+        slot and the disk's state). A bad host or guest path raises
+        :class:`~uvmctl_client.errors.InvalidArgument`."""
+        disk = pb.DiskConfig(
+            host_path=os.path.abspath(os.fspath(host_path)),
+            read_only=read_only,
+            format=pb.DISK_FORMAT_QCOW2 if qcow2 else pb.DISK_FORMAT_RAW,
+        )
+        mount = pb.DiskMount(
+            guest_path=guest_path,
+            read_only=read_only,
+            fs_type=fs_type or "",
+            partition=partition,
+        )
+        return self._unary(self._stub.AddDisk, pb.AddDiskRequest(disk=disk, mount=mount), timeout)
+
+    def remove_disk(self, guest_path: str, timeout: float | None = None) -> None:
+        """Unmounts the disk at ``guest_path`` and detaches it. A mount in use in the guest raises
+        :class:`~uvmctl_client.errors.Unavailable` and stays: retry once it is free."""
+        self._unary(self._stub.RemoveDisk, pb.RemoveDiskRequest(guest_path=guest_path), timeout)
+
+    def add_share(
+        self,
+        host_path: str | os.PathLike[str],
+        guest_path: str,
+        *,
+        read_only: bool = False,
+        timeout: float | None = None,
+    ) -> pb.AddShareResponse:
+        """Shares the host directory ``host_path`` (made absolute here) at ``guest_path``;
+        RUNNING only. ``read_only`` is enforced on the host and in the guest. Returns the
+        ``uvm.v1.AddShareResponse`` (its tag and the share's state)."""
+        share = pb.ShareConfig(host_path=os.path.abspath(os.fspath(host_path)), read_only=read_only)
+        mount = pb.ShareMount(guest_path=guest_path, read_only=read_only)
+        return self._unary(
+            self._stub.AddShare, pb.AddShareRequest(share=share, mount=mount), timeout
+        )
+
+    def remove_share(self, guest_path: str, timeout: float | None = None) -> None:
+        """Unmounts the share at ``guest_path`` and stops sharing it; as :meth:`remove_disk`."""
+        self._unary(self._stub.RemoveShare, pb.RemoveShareRequest(guest_path=guest_path), timeout)
+
+    def devices(self, timeout: float | None = None) -> pb.Devices:
+        """The VM's disks and shares with their states and mounts (``uvm.v1.Devices``)."""
+        return self._unary(self._stub.ListDevices, pb.ListDevicesRequest(), timeout).devices
+
     def copy_in(
         self,
         local_path: str | os.PathLike[str],
