@@ -266,6 +266,25 @@ fn real_vm_hot_added_disk_is_read_written_busy_while_used_and_its_write_reaches_
     assert_eq!(root.ok(&["disk", "rm", &id, "/data"]), "/data\n");
     assert_eq!(ls(&root, "disk", &id), Vec::<Value>::new());
     assert_eq!(debugfs_cat(&image, "f"), "from the guest\n");
+    let events = root.ok(&["events", "--json", &id]);
+    let changes: Vec<(String, String)> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("event JSON"))
+        .filter(|e| e["type"] == "device_changed")
+        .map(|e| {
+            (
+                e["operation"].as_str().unwrap_or_default().to_owned(),
+                e["guest_path"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("ADD_DISK".to_string(), "/data".to_string()),
+            ("REMOVE_DISK".into(), "/data".into()),
+        ]
+    );
 
     // Read-only: readable, writes refused in the guest.
     root.ok(&["disk", "add", &id, path(&ro_image), "/ro", "--ro"]);
@@ -364,6 +383,21 @@ fn real_vm_disks_and_a_share_given_at_create_are_mounted_at_start_on_q35() {
 #[test]
 fn real_vm_disks_and_a_share_given_at_create_are_mounted_at_start_on_microvm() {
     cold_disks_and_shares("microvm");
+}
+
+#[test]
+fn real_vm_run_mounts_a_disk_given_with_disk() {
+    require_tools();
+    let dir = scratch();
+    let image = ext4_image(dir.path(), "run.img", &[("r", "one shot\n")]);
+    let spec = format!("{}:/run-disk:ro", path(&image));
+    let out = Command::new(common::UVMCTL)
+        .args(["run", "--disk", &spec, "--", "cat", "/run-disk/r"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("uvmctl run");
+    assert!(out.status.success(), "run: {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one shot\n");
 }
 
 // ---- Real VMs: shares -----------------------------------------------------------------------
