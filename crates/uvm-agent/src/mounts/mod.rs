@@ -7,7 +7,9 @@ pub mod path;
 pub mod share;
 mod uevent;
 
+use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -39,14 +41,14 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let (major, minor) = dev.split_once(':')?;
             Some(MountEntry {
                 dev: (major.parse().ok()?, minor.parse().ok()?),
-                mount_point: PathBuf::from(unescape(mount_point)),
+                mount_point: PathBuf::from(OsStr::from_bytes(&unescape(mount_point))),
             })
         })
         .collect()
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> String {
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal); the field's bytes.
+pub(crate) fn unescape(field: &str) -> Vec<u8> {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -56,7 +58,8 @@ fn unescape(field: &str) -> String {
             .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
-                out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
+                let value = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                out.push(u8::try_from(value).unwrap_or(b'?'));
                 i += 4;
             }
             None => {
@@ -65,7 +68,7 @@ fn unescape(field: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The agent's mount table now.

@@ -31,6 +31,7 @@ use uvm_agent_proto::ttrpc::Code;
 
 use crate::error::ApiError;
 use crate::mounts::path::check_mount_point;
+use crate::mounts::unescape;
 
 /// `msize` of 9p mounts: the largest message, so the largest single read or write. The kernel's
 /// virtio transport takes up to about 500 KiB; 256 KiB keeps each request's buffers modest.
@@ -437,30 +438,6 @@ fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
         source: String::from_utf8_lossy(&unescape(source)).into_owned(),
         read_only: options.split(',').any(|o| o == "ro"),
     })
-}
-
-/// The kernel writes space, tab, newline and backslash in mountinfo as `\NNN` (octal).
-fn unescape(field: &str) -> Vec<u8> {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                let value = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-                out.push(u8::try_from(value).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The kernel's uevent broadcast (what udev listens to): every device that comes or goes.
