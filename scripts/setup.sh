@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what uvmctl needs on a fresh Debian 12 (bookworm) machine:
-#   - qemu-system-x86 (>= 10) from bookworm-backports: bookworm's own 7.2 conflicts with the
-#     backported qemu-utils these machines carry;
-#   - busybox-static (guest userland), xz-utils and cpio (inspecting images by hand), e2fsprogs
-#     (the disk tests make and read ext4 images);
+#   - qemu-system-x86 (>= 10) and qemu-utils (qemu-img: the qcow2 disk test) from
+#     bookworm-backports: bookworm's own 7.2 conflicts with the backported qemu-utils these
+#     machines carry;
+#   - busybox-static (guest userland), xz-utils and cpio (inspecting images by hand), e2fsprogs,
+#     xfsprogs and dosfstools (the disk tests make ext4, xfs and vfat images);
 #   - Debian's guest kernel, downloaded (not installed) and unpacked into $CACHE/kernel/debian;
 #   - linux-source-6.1 and the kernel build tools (for scripts/build-kernel.sh);
 #   - vhost-device-vsock 0.3.0 (vsock for QEMU where /dev/vhost-vsock is missing);
@@ -150,8 +151,8 @@ qemu_major() {
 setup_qemu() {
     local major
     major="$(qemu_major)"
-    if [ "${major:-0}" -ge "$QEMU_MIN_MAJOR" ]; then
-        say "qemu-system-x86_64 $major.x present"
+    if [ "${major:-0}" -ge "$QEMU_MIN_MAJOR" ] && command -v qemu-img >/dev/null; then
+        say "qemu-system-x86_64 $major.x and qemu-img present"
         return
     fi
     local code mirror uri signed
@@ -169,8 +170,8 @@ setup_qemu() {
         APT_UPDATED=0
     fi
     apt_update
-    say "apt-get install -t $code-backports qemu-system-x86"
-    apt_quiet install -y --no-install-recommends -t "$code-backports" qemu-system-x86
+    say "apt-get install -t $code-backports qemu-system-x86 qemu-utils"
+    apt_quiet install -y --no-install-recommends -t "$code-backports" qemu-system-x86 qemu-utils
     major="$(qemu_major)"
     [ "${major:-0}" -ge "$QEMU_MIN_MAJOR" ] || die "qemu-system-x86_64 is still older than $QEMU_MIN_MAJOR"
 }
@@ -178,13 +179,13 @@ setup_qemu() {
 # ---------------------------------------------------------------- Debian packages
 setup_debs() {
     local missing=() p
-    for p in busybox-static xz-utils cpio e2fsprogs; do
+    for p in busybox-static xz-utils cpio e2fsprogs xfsprogs dosfstools; do
         pkg_installed "$p" || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_install "${missing[@]}"
     else
-        say "busybox-static, xz-utils, cpio, e2fsprogs present"
+        say "busybox-static, xz-utils, cpio, e2fsprogs, xfsprogs, dosfstools present"
     fi
 }
 

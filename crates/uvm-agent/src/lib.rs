@@ -15,6 +15,7 @@ pub mod files;
 pub mod modules;
 pub mod mounts;
 pub mod power;
+pub mod probe;
 pub mod process;
 pub mod run;
 pub mod service;

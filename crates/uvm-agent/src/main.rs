@@ -1,5 +1,6 @@
 //! `uvm-agent`: PID 1 of a uvmctl utility VM, or (not as PID 1) the same API server as an
-//! ordinary process: `uvm-agent [--listen ADDR] [--announce CID:PORT | --no-announce]`.
+//! ordinary process: `uvm-agent [--listen ADDR] [--announce CID:PORT | --no-announce]`;
+//! `uvm-agent probe …` runs a measuring tool instead ([`uvm_agent::probe`]).
 
 use std::process::ExitCode;
 
@@ -11,11 +12,17 @@ const USAGE: &str = "usage: uvm-agent [--listen ADDR] [--announce CID:PORT | --n
   no arguments to /init unless asked to: the defaults are what a utility VM needs).
   --listen ADDR       ttrpc address (default vsock://-1:1024; also unix:///path)
   --announce CID:PORT where to announce readiness (default 2:1025)
-  --no-announce       do not announce";
+  --no-announce       do not announce
+usage: uvm-agent probe uevents | probe read FILE [--random N] [--drop-cache]
+  measuring tools for `uvmctl bench` (not as PID 1)";
 
 fn main() -> ExitCode {
     let started = uvm_agent::clock::boottime();
-    let parsed = parse_args(std::env::args().skip(1));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("probe") && !rustix::process::getpid().is_init() {
+        return ExitCode::from(uvm_agent::probe::main(&args[1..]));
+    }
+    let parsed = parse_args(args.into_iter());
     if rustix::process::getpid().is_init() {
         // PID 1 must never exit: bad arguments fall back to the defaults.
         run::as_init(&parsed.ok().flatten().unwrap_or_default(), started)

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// supervisor's memory, `ps` with 8 VMs, `cp` of 100 MiB).
     #[arg(long)]
     pub no_api: bool,
+    /// Leave out disks and shares (hot-add → mounted against the bare QMP path, reads on a
+    /// disk and a share against the host; q35 only).
+    #[arg(long)]
+    pub no_devices: bool,
 }
 
 /// `--kernel`.
@@ -128,6 +132,9 @@ impl BenchArgs {
                 .ok()
                 .map(|uvmctl| super::api::ApiOptions::new(uvmctl, self.quick))
         };
+        if self.no_devices {
+            o.devices = None;
+        }
         o
     }
 }
@@ -242,6 +249,8 @@ mod tests {
         assert_eq!(api.ps_vms, 8);
         assert_eq!(api.copy_mib, 100);
         assert!(parse(&["--quick", "--no-api"]).runs()[0].api.is_none());
+        assert!(with[0].devices.is_some());
+        assert!(parse(&["--no-devices"]).runs()[0].devices.is_none());
     }
 
     #[test]

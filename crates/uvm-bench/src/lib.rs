@@ -13,7 +13,10 @@
 //!    the largest run;
 //! 4. the *long-lived* path ([`api`]): `uvmctl create --start`, exec over the API, the
 //!    supervisor's RSS, `uvmctl ps` with 8 VMs and `uvmctl cp`, each against its in-process
-//!    counterpart in the same run.
+//!    counterpart in the same run;
+//! 5. *disks and shares* ([`devices`], q35): hot-add → mounted against the bare QMP
+//!    `device_add` → visible in the guest, and reads in the guest on a disk and on a share
+//!    against the same file read on the host.
 //!
 //! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
 //! [`uvm_vm::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
@@ -21,6 +24,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod devices;
 pub mod floor;
 pub mod measure;
 pub mod phases;
@@ -127,6 +131,8 @@ pub struct BenchOptions {
     pub progress: bool,
     /// The long-lived path (supervisors, the API, the CLI), when given the `uvmctl` binary.
     pub api: Option<api::ApiOptions>,
+    /// Disks and shares (measured on q35 only).
+    pub devices: Option<devices::DeviceOptions>,
 }
 
 impl BenchOptions {
@@ -148,6 +154,7 @@ impl BenchOptions {
             vm: VmOptions::default(),
             progress: true,
             api: None,
+            devices: Some(devices::DeviceOptions::new(quick)),
         }
     }
 }
@@ -266,6 +273,27 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         None => None,
     };
 
+    // 5. Disks and shares.
+    let devices = match &opts.devices {
+        Some(dev_opts) if machine == uvm_qemu::Machine::Q35 => {
+            let report = |line: String| progress!(opts, "{line}");
+            let agent = ImageSpec::from_env_with(opts.kernel)?.agent;
+            Some(
+                devices::run(&image, &agent, &opts.vm, dev_opts, &report)
+                    .await?
+                    .summarize(dev_opts.read_file_mib)?,
+            )
+        }
+        Some(_) => {
+            progress!(
+                opts,
+                "disks and shares: not measured on {machine} (no hot-add)"
+            );
+            None
+        }
+        None => None,
+    };
+
     let b = &exec.breakdown;
     let to_ms = |v: &[Duration]| v.iter().copied().map(stats::ms).collect::<Vec<_>>();
     let samples = [
@@ -345,6 +373,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
             guest_process: summary(&exec.guest_process, "guest process")?,
         },
         api,
+        devices,
         elapsed_s: began.elapsed().as_secs_f64(),
         samples,
     })

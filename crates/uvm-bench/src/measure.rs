@@ -76,7 +76,7 @@ fn boot_phases(vm: &Vm, begin: Instant, end: Duration) -> Result<Phases, BenchEr
 }
 
 /// terminate_vm, timed, then the leak check.
-async fn teardown(vm: &Vm) -> Result<Duration, BenchError> {
+pub(crate) async fn teardown(vm: &Vm) -> Result<Duration, BenchError> {
     let dir = vm.qemu_vm().map(|q| q.runtime_dir().to_owned());
     let t = Instant::now();
     let result = vm.controller.terminate_vm().await;

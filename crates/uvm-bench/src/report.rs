@@ -76,6 +76,8 @@ pub struct BenchReport {
     pub exec_breakdown: BreakdownSummary,
     /// The long-lived path, when measured (in the JSON as `api`).
     pub api: Option<super::api::ApiReport>,
+    /// Disks and shares, when measured (in the JSON as `devices`).
+    pub devices: Option<super::devices::DeviceReport>,
     /// Wall time of the whole run.
     pub elapsed_s: f64,
     /// Every sample, in ms, by measurement (in the JSON as `samples_ms`).
@@ -125,6 +127,9 @@ impl BenchReport {
         ];
         if let Some(api) = &self.api {
             targets.extend(api.targets());
+        }
+        if let Some(devices) = &self.devices {
+            targets.extend(devices.targets());
         }
         targets
     }
@@ -226,6 +231,12 @@ impl BenchReport {
                 .as_ref()
                 .map_or(Value::Null, super::api::ApiReport::to_json),
         );
+        o.insert(
+            "devices".into(),
+            self.devices
+                .as_ref()
+                .map_or(Value::Null, super::devices::DeviceReport::to_json),
+        );
         o.insert("elapsed_s".into(), json!(round(self.elapsed_s, 1)));
         let samples: Map<String, Value> = self
             .samples
@@ -321,6 +332,9 @@ impl BenchReport {
         }
         if let Some(api) = &self.api {
             t.push_str(&api.table());
+        }
+        if let Some(devices) = &self.devices {
+            t.push_str(&devices.table());
         }
         let _ = writeln!(t, "\ntargets");
         for (name, target, value, met) in self.targets() {
@@ -523,6 +537,7 @@ pub(crate) mod tests {
                 cp_out_mb_s: 90.0,
                 cat_out_mb_s: 70.0,
             }),
+            devices: None,
             elapsed_s: 95.0,
             samples: [("floor".to_owned(), vec![1900.0, 1910.5])]
                 .into_iter()

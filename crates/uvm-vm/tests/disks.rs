@@ -415,6 +415,75 @@ async fn real_vm_qcow2_disk_with_its_partition_is_mounted_by_the_type_asked() {
     t.finish(&[&image]).await;
 }
 
+/// An empty image at `dir/name` of `mib` MiB (sparse) made by `mkfs` with `args` before the
+/// path; `package` names what provides it.
+fn blank_filesystem(dir: &Path, name: &str, mib: u64, mkfs: &[&str], package: &str) -> PathBuf {
+    let image = dir.join(name);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(mib << 20))
+        .expect("image file");
+    let out = Command::new(mkfs[0])
+        .args(&mkfs[1..])
+        .arg(&image)
+        .output()
+        .unwrap_or_else(|e| missing(format_args!("{} ({e}; package {package})", mkfs[0])));
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        mkfs[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_xfs_and_vfat_disks_are_probed_mounted_and_keep_what_was_written() {
+    let dir = scratch();
+    // mkfs.xfs refuses a filesystem under 300 MiB; the file is sparse.
+    let xfs = blank_filesystem(
+        dir.path(),
+        "x.img",
+        320,
+        &["mkfs.xfs", "-q", "-f"],
+        "xfsprogs",
+    );
+    let vfat = blank_filesystem(dir.path(), "v.img", 16, &["mkfs.vfat"], "dosfstools");
+    let t = boot(Machine::Q35, dir.path(), VmConfig::default()).await;
+    for (s, image, fs) in [(slot(0, 1), &xfs, "xfs"), (slot(0, 2), &vfat, "vfat")] {
+        let at = format!("/mnt/{fs}");
+        let mount = || async {
+            t.vm.attach_disk(s, &DiskConfig::raw(image))
+                .await
+                .expect("attach");
+            // No type given: the agent reads it from the superblock.
+            t.guest
+                .mount_disk(&t.vm.disk_location(s), &DiskMount::at(at.as_str()))
+                .await
+                .unwrap_or_else(|e| panic!("mount {fs}: {e:?}"));
+        };
+        mount().await;
+        let (_, mounts, _) = t.exec(&["cat", "/proc/mounts"]).await;
+        assert!(
+            mounts.lines().any(|l| l.contains(&format!(" {at} {fs} "))),
+            "{fs} not mounted at {at}: {mounts}"
+        );
+        let script = format!("echo kept on {fs} > {at}/note && sync");
+        let (code, _, err) = t.exec(&["sh", "-c", &script]).await;
+        assert_eq!(code, 0, "{err}");
+        remove(&t, s, &at).await;
+        // Detached and attached again: what was written is read back from the image.
+        mount().await;
+        let (code, out, err) = t.exec(&["cat", &format!("{at}/note")]).await;
+        assert_eq!(
+            (code, out.trim()),
+            (0, format!("kept on {fs}").as_str()),
+            "{err}"
+        );
+        remove(&t, s, &at).await;
+    }
+    t.finish(&[&xfs, &vfat]).await;
+}
+
 /// An image of 17 MiB with an MBR partition table whose one partition (from 1 MiB on) holds
 /// an ext4 filesystem with `files`.
 fn partitioned_image(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {

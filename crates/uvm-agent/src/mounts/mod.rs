@@ -5,7 +5,7 @@
 pub mod disk;
 pub mod path;
 pub mod share;
-mod uevent;
+pub(crate) mod uevent;
 
 use std::ffi::OsStr;
 use std::io;

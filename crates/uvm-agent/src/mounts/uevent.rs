@@ -30,6 +30,10 @@ pub(crate) struct Uevent {
     pub action: String,
     /// `block`, `scsi`, `virtio`, … (empty when the event has none).
     pub subsystem: String,
+    /// The device node's name (`sdb`), for devices that have one; else empty.
+    pub devname: String,
+    /// The bound driver (`virtiofs`, on a `bind`), else empty.
+    pub driver: String,
 }
 
 impl Uevents {
@@ -64,12 +68,7 @@ impl Uevents {
             ) {
                 Ok(n) => return Ok(Some(parse(&buf[..n]))),
                 Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
-                Err(nix::errno::Errno::ENOBUFS) => {
-                    return Ok(Some(Uevent {
-                        action: "overflow".to_owned(),
-                        subsystem: String::new(),
-                    }))
-                }
+                Err(nix::errno::Errno::ENOBUFS) => return Ok(Some(Uevent::named("overflow", ""))),
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -77,18 +76,32 @@ impl Uevents {
     }
 }
 
+impl Uevent {
+    fn named(action: &str, subsystem: &str) -> Uevent {
+        Uevent {
+            action: action.to_owned(),
+            subsystem: subsystem.to_owned(),
+            devname: String::new(),
+            driver: String::new(),
+        }
+    }
+}
+
 /// `action@devpath\0KEY=value\0…`.
 fn parse(msg: &[u8]) -> Uevent {
-    let mut event = Uevent {
-        action: String::new(),
-        subsystem: String::new(),
-    };
+    let mut event = Uevent::named("", "");
     for field in msg.split(|b| *b == 0).map(String::from_utf8_lossy) {
-        if let Some(v) = field.strip_prefix("ACTION=") {
-            v.clone_into(&mut event.action);
-        } else if let Some(v) = field.strip_prefix("SUBSYSTEM=") {
-            v.clone_into(&mut event.subsystem);
-        }
+        let Some((key, value)) = field.split_once('=') else {
+            continue;
+        };
+        let slot = match key {
+            "ACTION" => &mut event.action,
+            "SUBSYSTEM" => &mut event.subsystem,
+            "DEVNAME" => &mut event.devname,
+            "DRIVER" => &mut event.driver,
+            _ => continue,
+        };
+        value.clone_into(slot);
     }
     event
 }
@@ -104,9 +117,15 @@ ACTION=add\0DEVPATH=/devices/.../block/sdb\0SUBSYSTEM=block\0MAJOR=8\0MINOR=16\0
         assert_eq!(
             parse(msg),
             Uevent {
-                action: "add".into(),
-                subsystem: "block".into()
+                devname: "sdb".into(),
+                ..Uevent::named("add", "block")
             }
+        );
+        let bind =
+            parse(b"bind@/devices/x/virtio3\0ACTION=bind\0SUBSYSTEM=virtio\0DRIVER=virtiofs\0");
+        assert_eq!(
+            (bind.action.as_str(), bind.driver.as_str()),
+            ("bind", "virtiofs")
         );
         assert_eq!(parse(b"").action, "");
     }
