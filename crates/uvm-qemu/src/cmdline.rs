@@ -86,7 +86,12 @@ pub const BASE_KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
 /// - `reserved_poison=off` (our kernel's patch 0002; other kernels pass it to init as an
 ///   unused environment variable): frees the init sections and the initrd without filling
 ///   them with a poison byte first, one emulated store at a time.
-pub const FAST_BOOT_ARGS: &str = "noreplace-smp no_timer_check reserved_poison=off";
+/// - `scsi_mod.scan=manual`: the kernel does not scan a virtio-scsi bus when its controller
+///   comes up — 256 targets, an INQUIRY each, ≈ 160 ms of a q35 boot under TCG for a bus with
+///   no disk or a few. The agent asks for exactly the LUN it waits for (`…/scan`), and a
+///   hot-added disk is announced by virtio-scsi's own event, which needs no scan.
+pub const FAST_BOOT_ARGS: &str =
+    "noreplace-smp no_timer_check reserved_poison=off scsi_mod.scan=manual";
 
 /// QEMU's arguments (without the program name).
 ///

@@ -143,6 +143,23 @@ impl Sysfs {
             .find_map(|e| e.file_name().to_str()?.strip_prefix("host")?.parse().ok())
     }
 
+    /// Asks the kernel to look for LUN `lun` of target 0 on the `controller`-th controller
+    /// (`/sys/class/scsi_host/hostH/scan`): the guest boots with `scsi_mod.scan=manual`, so a
+    /// disk attached cold is only found when asked for. Synchronous; finding nothing is no
+    /// error. Only on the real sysfs.
+    fn scan_scsi(&self, controller: u32, lun: u32) {
+        if !self.real {
+            return;
+        }
+        let Some(host) = self.scsi_host(controller) else {
+            return;
+        };
+        let scan = self.root.join(format!("class/scsi_host/host{host}/scan"));
+        if let Err(e) = std::fs::write(&scan, format!("0 0 {lun}")) {
+            crate::warn!("asking {} for LUN {lun} failed: {e}", scan.display());
+        }
+    }
+
     /// The SCSI device directory name (`H:0:0:LUN`) of a SCSI location, when its host exists.
     fn scsi_device(&self, controller: u32, lun: u32) -> Option<String> {
         Some(format!("{}:0:0:{lun}", self.scsi_host(controller)?))
@@ -325,6 +342,11 @@ async fn await_device(sysfs: &Sysfs, req: &DiskMount) -> Result<String, ApiError
         source,
     })?;
     let deadline = Instant::now() + req.wait;
+    if let Location::Scsi { controller, lun } = req.location {
+        if sysfs.disk(&req.location).is_none() {
+            sysfs.scan_scsi(controller, lun);
+        }
+    }
     let disk = wait_for(&events, deadline, || {
         sysfs.disk(&req.location).filter(|d| opens(sysfs, d))
     })
