@@ -199,7 +199,7 @@ impl HostDevices for QemuVm {
         match self.machine() {
             Machine::Q35 => DiskLocation::Scsi {
                 controller: slot.controller,
-                lun: slot.lun,
+                lun: disks::scsi_lun(slot),
             },
             Machine::Microvm => DiskLocation::VirtioBlk {
                 serial: disks::virtio_blk_serial(slot),

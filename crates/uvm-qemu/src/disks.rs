@@ -5,7 +5,7 @@
 //! increasing PCI addresses ([`SCSI_FIRST_PCI_SLOT`] + controller) so that the guest, which
 //! numbers SCSI hosts by probe order, finds controller N as the N-th by PCI address. A disk at
 //! slot (controller, lun) is a `scsi-hd` on bus `scsi<controller>.0`, channel 0, scsi-id 0,
-//! that lun — hot-added with QMP `blockdev-add` + `device_add`, removed with `device_del`
+//! LUN lun + 1 ([`scsi_lun`]) — hot-added with QMP `blockdev-add` + `device_add`, removed with `device_del`
 //! (awaiting `DEVICE_DELETED`) + `blockdev-del`. microvm: no PCI and no hotplug: disks given at
 //! create are `virtio-blk-device`s on virtio-mmio, with the serial `uvm-disk-<slot index>` the
 //! guest finds them by.
@@ -131,6 +131,14 @@ pub(crate) fn blockdev(node: &str, disk: &DiskConfig) -> Value {
     })
 }
 
+/// The SCSI LUN of the disk at `slot`: one above the slot's, so that LUN 0 stays empty. The
+/// guest boots with `scsi_mod.scan=manual` (no bus scan: [`crate::FAST_BOOT_ARGS`]), and under
+/// it Linux ignores virtio-scsi's hotplug event for a LUN 0 (that event rescans the whole
+/// target, which manual scanning skips) while it adds any other LUN directly.
+pub(crate) fn scsi_lun(slot: ScsiSlot) -> u8 {
+    slot.lun + 1
+}
+
 /// The `device_add` arguments of a `scsi-hd` for `disk` at `slot` over node `node`.
 pub(crate) fn scsi_hd(slot: ScsiSlot, node: &str, disk: &DiskConfig) -> Value {
     let mut device = json!({
@@ -140,7 +148,7 @@ pub(crate) fn scsi_hd(slot: ScsiSlot, node: &str, disk: &DiskConfig) -> Value {
         "bus": scsi_bus(slot.controller),
         "channel": 0,
         "scsi-id": 0,
-        "lun": slot.lun,
+        "lun": scsi_lun(slot),
     });
     if disk.cache == DiskCache::Writethrough {
         device["write-cache"] = json!("off");
@@ -179,7 +187,7 @@ pub(crate) fn command_line(machine: Machine, controllers: u8, disks: &[DiskSpec]
             Machine::Q35 => format!(
                 "scsi-hd,id={node},drive={node},bus={},channel=0,scsi-id=0,lun={}{writethrough}",
                 scsi_bus(slot.controller),
-                slot.lun
+                scsi_lun(slot)
             ),
             Machine::Microvm => format!(
                 "virtio-blk-device,id={node},drive={node},serial={}{writethrough}",
@@ -402,7 +410,7 @@ mod tests {
         assert_eq!(
             v,
             json!({"driver": "scsi-hd", "id": "disk69", "drive": "disk69", "bus": "scsi1.0",
-                   "channel": 0, "scsi-id": 0, "lun": 5})
+                   "channel": 0, "scsi-id": 0, "lun": 6})
         );
         disk.cache = DiskCache::Writethrough;
         assert_eq!(scsi_hd(slot, "disk69", &disk)["write-cache"], "off");
@@ -422,8 +430,8 @@ mod tests {
             [
                 "virtio-scsi-pci,id=scsi0,addr=0x10.0",
                 "virtio-scsi-pci,id=scsi1,addr=0x11.0",
-                "scsi-hd,id=disk0,drive=disk0,bus=scsi0.0,channel=0,scsi-id=0,lun=0",
-                "scsi-hd,id=disk1,drive=disk1,bus=scsi0.0,channel=0,scsi-id=0,lun=1",
+                "scsi-hd,id=disk0,drive=disk0,bus=scsi0.0,channel=0,scsi-id=0,lun=1",
+                "scsi-hd,id=disk1,drive=disk1,bus=scsi0.0,channel=0,scsi-id=0,lun=2",
             ]
         );
         let blockdevs: Vec<Value> = args

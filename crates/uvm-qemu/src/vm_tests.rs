@@ -385,9 +385,10 @@ async fn disks_are_checked_before_qemu_is_asked_and_empty_slots_detach() {
     vm.detach_disk(at(0, 0)).await.expect("nothing attached");
     assert_eq!(
         vm.disk_location(at(0, 5)),
+        // LUN 0 stays empty (`disks::scsi_lun`).
         DiskLocation::Scsi {
             controller: 0,
-            lun: 5
+            lun: 6
         }
     );
     vm.release().await.expect("release");

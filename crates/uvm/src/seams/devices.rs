@@ -96,7 +96,7 @@ pub enum DiskLocation {
     Scsi {
         /// The controller, as in [`ScsiSlot::controller`].
         controller: u8,
-        /// The LUN.
+        /// The LUN the guest finds it at (the backend's choice: QEMU's is the slot's LUN + 1).
         lun: u8,
     },
     /// A `virtio-blk` disk whose serial (`/sys/block/vd*/serial`) is `serial` (cold-plugged disks
