@@ -9,8 +9,9 @@ CARGO ?= cargo
 TARGET := x86_64-unknown-linux-gnu
 AGENT := target/$(TARGET)/agent/uvm-agent
 CMD ?= uname -a
-# The tests that boot QEMU and need the set-up and the agent are all named `real_vm_*`.
-NO_VM := not test(/^real_vm_/)
+# The tests that boot QEMU and need the set-up and the agent are all named `real_vm_*`; those
+# that need the host itself as root (its cgroups) `real_host_*`.
+NO_VM := not test(/^real_(vm|host)_/)
 
 .PHONY: setup toolchain lint-tools agent build run test lint check
 
