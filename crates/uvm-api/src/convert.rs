@@ -169,6 +169,13 @@ impl From<HostStats> for v1::HostStats {
         v1::HostStats {
             cpu_time: Some(duration(stats.cpu_time)),
             rss_bytes: stats.rss_bytes,
+            memory_current_bytes: stats.memory_current_bytes,
+            memory_peak_bytes: stats.memory_peak_bytes,
+            cpu_throttling: stats.cpu_throttling.map(|t| v1::CpuThrottling {
+                periods: t.periods,
+                throttled_periods: t.throttled_periods,
+                throttled_time: Some(duration(t.throttled_time)),
+            }),
         }
     }
 }
@@ -458,7 +465,25 @@ mod tests {
         let host = v1::HostStats::from(HostStats {
             cpu_time: Duration::from_micros(2_000_001),
             rss_bytes: 128 << 20,
+            memory_current_bytes: Some(100 << 20),
+            memory_peak_bytes: None,
+            cpu_throttling: Some(uvm::seams::CpuThrottling {
+                periods: 50,
+                throttled_periods: 20,
+                throttled_time: Duration::from_millis(1500),
+            }),
         });
+        assert_eq!(host.memory_current_bytes, Some(100 << 20));
+        assert_eq!(host.memory_peak_bytes, None);
+        let t = host.cpu_throttling.expect("throttling");
+        assert_eq!((t.periods, t.throttled_periods), (50, 20));
+        assert_eq!(
+            t.throttled_time,
+            Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
+        );
         assert_eq!(
             host.cpu_time,
             Some(prost_types::Duration {

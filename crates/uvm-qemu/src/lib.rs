@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+mod cgroup;
 mod cmdline;
 mod devices;
 mod disks;
@@ -204,7 +205,17 @@ pub struct QemuConfig {
     /// Where the host's measured TSC frequency is kept for the rest of the host's boot (see
     /// [`uvm_host::host_tsc_khz_with`]); `None`: measured once per process (one measuring interval, under TCG only).
     pub tsc_cache: Option<PathBuf>,
+    /// Where each VM's cgroup goes, relative to each cgroup hierarchy's root (default
+    /// [`DEFAULT_CGROUP_PARENT`]; the VM's is `<parent>/<runtime directory name>`). `None`: no
+    /// cgroups — the VM's processes stay where this process is, and CPU limits are
+    /// unsupported. Where the host has no cgroups or refuses (not root), the VM runs without
+    /// one too, with a warning ([`crate::cgroup`]).
+    pub cgroup_parent: Option<String>,
 }
+
+/// Where VMs' cgroups go by default: `/sys/fs/cgroup/uvmctl/<vm>` on v2,
+/// `/sys/fs/cgroup/<controller>/uvmctl/<vm>` on v1.
+pub const DEFAULT_CGROUP_PARENT: &str = "uvmctl";
 
 impl QemuConfig {
     /// A configuration for `kernel` + `initramfs`, with the binaries found on `PATH` (then in
@@ -226,6 +237,7 @@ impl QemuConfig {
             extra_cmdline: String::new(),
             terminate_grace: Duration::from_secs(3),
             tsc_cache: None,
+            cgroup_parent: Some(DEFAULT_CGROUP_PARENT.to_owned()),
         }
     }
 }

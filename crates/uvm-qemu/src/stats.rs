@@ -16,6 +16,7 @@ pub(crate) fn process_stats(pid: u32) -> Result<HostStats, procfs::ProcError> {
     Ok(HostStats {
         cpu_time: ticks_to_duration(cpu_ticks, ticks),
         rss_bytes: statm.resident.saturating_mul(procfs::page_size()),
+        ..HostStats::default()
     })
 }
 
@@ -32,6 +33,7 @@ pub(crate) fn add(a: HostStats, b: HostStats) -> HostStats {
     HostStats {
         cpu_time: a.cpu_time.saturating_add(b.cpu_time),
         rss_bytes: a.rss_bytes.saturating_add(b.rss_bytes),
+        ..a
     }
 }
 
@@ -57,12 +59,14 @@ mod tests {
         let a = HostStats {
             cpu_time: Duration::from_secs(1),
             rss_bytes: 10,
+            ..HostStats::default()
         };
         assert_eq!(
             add(a, a),
             HostStats {
                 cpu_time: Duration::from_secs(2),
-                rss_bytes: 20
+                rss_bytes: 20,
+                ..HostStats::default()
             }
         );
     }

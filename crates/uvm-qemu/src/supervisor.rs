@@ -177,17 +177,23 @@ pub(crate) struct Shared {
     wake: OwnedFd,
     /// Every QMP event QEMU sends (DEVICE_DELETED, …), for whoever waits for one.
     pub events: broadcast::Sender<QmpEvent>,
+    /// Puts each child into the VM's cgroup before it execs (`None`: the VM has none).
+    joiner: Option<uvm_cgroup::Joiner>,
 }
 
 /// QMP events kept for a slow subscriber; one that falls further behind re-checks by query.
 const EVENT_BACKLOG: usize = 64;
 
 impl Shared {
-    pub(crate) fn new(paths: RuntimePaths) -> std::io::Result<Shared> {
+    pub(crate) fn new(
+        paths: RuntimePaths,
+        joiner: Option<uvm_cgroup::Joiner>,
+    ) -> std::io::Result<Shared> {
         use rustix::event::{eventfd, EventfdFlags};
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Shared {
             paths,
+            joiner,
             procs: Mutex::new(Procs::default()),
             exit: watch::Sender::new(None),
             done: watch::Sender::new(false),
@@ -521,6 +527,13 @@ fn spawn_child(
         operation: "create a process log",
         source,
     })?;
+    if let Some(joiner) = shared.joiner.clone() {
+        // SAFETY: `Joiner::join` only makes write(2) calls on descriptors opened before the
+        // fork; it allocates nothing and takes no lock (async-signal-safe).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || joiner.join());
+        }
+    }
 
     let mut procs = shared.lock();
     if procs.stopping {

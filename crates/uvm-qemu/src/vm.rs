@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rustix::process::Signal;
 use uvm::seams::{
-    CpuLimits, GuestEndpoint, HostStats, HostVm, VmBackend, VmConfig, VmLifetime, VmResources,
+    CpuLimits, CpuThrottling, GuestEndpoint, HostStats, HostVm, VmBackend, VmConfig, VmLifetime,
+    VmResources,
 };
 use uvm::{HostError, VmExit};
 use uvm_util::{lock, short_id};
 
+use crate::cgroup::{self, Placement};
 use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths};
 use crate::disks::{self, DiskTable};
 use crate::error::QemuError;
@@ -220,10 +222,30 @@ impl QemuBackend {
                 .collect(),
             _ => Vec::new(),
         };
-        let shared = Shared::new(paths.clone()).map_err(|source| HostError::Io {
-            operation: "create the supervisor's wake-up",
-            source,
-        })?;
+        // Its cgroup, named after the runtime directory (unique), before any process exists.
+        let name = dir.path().file_name().map_or_else(
+            || short_id(id, 12).to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let placement = Placement::make(c.cgroup_parent.as_deref(), &name)?;
+        let shared = placement
+            .cgroup()
+            .map(uvm_cgroup::VmCgroup::joiner)
+            .transpose()
+            .map_err(|e| cgroup::host_error("open the VM's cgroup", e))
+            .and_then(|joiner| {
+                Shared::new(paths.clone(), joiner).map_err(|source| HostError::Io {
+                    operation: "create the supervisor's wake-up",
+                    source,
+                })
+            });
+        let shared = match shared {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = placement.release();
+                return Err(e);
+            }
+        };
         let launch = Launch {
             vsock_program: c.vhost_vsock.clone(),
             vsock_args: vhost_vsock_command_line(&paths),
@@ -240,6 +262,8 @@ impl QemuBackend {
             accel: self.accel,
             grace: c.terminate_grace,
             shared: Arc::new(shared),
+            placement,
+            cpus: config.cpus,
             shares: Shares::new(&share_host, &plan),
             launch,
             runtime_dir,
@@ -357,6 +381,10 @@ pub struct QemuVm {
     accel: AccelKind,
     grace: Duration,
     shared: Arc<Shared>,
+    /// Its cgroup, if it has one.
+    placement: Placement,
+    /// Its vCPUs (what a CPU limit is a share of).
+    cpus: u32,
     /// Its shared directories.
     pub(crate) shares: Shares,
     launch: Launch,
@@ -389,6 +417,47 @@ impl QmpObserver for EventObserver {
 }
 
 impl QemuVm {
+    /// CPU time and RSS of QEMU and vhost-device-vsock, from `/proc`.
+    fn process_stats(&self) -> Result<HostStats, HostError> {
+        let procs = self.shared.lock();
+        if procs.qemu_state() != QemuState::Running {
+            return Err(HostError::Gone);
+        }
+        // Read under the lock: the supervisor cannot reap (and the PID cannot be reused) meanwhile.
+        let mut total = HostStats::default();
+        for which in [Which::Qemu, Which::Vsock] {
+            let Some(p) = procs.get(which).filter(|p| !p.reaped) else {
+                continue;
+            };
+            match stats::process_stats(p.pid) {
+                Ok(s) => total = stats::add(total, s),
+                Err(procfs::ProcError::NotFound(_)) if which == Which::Vsock => {}
+                Err(procfs::ProcError::NotFound(_)) => return Err(HostError::Gone),
+                Err(e) => {
+                    return Err(HostError::Failed {
+                        operation: "read process statistics",
+                        source: format!("{} (pid {}): {e}", which.name(), p.pid).into(),
+                    })
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The VM's cgroup: `v1 /uvmctl/<runtime dir name>` (its version and its path in each
+    /// hierarchy), or `none: <why>`.
+    pub fn cgroup_description(&self) -> String {
+        self.placement.describe()
+    }
+
+    /// The VM's cgroup directories, one per hierarchy (none without a cgroup).
+    pub fn cgroup_paths(&self) -> Vec<PathBuf> {
+        self.placement
+            .cgroup()
+            .map(uvm_cgroup::VmCgroup::paths)
+            .unwrap_or_default()
+    }
+
     /// QEMU's PID once spawned (it stays `Some` after QEMU exits and is reaped).
     pub fn qemu_pid(&self) -> Option<u32> {
         self.shared.lock().get(Which::Qemu).map(|p| p.pid)
@@ -739,6 +808,15 @@ impl VmLifetime for QemuVm {
             }
         }
         self.qmp.lock().await.take();
+        // Every child is reaped; whatever else got into the cgroup dies with it.
+        if let Some(cg) = self.placement.cgroup().cloned() {
+            tokio::task::spawn_blocking(move || cgroup::release(&cg))
+                .await
+                .map_err(|e| HostError::Failed {
+                    operation: "remove the VM's cgroup",
+                    source: Box::new(e),
+                })??;
+        }
         match tokio::fs::remove_dir_all(&self.runtime_dir).await {
             Ok(()) => {
                 tracing::info!(dir = %self.runtime_dir.display(), "VM released");
@@ -755,47 +833,39 @@ impl VmLifetime for QemuVm {
 
 #[async_trait]
 impl VmResources for QemuVm {
-    /// CPU time and RSS of QEMU and vhost-device-vsock together.
+    /// RSS of QEMU and vhost-device-vsock together (from `/proc`); CPU time, memory charged and
+    /// throttling from the VM's cgroup, which holds every process of the VM (without one, CPU
+    /// time is QEMU's and vhost-device-vsock's from `/proc`).
     async fn stats(&self) -> Result<HostStats, HostError> {
-        let procs = self.shared.lock();
-        if procs.qemu_state() != QemuState::Running {
-            return Err(HostError::Gone);
-        }
-        // Read under the lock: the supervisor cannot reap (and the PID cannot be reused) meanwhile.
-        let mut total = HostStats::default();
-        for which in [Which::Qemu, Which::Vsock] {
-            let Some(p) = procs.get(which).filter(|p| !p.reaped) else {
-                continue;
-            };
-            match stats::process_stats(p.pid) {
-                Ok(s) => total = stats::add(total, s),
-                Err(procfs::ProcError::NotFound(_)) if which == Which::Vsock => {}
-                Err(procfs::ProcError::NotFound(_)) => return Err(HostError::Gone),
-                Err(e) => {
-                    return Err(HostError::Failed {
-                        operation: "read process statistics",
-                        source: format!("{} (pid {}): {e}", which.name(), p.pid).into(),
-                    })
-                }
-            }
+        let mut total = self.process_stats()?;
+        if let Some(cg) = self.placement.cgroup() {
+            let c = cg.stats();
+            total.cpu_time = c.cpu_usage.unwrap_or(total.cpu_time);
+            total.memory_current_bytes = c.memory_current;
+            total.memory_peak_bytes = c.memory_peak;
+            total.cpu_throttling = c.throttling.map(|t| CpuThrottling {
+                periods: t.periods,
+                throttled_periods: t.throttled,
+                throttled_time: t.throttled_time,
+            });
         }
         Ok(total)
     }
 
     async fn set_cpu_group(&self, _group_id: &str) -> Result<(), HostError> {
-        // Placing QEMU into a cgroup is future work.
+        // CPU groups (a parent cgroup shared by several VMs) are not built yet.
         Err(HostError::Unsupported {
             backend: "qemu",
             operation: "set_cpu_group",
         })
     }
 
-    async fn update_cpu_limits(&self, _limits: CpuLimits) -> Result<(), HostError> {
-        // CPU weights/caps need the cgroup placement above.
-        Err(HostError::Unsupported {
-            backend: "qemu",
-            operation: "update_cpu_limits",
-        })
+    /// Writes the limit (a share of the VM's vCPUs) and the weight into the VM's cgroup;
+    /// Unsupported when it has none.
+    async fn update_cpu_limits(&self, limits: CpuLimits) -> Result<(), HostError> {
+        let cg = self.placement.require("update_cpu_limits")?;
+        cg.set_cpu_limits(limits.limit, limits.weight, self.cpus)
+            .map_err(|e| cgroup::host_error("update_cpu_limits", e))
     }
 
     /// Balloon the guest to `bytes` (at most the configured memory). The guest's balloon driver

@@ -36,6 +36,8 @@ impl Fixture {
             extra_cmdline: String::new(),
             terminate_grace: Duration::from_secs(1),
             tsc_cache: None,
+            // Unit tests leave the host's cgroups alone (the real-VM tests use them).
+            cgroup_parent: None,
         }
     }
 

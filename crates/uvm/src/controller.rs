@@ -424,9 +424,13 @@ impl Controller {
             .await
     }
 
-    /// Change the VM's CPU limits. Running only.
+    /// Change the VM's CPU limits. Limits out of range are refused before anything else
+    /// ([`CpuLimits::refusal`]). Running only.
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_cpu_limits"))]
     pub async fn update_cpu_limits(&self, limits: CpuLimits) -> Result<(), ControllerError> {
+        if let Some((what, message)) = limits.refusal() {
+            return Err(ControllerError::InvalidArgument { what, message });
+        }
         let vm = self.running_vm(Operation::UpdateCpuLimits)?;
         self.host_call(Operation::UpdateCpuLimits, vm.update_cpu_limits(limits))
             .await

@@ -96,9 +96,7 @@ async fn update_operations_are_refused_when_not_running() {
             state,
         );
         assert_wrong_state(
-            c.update_cpu_limits(CpuLimits::default())
-                .await
-                .expect_err("refused"),
+            c.update_cpu_limits(HALF_A_CPU).await.expect_err("refused"),
             Operation::UpdateCpuLimits,
             state,
         );
@@ -436,6 +434,12 @@ impl Crash for uvm::VmExit {
 }
 use uvm::VmExit;
 
+/// A valid limit: half of the VM's CPUs.
+const HALF_A_CPU: CpuLimits = CpuLimits {
+    limit: Some(5_000),
+    weight: None,
+};
+
 // --- Error propagation (4) ---
 
 #[tokio::test]
@@ -566,12 +570,53 @@ async fn update_memory_rounds_up_to_the_backend_granularity() {
 }
 
 #[tokio::test]
+async fn cpu_limits_out_of_range_are_refused_before_the_host_is_asked() {
+    let f = Fakes::running().await;
+    for (limits, what) in [
+        (CpuLimits::default(), "cpu limits"),
+        (
+            CpuLimits {
+                limit: Some(0),
+                weight: None,
+            },
+            "cpu limit",
+        ),
+        (
+            CpuLimits {
+                limit: Some(10_001),
+                weight: Some(100),
+            },
+            "cpu limit",
+        ),
+        (
+            CpuLimits {
+                limit: None,
+                weight: Some(0),
+            },
+            "cpu weight",
+        ),
+    ] {
+        let err = f
+            .controller
+            .update_cpu_limits(limits)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(err, ControllerError::InvalidArgument { what: w, .. } if w == what),
+            "{limits:?}: {err:?}"
+        );
+    }
+    assert_eq!(f.script.count(Call::UpdateCpuLimits), 0);
+    assert_eq!(f.controller.state(), State::Running);
+}
+
+#[tokio::test]
 async fn a_host_update_error_propagates_and_keeps_running() {
     let f = Fakes::running().await;
     f.script.fail_nth(Call::UpdateCpuLimits, 1);
     let err = f
         .controller
-        .update_cpu_limits(CpuLimits::default())
+        .update_cpu_limits(HALF_A_CPU)
         .await
         .expect_err("scripted");
     assert!(matches!(

@@ -9,6 +9,12 @@ use uvm::seams::{CpuLimits, ExecRequest, PolicyFragment, VmConfig};
 use uvm::testing::{Call, Fakes};
 use uvm::{plan, ControllerError, Operation, Plan, State, VmExit};
 
+/// A valid limit: half of the VM's CPUs.
+const HALF_A_CPU: CpuLimits = CpuLimits {
+    limit: Some(5_000),
+    weight: None,
+};
+
 #[derive(Debug, Clone)]
 enum Step {
     Create,
@@ -106,7 +112,7 @@ async fn run(steps: Vec<Step>, failures: Vec<(usize, usize)>) -> Result<(), Test
             Step::DumpStacks => c.dump_stacks().await.map(drop),
             Step::Stats => c.stats().await.map(drop),
             Step::UpdateMemory(b) => c.update_memory(*b).await.map(drop),
-            Step::UpdateCpuLimits => c.update_cpu_limits(CpuLimits::default()).await,
+            Step::UpdateCpuLimits => c.update_cpu_limits(HALF_A_CPU).await,
             Step::UpdatePolicy => c.update_policy_fragment(&PolicyFragment("f".into())).await,
             Step::StartTime => c.start_time().map(drop),
             Step::ExitStatus => c.exit_status().map(drop),

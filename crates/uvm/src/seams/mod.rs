@@ -75,22 +75,70 @@ pub enum GuestEndpoint {
     },
 }
 
-/// CPU limits (weights and caps), mirroring what hypervisors expose.
+/// CPU limits (weights and caps), mirroring what hypervisors expose. `None` leaves a setting
+/// as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuLimits {
-    /// Maximum share of the VM's CPUs, in 1/10000 (10000 = no cap).
+    /// Maximum share of the VM's CPUs, in 1/10000: 1–10000 (10000 = no cap).
     pub limit: Option<u32>,
-    /// Relative weight against other VMs.
+    /// Relative weight against other VMs: 1–10000, 100 by default (cgroup v2's `cpu.weight`).
     pub weight: Option<u32>,
+}
+
+impl CpuLimits {
+    /// The largest limit and weight.
+    pub const MAX: u32 = 10_000;
+
+    /// Why these limits cannot be applied: (the field at fault, the reason); `None` when they can.
+    pub fn refusal(&self) -> Option<(&'static str, String)> {
+        let out_of_range = |v: Option<u32>| v.is_some_and(|v| v == 0 || v > Self::MAX);
+        if self.limit.is_none() && self.weight.is_none() {
+            return Some(("cpu limits", "give a limit, a weight or both".to_owned()));
+        }
+        if out_of_range(self.limit) {
+            return Some((
+                "cpu limit",
+                format!(
+                    "{:?} is outside 1..=10000 (1/10000 of the VM's CPUs)",
+                    self.limit.unwrap_or(0)
+                ),
+            ));
+        }
+        if out_of_range(self.weight) {
+            return Some((
+                "cpu weight",
+                format!("{:?} is outside 1..=10000", self.weight.unwrap_or(0)),
+            ));
+        }
+        None
+    }
 }
 
 /// Host-side resource use of one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HostStats {
-    /// CPU time consumed by the VM's processes.
+    /// CPU time consumed by the VM's processes (all of them, from its cgroup, where it has one).
     pub cpu_time: Duration,
     /// Resident memory of the VM's processes, in bytes.
     pub rss_bytes: u64,
+    /// Memory charged to the VM's cgroup now (the guest RAM it touched, its processes' own,
+    /// the page cache of what they read), bytes; `None` without a cgroup.
+    pub memory_current_bytes: Option<u64>,
+    /// The most ever charged to it, bytes; `None` where the host does not say.
+    pub memory_peak_bytes: Option<u64>,
+    /// What the VM's CPU limit has held back; `None` without a cgroup.
+    pub cpu_throttling: Option<CpuThrottling>,
+}
+
+/// What a CPU limit has held back so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuThrottling {
+    /// Enforcement periods elapsed while the VM ran.
+    pub periods: u64,
+    /// Periods in which it used up its quota and had to wait.
+    pub throttled_periods: u64,
+    /// How long it waited, in all.
+    pub throttled_time: Duration,
 }
 
 /// Guest-side view of resource use.

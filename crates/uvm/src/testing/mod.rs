@@ -438,6 +438,9 @@ impl VmResources for FakeVm {
     async fn stats(&self) -> Result<HostStats, HostError> {
         self.script.host(Call::HostStats).await?;
         Ok(HostStats {
+            memory_current_bytes: None,
+            memory_peak_bytes: None,
+            cpu_throttling: None,
             cpu_time: std::time::Duration::from_millis(5),
             rss_bytes: 64 << 20,
         })

@@ -461,6 +461,9 @@ pub struct UpdateArgs {
     /// The most of its CPUs the VM may use, in percent (100 = no cap).
     #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=100))]
     cpu_limit: Option<u32>,
+    /// The VM's CPU weight against other VMs, 1–10000 (default 100; cgroup v2's cpu.weight).
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    cpu_weight: Option<u32>,
     /// Move the VM into this host CPU group.
     #[arg(long, value_name = "G")]
     cpu_group: Option<String>,
@@ -469,8 +472,12 @@ pub struct UpdateArgs {
 }
 
 pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
-    if args.memory.is_none() && args.cpu_limit.is_none() && args.cpu_group.is_none() {
-        bail!("nothing to update: give --memory, --cpu-limit or --cpu-group");
+    if args.memory.is_none()
+        && args.cpu_limit.is_none()
+        && args.cpu_weight.is_none()
+        && args.cpu_group.is_none()
+    {
+        bail!("nothing to update: give --memory, --cpu-limit, --cpu-weight or --cpu-group");
     }
     let target = Target::find(root, &args.id)?;
     let mut client = target.client().await?;
@@ -484,15 +491,20 @@ pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
             .into_inner();
         println!("memory {} MiB", applied.memory_bytes >> 20);
     }
-    if let Some(pct) = args.cpu_limit {
+    if args.cpu_limit.is_some() || args.cpu_weight.is_some() {
         client
             .update_cpu_limits(target.request(v1::UpdateCpuLimitsRequest {
-                limit_per_10000: Some(pct * 100),
-                weight: None,
+                limit_per_10000: args.cpu_limit.map(|pct| pct * 100),
+                weight: args.cpu_weight,
             }))
             .await
             .map_err(status_error)?;
-        println!("cpu limit {pct}%");
+        if let Some(pct) = args.cpu_limit {
+            println!("cpu limit {pct}%");
+        }
+        if let Some(weight) = args.cpu_weight {
+            println!("cpu weight {weight}");
+        }
     }
     if let Some(group_id) = args.cpu_group {
         client

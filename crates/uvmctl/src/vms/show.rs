@@ -265,9 +265,22 @@ pub async fn stats(args: StatsArgs, root: &Path) -> anyhow::Result<u8> {
     };
     let host = stats.host.context("the supervisor sent no host stats")?;
     let guest = stats.guest.context("the supervisor sent no guest stats")?;
+    let throttling = host.cpu_throttling.as_ref().map(|t| {
+        json!({
+            "periods": t.periods,
+            "throttled_periods": t.throttled_periods,
+            "throttled_seconds": secs(&t.throttled_time),
+        })
+    });
     let value = json!({
         "id": target.id,
-        "host": {"cpu_seconds": secs(&host.cpu_time), "rss_bytes": host.rss_bytes},
+        "host": {
+            "cpu_seconds": secs(&host.cpu_time),
+            "rss_bytes": host.rss_bytes,
+            "memory_current_bytes": host.memory_current_bytes,
+            "memory_peak_bytes": host.memory_peak_bytes,
+            "cpu_throttling": throttling,
+        },
         "guest": {
             "mem_total_bytes": guest.mem_total_bytes,
             "mem_available_bytes": guest.mem_available_bytes,
@@ -282,11 +295,26 @@ pub async fn stats(args: StatsArgs, root: &Path) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-        println!(
+        let mut line = format!(
             "host   cpu {:.2} s   rss {:.1} MiB",
             secs(&host.cpu_time),
             mib(host.rss_bytes)
         );
+        if let Some(current) = host.memory_current_bytes {
+            line.push_str(&format!("   cgroup memory {:.1} MiB", mib(current)));
+        }
+        if let Some(peak) = host.memory_peak_bytes {
+            line.push_str(&format!(" (peak {:.1} MiB)", mib(peak)));
+        }
+        if let Some(t) = &host.cpu_throttling {
+            line.push_str(&format!(
+                "   throttled {} of {} periods ({:.2} s)",
+                t.throttled_periods,
+                t.periods,
+                secs(&t.throttled_time)
+            ));
+        }
+        println!("{line}");
         println!(
             "guest  memory {:.1} of {:.1} MiB available   cpu user {:.2} s system {:.2} s   uptime {:.1} s   {} processes",
             mib(guest.mem_available_bytes),

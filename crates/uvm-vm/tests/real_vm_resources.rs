@@ -1,0 +1,196 @@
+//! Resource control on real VMs: the VM's cgroup holds all its processes, a CPU limit
+//! throttles a busy guest (the cgroup's own counters, no timing), and release kills what is
+//! left inside and removes the cgroup. Needs root for the host's cgroups (CI runs as root).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use uvm::seams::{CpuLimits, ExecRequest};
+use uvm::{ControllerError, State, Timeouts};
+use uvm_vm::{default_image, Machine, Vm, VmOptions};
+
+fn require_prerequisites() {
+    for name in ["qemu-system-x86_64", "vhost-device-vsock"] {
+        assert!(
+            uvm_qemu::find_binary(name).is_absolute(),
+            "real-VM test prerequisite missing: {name} (`make setup` installs it)"
+        );
+    }
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "real-VM resource tests need root for the host's cgroups (CI runs as root)"
+    );
+}
+
+/// A booted VM with its own runtime root.
+async fn booted(machine: Machine) -> (Vm, tempfile::TempDir) {
+    require_prerequisites();
+    let image = default_image().expect("build the guest image");
+    let root = tempfile::Builder::new()
+        .prefix("uvmr")
+        .tempdir_in("/tmp")
+        .expect("runtime root");
+    let options = VmOptions {
+        machine,
+        runtime_root: Some(root.path().to_path_buf()),
+        timeouts: Timeouts {
+            guest_connect: Duration::from_secs(90),
+            ..Timeouts::default()
+        },
+        ..VmOptions::default()
+    };
+    let vm = Vm::new(&image, options);
+    vm.boot().await.expect("boot");
+    assert_eq!(vm.controller.state(), State::Running);
+    (vm, root)
+}
+
+fn cgroup_paths(vm: &Vm) -> Vec<PathBuf> {
+    let host = vm.qemu_vm().expect("created");
+    let paths = host.cgroup_paths();
+    assert!(
+        !paths.is_empty(),
+        "the VM has no cgroup: {}",
+        host.cgroup_description()
+    );
+    paths
+}
+
+fn members(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .expect("cgroup.procs")
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_every_process_of_the_vm_is_in_its_cgroup_and_release_kills_a_stray_one() {
+    let (vm, _root) = booted(Machine::Q35).await;
+    let host = vm.qemu_vm().expect("created");
+    let paths = cgroup_paths(&vm);
+    for dir in &paths {
+        let inside = members(dir);
+        for pid in [host.qemu_pid(), host.vsock_pid()].into_iter().flatten() {
+            assert!(
+                inside.contains(&pid),
+                "{pid} not in {}: {inside:?}",
+                dir.display()
+            );
+        }
+    }
+    // Something else got into the VM's cgroup: the release must not leave it running.
+    let mut stray = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("spawn a stray process");
+    for dir in &paths {
+        std::fs::write(dir.join("cgroup.procs"), stray.id().to_string()).expect("move it in");
+    }
+    // Host stats come from the cgroup.
+    let stats = vm.controller.stats().await.expect("stats");
+    assert!(
+        stats.memory_current_bytes.is_some_and(|b| b > 1 << 20),
+        "{stats:?}"
+    );
+    assert!(stats.cpu_throttling.is_some(), "{stats:?}");
+    assert!(stats.cpu_time > Duration::ZERO, "{stats:?}");
+
+    vm.controller.terminate_vm().await.expect("terminate");
+    let status = stray.wait().expect("reap the stray");
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    for dir in &paths {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_a_cpu_limit_throttles_a_busy_guest_and_bad_limits_change_nothing() {
+    let (vm, _root) = booted(Machine::Q35).await;
+    let paths = cgroup_paths(&vm);
+    let c = &vm.controller;
+    let throttled = || async {
+        c.stats()
+            .await
+            .expect("stats")
+            .cpu_throttling
+            .expect("throttling counters")
+            .throttled_periods
+    };
+    c.update_cpu_limits(CpuLimits {
+        limit: Some(2_000),
+        weight: Some(50),
+    })
+    .await
+    .expect("limit to 20 %");
+    // The quota as the host's cgroup version spells it.
+    let written: Vec<String> = paths
+        .iter()
+        .filter_map(|d| {
+            std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
+                .or_else(|_| std::fs::read_to_string(d.join("cpu.max")))
+                .ok()
+        })
+        .map(|s| s.trim().to_owned())
+        .collect();
+    assert!(
+        written.iter().any(|q| q == "20000" || q == "20000 100000"),
+        "{written:?}"
+    );
+    for bad in [Some(0), Some(10_001)] {
+        let e = c
+            .update_cpu_limits(CpuLimits {
+                limit: bad,
+                weight: None,
+            })
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(e, ControllerError::InvalidArgument { .. }),
+            "{e:?}"
+        );
+    }
+    assert_eq!(c.state(), State::Running);
+
+    let before = throttled().await;
+    // Two seconds of a spinning shell: at 20 % of one CPU it waits in most periods.
+    let spin = ExecRequest::new([
+        "timeout",
+        "-s",
+        "KILL",
+        "2",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ]);
+    c.exec_into_host(spin).await.expect("spin");
+    let after = throttled().await;
+    assert!(
+        after > before,
+        "no period was throttled: {before} → {after}"
+    );
+
+    // No cap again: the quota is lifted.
+    c.update_cpu_limits(CpuLimits {
+        limit: Some(10_000),
+        weight: None,
+    })
+    .await
+    .expect("lift the cap");
+    let lifted: Vec<String> = paths
+        .iter()
+        .filter_map(|d| {
+            std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
+                .or_else(|_| std::fs::read_to_string(d.join("cpu.max")))
+                .ok()
+        })
+        .map(|s| s.trim().to_owned())
+        .collect();
+    assert!(
+        lifted.iter().any(|q| q == "-1" || q == "max 100000"),
+        "{lifted:?}"
+    );
+    c.terminate_vm().await.expect("terminate");
+    assert!(paths.iter().all(|d| !d.exists()));
+}
