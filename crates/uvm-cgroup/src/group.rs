@@ -225,6 +225,48 @@ impl VmCgroup {
         }
     }
 
+    /// The cgroup `<parent>/<name>` as far as it exists (in any hierarchy), e.g. one a dead
+    /// controller left behind; `None` when it exists nowhere.
+    ///
+    /// # Errors
+    /// A parent or name that is not plain.
+    pub fn existing(
+        layout: &Layout,
+        parent: &str,
+        name: &str,
+    ) -> Result<Option<VmCgroup>, CgroupError> {
+        let parent = check_parent(parent)?;
+        check_name("cgroup name", name)?;
+        let (v2, candidates): (bool, Vec<Dir>) = match layout {
+            Layout::V2 { root } => (
+                true,
+                vec![Dir {
+                    path: root.join(&parent).join(name),
+                    controllers: V2_CONTROLLERS.iter().map(|c| (*c).to_owned()).collect(),
+                }],
+            ),
+            Layout::V1 { hierarchies } => (
+                false,
+                hierarchies
+                    .iter()
+                    .map(|h| Dir {
+                        path: h.mount.join(&parent).join(name),
+                        controllers: h.controllers.clone(),
+                    })
+                    .collect(),
+            ),
+        };
+        let dirs: Vec<Dir> = candidates.into_iter().filter(|d| d.path.is_dir()).collect();
+        if dirs.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(VmCgroup {
+            v2,
+            relative: Path::new("/").join(&parent).join(name),
+            dirs,
+        }))
+    }
+
     /// `v2` or `v1`.
     pub fn version(&self) -> &'static str {
         if self.v2 {
@@ -699,6 +741,23 @@ mod tests {
                 "0"
             );
         }
+    }
+
+    #[test]
+    fn an_existing_cgroup_is_found_as_far_as_it_exists() {
+        let (root, v1) = fake_v1();
+        assert_eq!(VmCgroup::existing(&v1, "uvmctl", "vm").expect("look"), None);
+        let made = VmCgroup::create(&v1, "uvmctl", "vm").expect("create");
+        assert_eq!(
+            VmCgroup::existing(&v1, "uvmctl", "vm").expect("look"),
+            Some(made)
+        );
+        std::fs::remove_dir(root.path().join("memory/uvmctl/vm")).expect("rmdir");
+        let partial = VmCgroup::existing(&v1, "uvmctl", "vm")
+            .expect("look")
+            .expect("three left");
+        assert_eq!(partial.paths().len(), 3);
+        assert!(VmCgroup::existing(&v1, "uvmctl", "../vm").is_err());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! killer): the children died with it (`PR_SET_PDEATHSIG`), but the directory — sockets,
 //! console and process logs — stays. Each runtime directory records its owner (pid and start
 //! time, which a reused pid does not repeat); [`sweep_stale_runtime_dirs`] removes those whose
-//! owner is gone and that no process still mentions.
+//! owner is gone and that no process still mentions, and the VM's cgroup with it (killing
+//! whatever is still inside).
 
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
@@ -62,7 +63,12 @@ pub(crate) fn write_owner(dir: &Path) -> io::Result<()> {
 /// process that no longer runs, and no process's command line mentions it (a child that
 /// survived its controller keeps its directory). Anything else is left alone, including
 /// directories of older versions that carry no owner file.
-pub fn sweep_stale_runtime_dirs(root: &Path) -> io::Result<Vec<PathBuf>> {
+///
+/// With `cgroup_parent`, the VM's cgroup `<cgroup_parent>/<directory name>` goes too.
+pub fn sweep_stale_runtime_dirs(
+    root: &Path,
+    cgroup_parent: Option<&str>,
+) -> io::Result<Vec<PathBuf>> {
     let uid = rustix::process::geteuid().as_raw();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(root)? {
@@ -87,6 +93,9 @@ pub fn sweep_stale_runtime_dirs(root: &Path) -> io::Result<Vec<PathBuf>> {
         if owner.alive() || !processes_mentioning(&dir).is_empty() {
             continue;
         }
+        if let Some(parent) = cgroup_parent {
+            remove_stale_cgroup(parent, &name.to_string_lossy());
+        }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {
                 tracing::info!(dir = %dir.display(), owner = owner.pid, "removed a runtime directory its controller left behind");
@@ -100,6 +109,28 @@ pub fn sweep_stale_runtime_dirs(root: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     Ok(removed)
+}
+
+/// Kills what is left in the stale VM's cgroup and removes it; a failure is only logged.
+fn remove_stale_cgroup(parent: &str, name: &str) {
+    let found = uvm_cgroup::Layout::detect()
+        .and_then(|layout| uvm_cgroup::VmCgroup::existing(&layout, parent, name));
+    let cg = match found {
+        Ok(Some(cg)) => cg,
+        Ok(None) | Err(uvm_cgroup::CgroupError::NotMounted) => return,
+        Err(e) => {
+            tracing::warn!(error = %uvm_util::error_chain(&e), "cannot look for a stale VM's cgroup");
+            return;
+        }
+    };
+    match crate::cgroup::release(&cg) {
+        Ok(()) => {
+            tracing::info!(cgroup = %cg.relative_path().display(), "removed a cgroup its controller left behind")
+        }
+        Err(e) => {
+            tracing::warn!(cgroup = %cg.relative_path().display(), error = %uvm_util::error_chain(&e), "cannot remove a stale VM's cgroup")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -144,7 +175,7 @@ mod tests {
         let garbled = runtime_dir(root.path(), "uvm-e-555555", Some("not an owner"));
         let not_ours = runtime_dir(root.path(), "other-666666", Some(&dead));
 
-        let mut removed = sweep_stale_runtime_dirs(root.path()).unwrap();
+        let mut removed = sweep_stale_runtime_dirs(root.path(), None).unwrap();
         removed.sort();
         assert_eq!(removed, [stale.clone(), reused.clone()]);
         assert!(!stale.exists() && !reused.exists());
@@ -152,7 +183,9 @@ mod tests {
             assert!(kept.is_dir(), "{} was removed", kept.display());
         }
         // A second sweep finds nothing more.
-        assert!(sweep_stale_runtime_dirs(root.path()).unwrap().is_empty());
+        assert!(sweep_stale_runtime_dirs(root.path(), None)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
@@ -179,12 +212,12 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let kept = sweep_stale_runtime_dirs(root.path());
+        let kept = sweep_stale_runtime_dirs(root.path(), None);
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(kept.unwrap().is_empty());
         assert!(dir.is_dir());
-        assert_eq!(sweep_stale_runtime_dirs(root.path()).unwrap(), [dir]);
+        assert_eq!(sweep_stale_runtime_dirs(root.path(), None).unwrap(), [dir]);
     }
 
     #[test]
@@ -193,7 +226,9 @@ mod tests {
         let target = tempfile::tempdir().unwrap();
         std::fs::write(target.path().join(OWNER_FILE), dead_owner()).unwrap();
         std::os::unix::fs::symlink(target.path(), root.path().join("uvm-g-888888")).unwrap();
-        assert!(sweep_stale_runtime_dirs(root.path()).unwrap().is_empty());
+        assert!(sweep_stale_runtime_dirs(root.path(), None)
+            .unwrap()
+            .is_empty());
         assert!(target.path().join(OWNER_FILE).is_file());
     }
 }

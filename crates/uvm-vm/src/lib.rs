@@ -94,7 +94,7 @@ pub fn sweep_stale_runtime_dirs(options: &VmOptions) -> Vec<PathBuf> {
         .runtime_root
         .clone()
         .unwrap_or_else(std::env::temp_dir);
-    uvm_qemu::sweep_stale_runtime_dirs(&root).unwrap_or_else(|e| {
+    uvm_qemu::sweep_stale_runtime_dirs(&root, Some(uvm_qemu::DEFAULT_CGROUP_PARENT)).unwrap_or_else(|e| {
         tracing::warn!(root = %root.display(), error = %e, "cannot sweep stale runtime directories");
         Vec::new()
     })

@@ -507,9 +507,32 @@ mod real_vm_restart {
         });
         assert!(dir.is_dir(), "nobody removed the directory yet");
 
-        let removed = uvm_qemu::sweep_stale_runtime_dirs(root.path()).expect("sweep");
+        // The VM's cgroup outlived its controller too (empty: its processes died).
+        let name = dir.file_name().expect("name").to_owned();
+        let cgroups = || -> Vec<std::path::PathBuf> {
+            let base = std::path::Path::new("/sys/fs/cgroup");
+            let mut found: Vec<_> = std::fs::read_dir(base)
+                .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .chain([base.to_owned()])
+                .map(|h| h.join(uvm_qemu::DEFAULT_CGROUP_PARENT).join(&name))
+                .filter(|p| p.is_dir())
+                .collect();
+            found.sort();
+            found
+        };
+        assert!(!cgroups().is_empty(), "the VM had no cgroup");
+        let removed =
+            uvm_qemu::sweep_stale_runtime_dirs(root.path(), Some(uvm_qemu::DEFAULT_CGROUP_PARENT))
+                .expect("sweep");
         assert_eq!(removed, std::slice::from_ref(&dir));
         assert!(!dir.exists());
+        assert_eq!(
+            cgroups(),
+            Vec::<std::path::PathBuf>::new(),
+            "the sweep left the cgroup"
+        );
         assert!(runtime_dirs(root.path()).is_empty());
     }
 }
