@@ -220,6 +220,7 @@ impl From<VmConfig> for v1::VmConfig {
     fn from(config: VmConfig) -> v1::VmConfig {
         v1::VmConfig {
             memory_mib: config.memory_mib,
+            max_memory_mib: config.max_memory_mib,
             cpus: config.cpus,
             security_policy: config.security_policy.map(|p| p.0),
             backend_options: Default::default(),

@@ -401,9 +401,14 @@ impl VmCgroup {
     /// forks or exits meanwhile, each member is sent SIGKILL through a pidfd once it is checked
     /// to be still a member (never a recycled PID), and it is thawed so that they die.
     ///
+    /// A cgroup that is gone already (removed by an earlier release) has nothing to kill.
+    ///
     /// # Errors
     /// The kernel refused to freeze or kill.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
+        if self.dirs.iter().all(|d| !d.path.exists()) {
+            return Ok(());
+        }
         if self.v2 {
             let Some(dir) = self.dirs.first() else {
                 return Ok(());
@@ -418,7 +423,11 @@ impl VmCgroup {
             write(&freeze, "0")?;
             return killed;
         }
-        let freezer = self.with("freezer").ok().map(|d| d.join("freezer.state"));
+        let freezer = self
+            .with("freezer")
+            .ok()
+            .map(|d| d.join("freezer.state"))
+            .filter(|state| state.exists());
         if let Some(state) = &freezer {
             write(state, "FROZEN")?;
         }
@@ -761,11 +770,16 @@ mod tests {
     }
 
     #[test]
-    fn removing_what_is_gone_is_fine() {
+    fn removing_and_killing_what_is_gone_is_fine() {
         let (_r2, v2) = fake_v2();
         let cg = VmCgroup::create(&v2, "uvmctl", "vm").expect("create");
         cg.remove(Duration::ZERO)
             .expect("an empty fake directory is removed");
         cg.remove(Duration::ZERO).expect("again: already gone");
+        cg.kill_all().expect("nothing to kill");
+        let (_r1, v1) = fake_v1();
+        let cg = VmCgroup::create(&v1, "uvmctl", "vm").expect("create");
+        cg.remove(Duration::ZERO).expect("removed");
+        cg.kill_all().expect("nothing to kill, no freezer to write");
     }
 }

@@ -61,6 +61,10 @@ pub struct QemuCommand<'a> {
     pub bios: Option<&'a Path>,
     /// Guest memory in MiB (`-m`, and the size of the shared memfd backing it).
     pub memory_mib: u64,
+    /// The most the guest may grow to, in MiB: `-m …,maxmem=` and a `virtio-mem-pci` device
+    /// (id [`VIRTIO_MEM_ID`], 2 MiB blocks, nothing plugged at boot) over a second shared memfd
+    /// for the rest; the guest onlines hot-added blocks movable, so they can be unplugged again.
+    pub max_memory_mib: Option<u64>,
     /// Virtual CPUs (`-smp`).
     pub cpus: u32,
     /// Where the sockets and logs go.
@@ -111,6 +115,10 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
     }
     let p = cmd.paths;
     let m = cmd.memory_mib;
+    let hot_memory = cmd.max_memory_mib.filter(|max| *max > m);
+    if hot_memory.is_some() {
+        append.push_str(" memhp_default_state=online_movable");
+    }
     // q35 puts virtio devices on PCI (hot-pluggable); microvm on virtio-mmio, which QEMU
     // announces on the kernel command line itself.
     let (machine, bus) = match cmd.machine {
@@ -135,7 +143,10 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
         "-smp".to_owned(),
         cmd.cpus.to_string(),
         "-m".to_owned(),
-        m.to_string(),
+        match hot_memory {
+            Some(max) => format!("{m},maxmem={max}M"),
+            None => m.to_string(),
+        },
         "-object".to_owned(),
         format!("memory-backend-memfd,id=mem,size={m}M,share=on"),
         "-machine".to_owned(),
@@ -161,9 +172,25 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
         "-qmp".to_owned(),
         format!("unix:{},server=on,wait=off", display(&p.qmp_socket)),
     ]);
+    if let Some(max) = hot_memory {
+        args.extend([
+            "-object".to_owned(),
+            format!("memory-backend-memfd,id=vmem,size={}M,share=on", max - m),
+            "-device".to_owned(),
+            format!(
+                "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=vmem,block-size={}M,requested-size=0",
+                VIRTIO_MEM_BLOCK >> 20
+            ),
+        ]);
+    }
     args.extend(cmd.disk_args.iter().cloned());
     args
 }
+
+/// The qdev id of the `virtio-mem-pci` device of a VM with a memory maximum.
+pub const VIRTIO_MEM_ID: &str = "vmem0";
+/// Its block size, bytes: what memory above the boot size is plugged and unplugged in.
+pub const VIRTIO_MEM_BLOCK: u64 = 2 << 20;
 
 /// vhost-device-vsock's arguments (without the program name): one device for guest CID 3,
 /// hybrid vsock on `vsock.sock`.
@@ -195,6 +222,7 @@ mod tests {
             machine: Machine::Q35,
             bios: None,
             memory_mib: 256,
+            max_memory_mib: None,
             cpus: 2,
             paths: &paths,
             extra_cmdline: extra,
@@ -220,6 +248,7 @@ mod tests {
             machine: Machine::Microvm,
             bios: Some(Path::new("/usr/share/qemu/qboot.rom")),
             memory_mib: 256,
+            max_memory_mib: None,
             cpus: 1,
             paths: &paths,
             extra_cmdline: "tsc_early_khz=2596138 tsc=reliable",
@@ -260,6 +289,38 @@ mod tests {
         assert_eq!(values(&args, "-machine"), ["memory-backend=mem"]);
         assert_eq!(values(&args, "-m"), ["256"]);
         assert_eq!(values(&args, "-smp"), ["2"]);
+    }
+
+    #[test]
+    fn a_memory_maximum_adds_a_virtio_mem_device_for_the_rest_onlined_movable() {
+        let paths = RuntimePaths::new(Path::new("/tmp/uvm-a-XYZ"));
+        let args = qemu_command_line(&QemuCommand {
+            kernel: Path::new("/img/vmlinux"),
+            initramfs: Path::new("/img/initramfs.cpio"),
+            accel: AccelKind::Tcg,
+            machine: Machine::Q35,
+            bios: None,
+            memory_mib: 256,
+            max_memory_mib: Some(1024),
+            cpus: 1,
+            paths: &paths,
+            extra_cmdline: "",
+            disk_args: &[],
+        });
+        assert_eq!(values(&args, "-m"), ["256,maxmem=1024M"]);
+        assert_eq!(
+            values(&args, "-object"),
+            [
+                "memory-backend-memfd,id=mem,size=256M,share=on",
+                "memory-backend-memfd,id=vmem,size=768M,share=on"
+            ]
+        );
+        assert!(values(&args, "-device")
+            .contains(&"virtio-mem-pci,id=vmem0,memdev=vmem,block-size=2M,requested-size=0"));
+        assert!(values(&args, "-append")[0].contains("memhp_default_state=online_movable"));
+        // Without a maximum above the boot size: none of it.
+        assert_eq!(values(&line(AccelKind::Tcg, ""), "-m"), ["256"]);
+        assert!(!values(&line(AccelKind::Tcg, ""), "-append")[0].contains("memhp"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod devices;
 mod disks;
 mod error;
 mod hotplug;
+mod memory;
 mod qmp;
 mod shares;
 mod stale;

@@ -16,10 +16,12 @@ use uvm::{HostError, VmExit};
 use uvm_util::{lock, short_id};
 
 use crate::cgroup::{self, Placement};
-use crate::cmdline::{qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths};
+use crate::cmdline::{
+    qemu_command_line, vhost_vsock_command_line, QemuCommand, RuntimePaths, VIRTIO_MEM_BLOCK,
+};
 use crate::disks::{self, DiskTable};
 use crate::error::QemuError;
-use crate::qmp::{Balloon, QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
+use crate::qmp::{QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
 use crate::shares::{self, ShareHost, Shares};
 use crate::stats;
 use crate::supervisor::{self, BootMarks, Launch, QemuState, Shared, Which};
@@ -108,6 +110,7 @@ impl QemuBackend {
             machine: c.machine,
             bios: (c.machine == Machine::Microvm).then_some(c.qboot.as_path()),
             memory_mib: config.memory_mib,
+            max_memory_mib: config.max_memory_mib,
             cpus: config.cpus,
             paths,
             extra_cmdline: &extra_cmdline,
@@ -258,6 +261,7 @@ impl QemuBackend {
         Ok(QemuVm {
             id: id.to_owned(),
             memory_bytes,
+            max_memory_bytes: config.max_memory_mib.map(|m| m << 20),
             machine: c.machine,
             accel: self.accel,
             grace: c.terminate_grace,
@@ -342,6 +346,34 @@ fn validate(c: &QemuConfig, config: &VmConfig) -> Result<u64, HostError> {
             format!("{} MiB is too large", config.memory_mib),
         )
     })?;
+    if let Some(max) = config.max_memory_mib {
+        let block_mib = VIRTIO_MEM_BLOCK >> 20;
+        if c.machine != Machine::Q35 {
+            return Err(invalid(
+                "memory maximum",
+                "microvm has no virtio-mem: its memory can only be ballooned below the boot size"
+                    .to_owned(),
+            ));
+        }
+        if max <= config.memory_mib {
+            return Err(invalid(
+                "memory maximum",
+                format!(
+                    "{max} MiB is not above the boot memory of {} MiB",
+                    config.memory_mib
+                ),
+            ));
+        }
+        if max.checked_mul(1 << 20).is_none() {
+            return Err(invalid("memory maximum", format!("{max} MiB is too large")));
+        }
+        if !config.memory_mib.is_multiple_of(block_mib) || !max.is_multiple_of(block_mib) {
+            return Err(invalid(
+                "memory maximum",
+                format!("with a maximum, the boot memory and the maximum must be multiples of {block_mib} MiB (virtio-mem's block)"),
+            ));
+        }
+    }
     if !(1..=MAX_CPUS).contains(&config.cpus) {
         return Err(invalid(
             "CPU count",
@@ -377,6 +409,8 @@ fn validate(c: &QemuConfig, config: &VmConfig) -> Result<u64, HostError> {
 pub struct QemuVm {
     id: String,
     memory_bytes: u64,
+    /// The most the guest may grow to (virtio-mem above `memory_bytes`); `None`: no hot-add.
+    max_memory_bytes: Option<u64>,
     machine: Machine,
     accel: AccelKind,
     grace: Duration,
@@ -456,6 +490,16 @@ impl QemuVm {
             .cgroup()
             .map(uvm_cgroup::VmCgroup::paths)
             .unwrap_or_default()
+    }
+
+    /// The guest's memory at boot, bytes.
+    pub(crate) fn boot_memory(&self) -> u64 {
+        self.memory_bytes
+    }
+
+    /// The most it may grow to, bytes (`None`: no hot memory).
+    pub(crate) fn max_memory(&self) -> Option<u64> {
+        self.max_memory_bytes
     }
 
     /// QEMU's PID once spawned (it stays `Some` after QEMU exits and is reaped).
@@ -868,42 +912,15 @@ impl VmResources for QemuVm {
             .map_err(|e| cgroup::host_error("update_cpu_limits", e))
     }
 
-    /// Balloon the guest to `bytes` (at most the configured memory). The guest's balloon driver
-    /// does the work asynchronously: QEMU accepts the target at once.
+    /// Balloon the guest below its boot memory, or (created with a maximum) plug virtio-mem
+    /// memory above it, waiting until the guest has it ([`crate::memory`]).
     #[tracing::instrument(skip_all, fields(vm = %self.id, op = "update_memory", bytes))]
     async fn update_memory(&self, bytes: u64) -> Result<(), HostError> {
-        if bytes == 0 || bytes > self.memory_bytes {
-            return Err(invalid(
-                "memory size",
-                format!(
-                    "{bytes} bytes is outside 1..={} (the configured memory)",
-                    self.memory_bytes
-                ),
-            ));
-        }
-        if !bytes.is_multiple_of(MEMORY_GRANULARITY) {
-            return Err(invalid(
-                "memory size",
-                format!("{bytes} bytes is not a multiple of {MEMORY_GRANULARITY}"),
-            ));
-        }
-        let qmp = self.qmp().await?;
-        match tokio::time::timeout(QMP_TIMEOUT, qmp.execute(&Balloon { value: bytes })).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(QemuError::Qmp {
-                command: "balloon",
-                source,
-            }
-            .into_host("update memory")),
-            Err(_) => Err(HostError::Timeout {
-                operation: "update memory",
-                after: QMP_TIMEOUT,
-            }),
-        }
+        self.resize_memory(bytes).await
     }
 
     fn memory_granularity(&self) -> u64 {
-        MEMORY_GRANULARITY
+        crate::memory::granularity(self.max_memory_bytes.is_some())
     }
 }
 

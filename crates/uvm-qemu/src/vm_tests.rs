@@ -82,6 +82,39 @@ fn create_refuses_too_little_memory() {
     assert!(f.runtime_entries().is_empty());
 }
 
+#[tokio::test]
+async fn create_refuses_a_memory_maximum_that_cannot_be_plugged() {
+    let f = Fixture::new();
+    let backend = QemuBackend::new(f.config());
+    let with_max = |memory_mib, max| VmConfig {
+        max_memory_mib: Some(max),
+        ..vm_config(memory_mib, 1)
+    };
+    // Not above the boot memory; not in virtio-mem's 2 MiB blocks.
+    for config in [
+        with_max(256, 256),
+        with_max(256, 128),
+        with_max(257, 512),
+        with_max(256, 513),
+    ] {
+        assert_invalid(&backend.create_vm("a", &config), "memory maximum");
+    }
+    let mut microvm = f.config();
+    microvm.machine = crate::Machine::Microvm;
+    std::fs::write(&microvm.qboot, b"rom").expect("qboot");
+    assert_invalid(
+        &QemuBackend::new(microvm).create_vm("a", &with_max(256, 512)),
+        "memory maximum",
+    );
+    assert!(f.runtime_entries().is_empty());
+    // A good one: its memory moves in 2 MiB blocks, up to the maximum.
+    let vm = backend.create_vm("a", &with_max(256, 512)).expect("create");
+    assert_eq!(vm.memory_granularity(), 2 << 20);
+    assert_invalid(&vm.update_memory(514 << 20).await, "memory size");
+    assert_invalid(&vm.update_memory(301 << 20).await, "memory size");
+    vm.release().await.expect("release");
+}
+
 #[test]
 fn create_refuses_cpu_counts_outside_1_to_64() {
     let f = Fixture::new();

@@ -54,6 +54,9 @@ impl ProcessRecord {
 pub struct ConfigRecord {
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// The most it may grow to, in MiB (`--max-memory`).
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
     /// Virtual CPUs.
     pub cpus: u32,
     /// Backend settings: machine, accel, kernel, append.
@@ -306,6 +309,7 @@ mod tests {
             name: "web".into(),
             config: ConfigRecord {
                 memory_mib: 256,
+                max_memory_mib: None,
                 cpus: 1,
                 backend: [("machine".to_string(), "q35".to_string())].into(),
                 disks: vec![MountSpecRecord {

@@ -43,6 +43,7 @@ impl VmApi {
         let guest = c.guest_info();
         let mut config = v1::VmConfig {
             memory_mib: s.config.memory_mib,
+            max_memory_mib: s.config.max_memory_mib,
             cpus: s.config.cpus,
             security_policy: None,
             backend_options: s.config.backend.clone().into_iter().collect(),

@@ -34,6 +34,8 @@ pub enum VmError {
 pub struct VmOptions {
     /// Guest memory at boot, in MiB.
     pub memory_mib: u64,
+    /// The most it may grow to, in MiB (q35, virtio-mem: [`VmConfig::max_memory_mib`]).
+    pub max_memory_mib: Option<u64>,
     /// Virtual CPUs.
     pub cpus: u32,
     /// KVM or TCG (auto: KVM only where the CPU advertises vmx/svm).
@@ -61,6 +63,7 @@ impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
             memory_mib: 256,
+            max_memory_mib: None,
             cpus: 1,
             accel: Accel::Auto,
             machine: Machine::Q35,
@@ -138,6 +141,7 @@ pub fn command_lines(
 pub fn vm_config(options: &VmOptions) -> VmConfig {
     VmConfig {
         memory_mib: options.memory_mib,
+        max_memory_mib: options.max_memory_mib,
         cpus: options.cpus,
         security_policy: None,
         disks: options.disks.clone(),

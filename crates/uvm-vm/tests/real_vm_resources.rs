@@ -194,3 +194,61 @@ async fn real_vm_a_cpu_limit_throttles_a_busy_guest_and_bad_limits_change_nothin
     c.terminate_vm().await.expect("terminate");
     assert!(paths.iter().all(|d| !d.exists()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_memory_grows_with_virtio_mem_shrinks_back_and_mem_total_follows() {
+    require_prerequisites();
+    let image = default_image().expect("build the guest image");
+    let root = tempfile::Builder::new()
+        .prefix("uvmr")
+        .tempdir_in("/tmp")
+        .expect("runtime root");
+    let vm = Vm::new(
+        &image,
+        VmOptions {
+            memory_mib: 256,
+            max_memory_mib: Some(768),
+            runtime_root: Some(root.path().to_path_buf()),
+            timeouts: Timeouts {
+                guest_connect: Duration::from_secs(90),
+                ..Timeouts::default()
+            },
+            ..VmOptions::default()
+        },
+    );
+    vm.boot().await.expect("boot");
+    let c = &vm.controller;
+    let mem_total = || async { c.guest_stats().await.expect("guest stats").mem_total_bytes };
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let before = mem_total().await;
+
+    assert_eq!(c.update_memory(512 << 20).await.expect("grow"), 512 << 20);
+    let grown = mem_total().await;
+    let added = mib(grown.saturating_sub(before));
+    assert!(
+        (255.0..=257.0).contains(&added),
+        "MemTotal {:.1} → {:.1} MiB",
+        mib(before),
+        mib(grown)
+    );
+
+    assert_eq!(c.update_memory(256 << 20).await.expect("shrink"), 256 << 20);
+    let shrunk = mem_total().await;
+    assert!(
+        mib(shrunk) <= mib(before) + 1.0,
+        "MemTotal {:.1} → {:.1} → {:.1} MiB",
+        mib(before),
+        mib(grown),
+        mib(shrunk)
+    );
+
+    // Above the maximum: refused, nothing changed.
+    let e = c
+        .update_memory(1 << 30)
+        .await
+        .expect_err("above the maximum");
+    assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}");
+    assert_eq!(c.state(), State::Running);
+    assert!(mib(mem_total().await) <= mib(before) + 1.0);
+    c.terminate_vm().await.expect("terminate");
+}

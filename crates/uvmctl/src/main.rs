@@ -131,6 +131,11 @@ struct VmArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     memory: u64,
+    /// The most memory the guest may grow to with `update --memory`, in MiB (q35: a virtio-mem
+    /// device for the rest; memory and maximum multiples of 2). Without it the memory can only
+    /// shrink (the balloon).
+    #[arg(long, value_name = "MIB")]
+    max_memory: Option<u64>,
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -182,6 +187,9 @@ impl VmArgs {
             name(&|| self.machine.to_possible_value()),
             format!("--append={}", self.append),
         ];
+        if let Some(max) = self.max_memory {
+            args.push(format!("--max-memory={max}"));
+        }
         if let Some(kernel) = self.kernel {
             args.push("--kernel".into());
             args.push(name(&|| kernel.to_possible_value()));
@@ -222,6 +230,7 @@ impl VmArgs {
         };
         uvm_supervisor::ConfigRecord {
             memory_mib: self.memory,
+            max_memory_mib: self.max_memory,
             cpus: self.cpus,
             backend,
             disks: self.disks.iter().map(record).collect(),
@@ -232,6 +241,7 @@ impl VmArgs {
     fn options(&self) -> VmOptions {
         VmOptions {
             memory_mib: self.memory,
+            max_memory_mib: self.max_memory,
             cpus: self.cpus,
             accel: match self.accel {
                 AccelArg::Auto => uvm_vm::Accel::Auto,

@@ -28,6 +28,9 @@ pub use devices::{
 pub struct VmConfig {
     /// Guest memory at boot, in MiB.
     pub memory_mib: u64,
+    /// The most memory the guest may grow to, in MiB (q35: a `virtio-mem` device for the rest);
+    /// `None`: no hot-add, only the balloon within the boot memory.
+    pub max_memory_mib: Option<u64>,
     /// Virtual CPUs at boot.
     pub cpus: u32,
     /// Applied by `start_vm` once the guest is connected; `None` means no policy.
@@ -46,6 +49,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             memory_mib: 256,
+            max_memory_mib: None,
             cpus: 1,
             security_policy: None,
             scsi_controllers: 1,
