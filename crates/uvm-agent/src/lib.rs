@@ -9,6 +9,7 @@ pub mod logging;
 
 pub mod announce;
 pub mod clock;
+pub mod cpus;
 mod entropy;
 pub mod error;
 pub mod files;

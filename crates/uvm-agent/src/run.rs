@@ -153,6 +153,9 @@ fn serve_forever(
         if let Some(target) = options.announce {
             announce::spawn(target, boot).map_err(RunError::Thread)?;
         }
+        if system_duties {
+            tokio::spawn(crate::cpus::online_hot_added());
+        }
         std::future::pending::<()>().await;
         Ok(())
     })

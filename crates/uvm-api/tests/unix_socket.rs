@@ -172,6 +172,13 @@ impl VmService for TestVm {
         unimplemented("UpdateMemory")
     }
 
+    async fn update_cpus(
+        &self,
+        _: Request<v1::UpdateCpusRequest>,
+    ) -> Result<Response<v1::UpdateCpusResponse>, Status> {
+        unimplemented("UpdateCpus")
+    }
+
     async fn update_cpu_limits(
         &self,
         _: Request<v1::UpdateCpuLimitsRequest>,

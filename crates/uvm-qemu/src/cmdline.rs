@@ -67,6 +67,8 @@ pub struct QemuCommand<'a> {
     pub max_memory_mib: Option<u64>,
     /// Virtual CPUs (`-smp`).
     pub cpus: u32,
+    /// The most vCPUs it may have (`-smp …,maxcpus=`: one socket each, hot-pluggable).
+    pub max_cpus: Option<u32>,
     /// Where the sockets and logs go.
     pub paths: &'a RuntimePaths,
     /// Appended to [`BASE_KERNEL_CMDLINE`] and [`FAST_BOOT_ARGS`].
@@ -141,7 +143,10 @@ pub fn qemu_command_line(cmd: &QemuCommand<'_>) -> Vec<String> {
         "-cpu".to_owned(),
         cpu.to_owned(),
         "-smp".to_owned(),
-        cmd.cpus.to_string(),
+        match cmd.max_cpus.filter(|max| *max > cmd.cpus) {
+            Some(max) => format!("{},maxcpus={max}", cmd.cpus),
+            None => cmd.cpus.to_string(),
+        },
         "-m".to_owned(),
         match hot_memory {
             Some(max) => format!("{m},maxmem={max}M"),
@@ -224,6 +229,7 @@ mod tests {
             memory_mib: 256,
             max_memory_mib: None,
             cpus: 2,
+            max_cpus: None,
             paths: &paths,
             extra_cmdline: extra,
             disk_args: &[],
@@ -250,6 +256,7 @@ mod tests {
             memory_mib: 256,
             max_memory_mib: None,
             cpus: 1,
+            max_cpus: None,
             paths: &paths,
             extra_cmdline: "tsc_early_khz=2596138 tsc=reliable",
             disk_args: &[],
@@ -303,6 +310,7 @@ mod tests {
             memory_mib: 256,
             max_memory_mib: Some(1024),
             cpus: 1,
+            max_cpus: None,
             paths: &paths,
             extra_cmdline: "",
             disk_args: &[],

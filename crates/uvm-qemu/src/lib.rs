@@ -18,6 +18,7 @@
 
 mod cgroup;
 mod cmdline;
+mod cpus;
 mod devices;
 mod disks;
 mod error;

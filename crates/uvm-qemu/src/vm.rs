@@ -112,6 +112,7 @@ impl QemuBackend {
             memory_mib: config.memory_mib,
             max_memory_mib: config.max_memory_mib,
             cpus: config.cpus,
+            max_cpus: config.max_cpus,
             paths,
             extra_cmdline: &extra_cmdline,
             disk_args: &disks::command_line(c.machine, config.scsi_controllers, &config.disks),
@@ -268,6 +269,7 @@ impl QemuBackend {
             shared: Arc::new(shared),
             placement,
             cpus: config.cpus,
+            max_cpus: config.max_cpus.unwrap_or(config.cpus),
             shares: Shares::new(&share_host, &plan),
             launch,
             runtime_dir,
@@ -380,6 +382,20 @@ fn validate(c: &QemuConfig, config: &VmConfig) -> Result<u64, HostError> {
             format!("{} is outside 1..={MAX_CPUS}", config.cpus),
         ));
     }
+    if let Some(max) = config.max_cpus {
+        if c.machine != Machine::Q35 {
+            return Err(invalid(
+                "CPU maximum",
+                "microvm cannot hot-add vCPUs".to_owned(),
+            ));
+        }
+        if !(config.cpus..=MAX_CPUS).contains(&max) {
+            return Err(invalid(
+                "CPU maximum",
+                format!("{max} is outside {}..={MAX_CPUS}", config.cpus),
+            ));
+        }
+    }
     for (what, path) in [("kernel", &c.kernel), ("initramfs", &c.initramfs)] {
         if !path.is_file() {
             return Err(invalid(
@@ -417,8 +433,10 @@ pub struct QemuVm {
     shared: Arc<Shared>,
     /// Its cgroup, if it has one.
     placement: Placement,
-    /// Its vCPUs (what a CPU limit is a share of).
+    /// Its vCPUs at boot (what a CPU limit is a share of).
     cpus: u32,
+    /// The most it may have (its boot count without hot-add).
+    max_cpus: u32,
     /// Its shared directories.
     pub(crate) shares: Shares,
     launch: Launch,
@@ -921,6 +939,25 @@ impl VmResources for QemuVm {
 
     fn memory_granularity(&self) -> u64 {
         crate::memory::granularity(self.max_memory_bytes.is_some())
+    }
+
+    /// Hot-adds or hot-removes vCPUs ([`crate::cpus`]); the VM must have been created with a
+    /// maximum above its boot count.
+    async fn update_cpus(&self, cpus: u32) -> Result<(), HostError> {
+        if self.max_cpus == self.cpus {
+            return if cpus == self.cpus {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "cpu count",
+                    format!(
+                        "the VM has {} vCPUs and no maximum above it (create it with one to hot-add)",
+                        self.cpus
+                    ),
+                ))
+            };
+        }
+        self.set_cpus(cpus).await
     }
 }
 

@@ -59,6 +59,9 @@ pub struct ConfigRecord {
     pub max_memory_mib: Option<u64>,
     /// Virtual CPUs.
     pub cpus: u32,
+    /// The most vCPUs it may have (`--max-cpus`).
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
     /// Backend settings: machine, accel, kernel, append.
     pub backend: BTreeMap<String, String>,
     /// The disks given at create (`--disk`), in order.
@@ -311,6 +314,7 @@ mod tests {
                 memory_mib: 256,
                 max_memory_mib: None,
                 cpus: 1,
+                max_cpus: None,
                 backend: [("machine".to_string(), "q35".to_string())].into(),
                 disks: vec![MountSpecRecord {
                     host_path: "/images/data.img".into(),

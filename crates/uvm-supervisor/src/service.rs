@@ -45,6 +45,7 @@ impl VmApi {
             memory_mib: s.config.memory_mib,
             max_memory_mib: s.config.max_memory_mib,
             cpus: s.config.cpus,
+            max_cpus: s.config.max_cpus,
             security_policy: None,
             backend_options: s.config.backend.clone().into_iter().collect(),
             disks: s.vm.options.disks.iter().map(Into::into).collect(),
@@ -240,6 +241,19 @@ impl VmService for VmApi {
         Ok(Response::new(v1::UpdateMemoryResponse {
             memory_bytes: applied,
         }))
+    }
+
+    async fn update_cpus(
+        &self,
+        request: Request<v1::UpdateCpusRequest>,
+    ) -> Result<Response<v1::UpdateCpusResponse>, Status> {
+        self.shared
+            .vm
+            .controller
+            .update_cpus(request.get_ref().cpus)
+            .await
+            .map_err(|e| controller_status(&e))?;
+        Ok(Response::new(v1::UpdateCpusResponse {}))
     }
 
     async fn update_cpu_limits(

@@ -38,6 +38,8 @@ pub struct VmOptions {
     pub max_memory_mib: Option<u64>,
     /// Virtual CPUs.
     pub cpus: u32,
+    /// The most vCPUs it may have (q35, hot-added: [`VmConfig::max_cpus`]).
+    pub max_cpus: Option<u32>,
     /// KVM or TCG (auto: KVM only where the CPU advertises vmx/svm).
     pub accel: Accel,
     /// The machine model (q35 or microvm).
@@ -65,6 +67,7 @@ impl Default for VmOptions {
             memory_mib: 256,
             max_memory_mib: None,
             cpus: 1,
+            max_cpus: None,
             accel: Accel::Auto,
             machine: Machine::Q35,
             timeouts: Timeouts::default(),
@@ -143,6 +146,7 @@ pub fn vm_config(options: &VmOptions) -> VmConfig {
         memory_mib: options.memory_mib,
         max_memory_mib: options.max_memory_mib,
         cpus: options.cpus,
+        max_cpus: options.max_cpus,
         security_policy: None,
         disks: options.disks.clone(),
         shares: options.shares.clone(),

@@ -252,3 +252,59 @@ async fn real_vm_memory_grows_with_virtio_mem_shrinks_back_and_mem_total_follows
     assert!(mib(mem_total().await) <= mib(before) + 1.0);
     c.terminate_vm().await.expect("terminate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_vcpus_are_hot_added_and_removed_and_nproc_follows() {
+    require_prerequisites();
+    let image = default_image().expect("build the guest image");
+    let root = tempfile::Builder::new()
+        .prefix("uvmr")
+        .tempdir_in("/tmp")
+        .expect("runtime root");
+    let vm = Vm::new(
+        &image,
+        VmOptions {
+            cpus: 1,
+            max_cpus: Some(3),
+            runtime_root: Some(root.path().to_path_buf()),
+            timeouts: Timeouts {
+                guest_connect: Duration::from_secs(90),
+                ..Timeouts::default()
+            },
+            ..VmOptions::default()
+        },
+    );
+    vm.boot().await.expect("boot");
+    let c = &vm.controller;
+    // The guest's count, once it settles on `n` (the agent onlines added vCPUs on its own).
+    let nproc_becomes = |n: u32| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = uvm::testing::Capture::default();
+            let mut req = ExecRequest::new(["nproc"]);
+            req.stdout = Some(Box::new(out.clone()));
+            c.exec_into_host(req).await.expect("nproc");
+            let seen: u32 = out.text().trim().parse().expect("a number");
+            if seen == n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nproc is {seen}, not {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    nproc_becomes(1).await;
+    c.update_cpus(3).await.expect("hot-add two");
+    nproc_becomes(3).await;
+    c.update_cpus(2).await.expect("hot-remove one");
+    nproc_becomes(2).await;
+    // Above the maximum, or below the boot vCPUs: refused, nothing changed.
+    for bad in [4, 0] {
+        c.update_cpus(bad).await.expect_err("refused");
+    }
+    assert_eq!(c.state(), State::Running);
+    nproc_becomes(2).await;
+    c.terminate_vm().await.expect("terminate");
+}

@@ -448,6 +448,20 @@ impl Controller {
         Ok(normalized)
     }
 
+    /// Give the VM `cpus` vCPUs (hot-add or hot-remove; 0 is refused first). Running only.
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_cpus"))]
+    pub async fn update_cpus(&self, cpus: u32) -> Result<(), ControllerError> {
+        if cpus == 0 {
+            return Err(ControllerError::InvalidArgument {
+                what: "cpu count",
+                message: "a VM needs at least one vCPU".into(),
+            });
+        }
+        let vm = self.running_vm(Operation::UpdateCpus)?;
+        self.host_call(Operation::UpdateCpus, vm.update_cpus(cpus))
+            .await
+    }
+
     /// Add a fragment to the guest's security policy. Running only.
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_policy_fragment"))]
     pub async fn update_policy_fragment(

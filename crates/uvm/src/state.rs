@@ -78,6 +78,8 @@ pub enum Operation {
     UpdateCpuLimits,
     /// [`crate::Controller::update_memory`].
     UpdateMemory,
+    /// [`crate::Controller::update_cpus`].
+    UpdateCpus,
     /// [`crate::Controller::update_policy_fragment`].
     UpdatePolicyFragment,
     /// [`crate::Controller::copy_in`].
@@ -102,7 +104,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, for tables and property tests.
-    pub const ALL: [Operation; 21] = [
+    pub const ALL: [Operation; 22] = [
         Operation::Create,
         Operation::Start,
         Operation::Terminate,
@@ -114,6 +116,7 @@ impl Operation {
         Operation::UpdateCpuGroup,
         Operation::UpdateCpuLimits,
         Operation::UpdateMemory,
+        Operation::UpdateCpus,
         Operation::UpdatePolicyFragment,
         Operation::CopyIn,
         Operation::CopyOut,
@@ -142,6 +145,7 @@ impl Operation {
             Operation::UpdateCpuGroup => "update_cpu_group",
             Operation::UpdateCpuLimits => "update_cpu_limits",
             Operation::UpdateMemory => "update_memory",
+            Operation::UpdateCpus => "update_cpus",
             Operation::UpdatePolicyFragment => "update_policy_fragment",
             Operation::CopyIn => "copy_in",
             Operation::CopyOut => "copy_out",
@@ -235,6 +239,7 @@ pub const fn plan(state: State, op: Operation) -> Plan {
         | O::UpdateCpuGroup
         | O::UpdateCpuLimits
         | O::UpdateMemory
+        | O::UpdateCpus
         | O::UpdatePolicyFragment
         | O::CopyIn
         | O::CopyOut

@@ -106,6 +106,11 @@ async fn update_operations_are_refused_when_not_running() {
             state,
         );
         assert_wrong_state(
+            c.update_cpus(2).await.expect_err("refused"),
+            Operation::UpdateCpus,
+            state,
+        );
+        assert_wrong_state(
             c.update_policy_fragment(&PolicyFragment("p".into()))
                 .await
                 .expect_err("refused"),
@@ -608,6 +613,30 @@ async fn cpu_limits_out_of_range_are_refused_before_the_host_is_asked() {
     }
     assert_eq!(f.script.count(Call::UpdateCpuLimits), 0);
     assert_eq!(f.controller.state(), State::Running);
+}
+
+#[tokio::test]
+async fn zero_cpus_are_refused_before_the_host_is_asked_and_a_host_failure_keeps_running() {
+    let f = Fakes::running().await;
+    assert!(matches!(
+        f.controller.update_cpus(0).await,
+        Err(ControllerError::InvalidArgument {
+            what: "cpu count",
+            ..
+        })
+    ));
+    assert_eq!(f.script.count(Call::UpdateCpus), 0);
+    f.script.fail_nth(Call::UpdateCpus, 1);
+    assert!(matches!(
+        f.controller.update_cpus(2).await,
+        Err(ControllerError::Host {
+            operation: Operation::UpdateCpus,
+            ..
+        })
+    ));
+    assert_eq!(f.controller.state(), State::Running);
+    f.controller.update_cpus(2).await.expect("the retry");
+    assert_eq!(f.script.count(Call::UpdateCpus), 2);
 }
 
 #[tokio::test]

@@ -52,6 +52,7 @@ fn expected(op: Operation) -> [Plan; 5] {
         | O::UpdateCpuGroup
         | O::UpdateCpuLimits
         | O::UpdateMemory
+        | O::UpdateCpus
         | O::UpdatePolicyFragment
         | O::CopyIn
         | O::CopyOut

@@ -139,6 +139,9 @@ struct VmArgs {
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// The most vCPUs `update --cpus` may give the VM (q35: hot-added and removed).
+    #[arg(long, value_name = "N")]
+    max_cpus: Option<u32>,
     /// Accelerator: KVM only where the CPU advertises vmx/svm (auto), or forced.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     accel: AccelArg,
@@ -190,6 +193,9 @@ impl VmArgs {
         if let Some(max) = self.max_memory {
             args.push(format!("--max-memory={max}"));
         }
+        if let Some(max) = self.max_cpus {
+            args.push(format!("--max-cpus={max}"));
+        }
         if let Some(kernel) = self.kernel {
             args.push("--kernel".into());
             args.push(name(&|| kernel.to_possible_value()));
@@ -232,6 +238,7 @@ impl VmArgs {
             memory_mib: self.memory,
             max_memory_mib: self.max_memory,
             cpus: self.cpus,
+            max_cpus: self.max_cpus,
             backend,
             disks: self.disks.iter().map(record).collect(),
             shares: self.shares.iter().map(record).collect(),
@@ -243,6 +250,7 @@ impl VmArgs {
             memory_mib: self.memory,
             max_memory_mib: self.max_memory,
             cpus: self.cpus,
+            max_cpus: self.max_cpus,
             accel: match self.accel {
                 AccelArg::Auto => uvm_vm::Accel::Auto,
                 AccelArg::Kvm => uvm_vm::Accel::Kvm,

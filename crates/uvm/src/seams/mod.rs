@@ -33,6 +33,8 @@ pub struct VmConfig {
     pub max_memory_mib: Option<u64>,
     /// Virtual CPUs at boot.
     pub cpus: u32,
+    /// The most vCPUs it may have (q35: hot-pluggable); `None`: as many as at boot.
+    pub max_cpus: Option<u32>,
     /// Applied by `start_vm` once the guest is connected; `None` means no policy.
     pub security_policy: Option<SecurityPolicy>,
     /// SCSI controllers for hot-added disks (64 LUNs each); 0 on machines without them.
@@ -51,6 +53,7 @@ impl Default for VmConfig {
             memory_mib: 256,
             max_memory_mib: None,
             cpus: 1,
+            max_cpus: None,
             security_policy: None,
             scsi_controllers: 1,
             disks: Vec::new(),
@@ -228,6 +231,13 @@ pub trait VmResources: Send + Sync {
     async fn update_memory(&self, bytes: u64) -> Result<(), HostError>;
     /// The unit memory sizes are rounded up to (bytes, a power of two).
     fn memory_granularity(&self) -> u64;
+    /// Hot-add or hot-remove vCPUs so that the VM has `cpus` (at least 1; the controller
+    /// checked). The guest brings added ones online itself.
+    ///
+    /// # Errors
+    /// [`HostError::InvalidInput`] above the VM's maximum, [`HostError::Unsupported`] where
+    /// the machine cannot, or the change failed.
+    async fn update_cpus(&self, cpus: u32) -> Result<(), HostError>;
 }
 
 /// The whole host-side VM, as the controller drives it.

@@ -51,6 +51,8 @@ pub enum Call {
     UpdateCpuLimits,
     /// `VmResources::update_memory`.
     UpdateMemory,
+    /// `VmResources::update_cpus`.
+    UpdateCpus,
     /// `GuestConnection::prepare_connection`.
     PrepareConnection,
     /// `GuestConnection::connect`.
@@ -110,6 +112,7 @@ impl Call {
             Call::SetCpuGroup => "set_cpu_group",
             Call::UpdateCpuLimits => "update_cpu_limits",
             Call::UpdateMemory => "update_memory",
+            Call::UpdateCpus => "update_cpus",
             Call::PrepareConnection => "prepare_connection",
             Call::Connect => "connect",
             Call::CloseConnection => "close_connection",
@@ -164,6 +167,7 @@ impl Call {
             | Call::SetCpuGroup
             | Call::UpdateCpuLimits
             | Call::UpdateMemory
+            | Call::UpdateCpus
             | Call::PrepareConnection
             | Call::CloseConnection
             | Call::LogDrain
@@ -458,6 +462,9 @@ impl VmResources for FakeVm {
     }
     fn memory_granularity(&self) -> u64 {
         FAKE_MEMORY_GRANULARITY
+    }
+    async fn update_cpus(&self, _cpus: u32) -> Result<(), HostError> {
+        self.script.host(Call::UpdateCpus).await
     }
 }
 

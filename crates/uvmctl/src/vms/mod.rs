@@ -458,6 +458,9 @@ pub struct UpdateArgs {
     /// The guest's new memory size in MiB.
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
+    /// The vCPUs the VM should have (hot-added or removed; up to its --max-cpus).
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
     /// The most of its CPUs the VM may use, in percent (100 = no cap).
     #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=100))]
     cpu_limit: Option<u32>,
@@ -473,11 +476,12 @@ pub struct UpdateArgs {
 
 pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
     if args.memory.is_none()
+        && args.cpus.is_none()
         && args.cpu_limit.is_none()
         && args.cpu_weight.is_none()
         && args.cpu_group.is_none()
     {
-        bail!("nothing to update: give --memory, --cpu-limit, --cpu-weight or --cpu-group");
+        bail!("nothing to update: give --memory, --cpus, --cpu-limit, --cpu-weight or --cpu-group");
     }
     let target = Target::find(root, &args.id)?;
     let mut client = target.client().await?;
@@ -490,6 +494,13 @@ pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
             .map_err(status_error)?
             .into_inner();
         println!("memory {} MiB", applied.memory_bytes >> 20);
+    }
+    if let Some(cpus) = args.cpus {
+        client
+            .update_cpus(target.request(v1::UpdateCpusRequest { cpus }))
+            .await
+            .map_err(status_error)?;
+        println!("cpus {cpus}");
     }
     if args.cpu_limit.is_some() || args.cpu_weight.is_some() {
         client
