@@ -67,6 +67,25 @@ class FakeVmService(pb_grpc.VmServiceServicer):
         resp.host.cpu_time.FromMilliseconds(1500)
         return resp
 
+    def UpdateMemory(self, request, context):
+        self._check_vm_id(context)
+        if request.memory_bytes > 512 << 20:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "above the maximum")
+        return pb.UpdateMemoryResponse(memory_bytes=request.memory_bytes)
+
+    def UpdateCpus(self, request, context):
+        self._check_vm_id(context)
+        self.cpus = request.cpus
+        return pb.UpdateCpusResponse()
+
+    def UpdateCpuLimits(self, request, context):
+        self._check_vm_id(context)
+        self.cpu_limits = (
+            request.limit_per_10000 if request.HasField("limit_per_10000") else None,
+            request.weight if request.HasField("weight") else None,
+        )
+        return pb.UpdateCpuLimitsResponse()
+
     def Start(self, request, context):
         if self.start_refusal == "terminated":
             context.set_trailing_metadata((("uvm-state", "STATE_TERMINATED"),))

@@ -76,6 +76,18 @@ def test_inspect_and_stats_return_the_messages(fake_vm):
     assert stats.guest.mem_total_bytes == 256 << 20
 
 
+def test_resource_updates_send_what_was_asked_and_refusals_are_typed(fake, fake_vm):
+    assert fake_vm.update_memory(384) == 384
+    with pytest.raises(InvalidArgument, match="above the maximum"):
+        fake_vm.update_memory(1024)
+    fake_vm.update_cpus(2)
+    assert fake.service.cpus == 2
+    fake_vm.update_cpu_limits(limit_percent=50)
+    assert fake.service.cpu_limits == (5000, None)
+    fake_vm.update_cpu_limits(weight=200)
+    assert fake.service.cpu_limits == (None, 200)
+
+
 def test_copies_unimplemented_by_the_server_are_unsupported(tmp_path):
     sup = FakeSupervisor(FakeVmService(copy_supported=False))
     vm = Vm("0123456789abcdef", sup.socket)

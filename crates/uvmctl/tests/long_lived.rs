@@ -179,8 +179,26 @@ fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
         root.ok(&["update", "life", "--memory", "200"]),
         "memory 200 MiB\n"
     );
+    // The VM's cgroup takes CPU limits, and its figures are in the host stats.
+    assert_eq!(
+        root.ok(&["update", "life", "--cpu-limit", "50", "--cpu-weight", "200"]),
+        "cpu limit 50%\ncpu weight 200\n"
+    );
+    let stats: Value = serde_json::from_str(&root.ok(&["stats", "life", "--json"])).expect("stats");
+    assert!(
+        stats["host"]["memory_current_bytes"].as_u64() > Some(0),
+        "{stats}"
+    );
+    assert!(
+        stats["host"]["cpu_throttling"]["periods"].is_u64(),
+        "{stats}"
+    );
+    // A VM created without a vCPU maximum cannot grow: said, not faked.
+    let out = root.run(&["update", "life", "--cpus", "2"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("no maximum"), "{}", stderr(&out));
     // What the backend cannot do is said, never faked.
-    let out = root.run(&["update", "life", "--cpu-limit", "50"]);
+    let out = root.run(&["update", "life", "--cpu-group", "g"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("not supported"), "{}", stderr(&out));
 

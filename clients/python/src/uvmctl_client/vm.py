@@ -266,6 +266,33 @@ class Vm:
         only."""
         return self._unary(self._stub.Stats, pb.StatsRequest(), timeout)
 
+    def update_memory(self, mib: int, timeout: float | None = None) -> int:
+        """Resizes the guest to ``mib`` MiB (above the boot size only for a VM created with a
+        maximum); returns the size applied, in MiB (rounded up to the backend's granularity)."""
+        answer = self._unary(
+            self._stub.UpdateMemory, pb.UpdateMemoryRequest(memory_bytes=mib << 20), timeout
+        )
+        return answer.memory_bytes >> 20
+
+    def update_cpus(self, cpus: int, timeout: float | None = None) -> None:
+        """Hot-adds or hot-removes vCPUs so that the VM has ``cpus`` (up to its maximum)."""
+        self._unary(self._stub.UpdateCpus, pb.UpdateCpusRequest(cpus=cpus), timeout)
+
+    def update_cpu_limits(
+        self,
+        limit_percent: float | None = None,
+        weight: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Caps the VM at ``limit_percent`` of its vCPUs and/or sets its CPU weight (1-10000,
+        default 100); ``None`` leaves a setting as it is."""
+        request = pb.UpdateCpuLimitsRequest()
+        if limit_percent is not None:
+            request.limit_per_10000 = round(limit_percent * 100)
+        if weight is not None:
+            request.weight = weight
+        self._unary(self._stub.UpdateCpuLimits, request, timeout)
+
     def exec(
         self,
         args: Sequence[str],
