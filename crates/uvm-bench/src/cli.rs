@@ -62,6 +62,9 @@ pub struct BenchArgs {
     /// disk and a share against the host; q35 only).
     #[arg(long)]
     pub no_devices: bool,
+    /// Leave out memory hot-add (`update_memory` +256 MiB on a VM with a maximum; q35 only).
+    #[arg(long)]
+    pub no_resources: bool,
 }
 
 /// `--kernel`.
@@ -134,6 +137,9 @@ impl BenchArgs {
         };
         if self.no_devices {
             o.devices = None;
+        }
+        if self.no_resources {
+            o.resources = None;
         }
         o
     }

@@ -16,7 +16,9 @@
 //!    counterpart in the same run;
 //! 5. *disks and shares* ([`devices`], q35): hot-add → mounted against the bare QMP
 //!    `device_add` → visible in the guest, and reads in the guest on a disk and on a share
-//!    against the same file read on the host.
+//!    against the same file read on the host;
+//! 6. *memory hot-add* ([`resources`], q35): `update_memory` +256 MiB → plugged → the guest's
+//!    `MemTotal` shows it, and back.
 //!
 //! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
 //! [`uvm_vm::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
@@ -31,6 +33,7 @@ pub mod phases;
 pub mod plot;
 pub mod procs;
 pub mod report;
+pub mod resources;
 pub mod rpc;
 pub mod stats;
 
@@ -133,6 +136,8 @@ pub struct BenchOptions {
     pub api: Option<api::ApiOptions>,
     /// Disks and shares (measured on q35 only).
     pub devices: Option<devices::DeviceOptions>,
+    /// Memory hot-add (q35 only).
+    pub resources: Option<resources::ResourceOptions>,
 }
 
 impl BenchOptions {
@@ -155,6 +160,7 @@ impl BenchOptions {
             progress: true,
             api: None,
             devices: Some(devices::DeviceOptions::new(quick)),
+            resources: Some(resources::ResourceOptions::new(quick)),
         }
     }
 }
@@ -294,6 +300,24 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         None => None,
     };
 
+    // 6. Memory hot-add.
+    let resources = match &opts.resources {
+        Some(res_opts) if machine == uvm_qemu::Machine::Q35 => {
+            let r = resources::run(&image, &opts.vm, res_opts)
+                .await?
+                .summarize()?;
+            progress!(
+                opts,
+                "memory: +{} MiB plugged median {:.1} ms, visible {:.1} ms",
+                resources::GROW_MIB,
+                r.grow.median,
+                r.visible.median
+            );
+            Some(r)
+        }
+        Some(_) | None => None,
+    };
+
     let b = &exec.breakdown;
     let to_ms = |v: &[Duration]| v.iter().copied().map(stats::ms).collect::<Vec<_>>();
     let samples = [
@@ -374,6 +398,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         },
         api,
         devices,
+        resources,
         elapsed_s: began.elapsed().as_secs_f64(),
         samples,
     })

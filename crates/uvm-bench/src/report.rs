@@ -78,6 +78,8 @@ pub struct BenchReport {
     pub api: Option<super::api::ApiReport>,
     /// Disks and shares, when measured (in the JSON as `devices`).
     pub devices: Option<super::devices::DeviceReport>,
+    /// Memory hot-add, when measured (in the JSON as `resources`).
+    pub resources: Option<super::resources::ResourceReport>,
     /// Wall time of the whole run.
     pub elapsed_s: f64,
     /// Every sample, in ms, by measurement (in the JSON as `samples_ms`).
@@ -237,6 +239,12 @@ impl BenchReport {
                 .as_ref()
                 .map_or(Value::Null, super::devices::DeviceReport::to_json),
         );
+        o.insert(
+            "resources".into(),
+            self.resources
+                .as_ref()
+                .map_or(Value::Null, super::resources::ResourceReport::to_json),
+        );
         o.insert("elapsed_s".into(), json!(round(self.elapsed_s, 1)));
         let samples: Map<String, Value> = self
             .samples
@@ -335,6 +343,9 @@ impl BenchReport {
         }
         if let Some(devices) = &self.devices {
             t.push_str(&devices.table());
+        }
+        if let Some(resources) = &self.resources {
+            t.push_str(&resources.table());
         }
         let _ = writeln!(t, "\ntargets");
         for (name, target, value, met) in self.targets() {
@@ -538,6 +549,7 @@ pub(crate) mod tests {
                 cat_out_mb_s: 70.0,
             }),
             devices: None,
+            resources: None,
             elapsed_s: 95.0,
             samples: [("floor".to_owned(), vec![1900.0, 1910.5])]
                 .into_iter()

@@ -4,8 +4,10 @@
 //! A size above the boot memory deflates the balloon fully and asks the `virtio-mem-pci` device
 //! ([`VIRTIO_MEM_ID`]) for the rest (`qom-set requested-size`); the guest's driver plugs 2 MiB
 //! blocks and the kernel onlines them (movable, so they can go again). The call returns once
-//! the device's plugged `size` is what was asked — QEMU announces each change with
-//! `MEMORY_DEVICE_SIZE_CHANGE` — or fails typed at [`PLUG_WAIT`]: memory the guest could not
+//! the device's plugged `size` is what was asked — QEMU announces a change with
+//! `MEMORY_DEVICE_SIZE_CHANGE`, but throttles that event to one a second per device, so between
+//! events the size is looked at again every [`RECHECK`] — or fails typed at [`PLUG_WAIT`]:
+//! memory the guest could not
 //! give back (in use, or unmovable) leaves the device above the size asked. A size at or below
 //! the boot memory unplugs everything first, then sets the balloon's target, which the guest's
 //! balloon driver approaches on its own (QEMU takes the target at once).
@@ -24,6 +26,9 @@ use crate::vm::{QemuVm, MEMORY_GRANULARITY, QMP_TIMEOUT};
 /// How long the guest may take to plug or unplug what was asked (under the controller's 10 s
 /// host-call deadline).
 pub(crate) const PLUG_WAIT: Duration = Duration::from_secs(8);
+
+/// How often the plugged size is read between (throttled) events.
+pub(crate) const RECHECK: Duration = Duration::from_millis(5);
 
 const OP: &str = "update memory";
 
@@ -146,29 +151,25 @@ impl QemuVm {
                 return Ok(());
             }
             let left = PLUG_WAIT.saturating_sub(start.elapsed());
-            match tokio::time::timeout(left, events.recv()).await {
-                // Any size change (or missed events): look again.
-                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => {}
+            if left.is_zero() {
+                tracing::warn!(
+                    requested,
+                    plugged = size,
+                    "the guest did not reach the memory size asked for"
+                );
+                return Err(HostError::Timeout {
+                    operation: if size > requested {
+                        "update memory: the guest could not give all the memory back"
+                    } else {
+                        "update memory: the guest did not take all the memory"
+                    },
+                    after: PLUG_WAIT,
+                });
+            }
+            // An event, or the recheck interval: look again either way.
+            match tokio::time::timeout(left.min(RECHECK), events.recv()).await {
                 Ok(Err(RecvError::Closed)) => return Err(HostError::Gone),
-                Err(_) => {
-                    let size = self.plugged().await?;
-                    if size == requested {
-                        return Ok(());
-                    }
-                    tracing::warn!(
-                        requested,
-                        plugged = size,
-                        "the guest did not reach the memory size asked for"
-                    );
-                    return Err(HostError::Timeout {
-                        operation: if size > requested {
-                            "update memory: the guest could not give all the memory back"
-                        } else {
-                            "update memory: the guest did not take all the memory"
-                        },
-                        after: PLUG_WAIT,
-                    });
-                }
+                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) | Err(_) => {}
             }
         }
     }
