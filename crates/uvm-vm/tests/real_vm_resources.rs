@@ -23,16 +23,16 @@ fn require_prerequisites() {
     );
 }
 
-/// A booted VM with its own runtime root.
-async fn booted(machine: Machine) -> (Vm, tempfile::TempDir) {
+/// A booted q35 VM with its own runtime root, `shape` applied to its options.
+async fn booted(shape: impl FnOnce(&mut VmOptions)) -> (Vm, tempfile::TempDir) {
     require_prerequisites();
     let image = default_image().expect("build the guest image");
     let root = tempfile::Builder::new()
         .prefix("uvmr")
         .tempdir_in("/tmp")
         .expect("runtime root");
-    let options = VmOptions {
-        machine,
+    let mut options = VmOptions {
+        machine: Machine::Q35,
         runtime_root: Some(root.path().to_path_buf()),
         timeouts: Timeouts {
             guest_connect: Duration::from_secs(90),
@@ -40,6 +40,7 @@ async fn booted(machine: Machine) -> (Vm, tempfile::TempDir) {
         },
         ..VmOptions::default()
     };
+    shape(&mut options);
     let vm = Vm::new(&image, options);
     vm.boot().await.expect("boot");
     assert_eq!(vm.controller.state(), State::Running);
@@ -57,6 +58,20 @@ fn cgroup_paths(vm: &Vm) -> Vec<PathBuf> {
     paths
 }
 
+/// The CPU quota of each directory that has one, as v1 (`cpu.cfs_quota_us`) or v2
+/// (`cpu.max`) spells it.
+fn quotas(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .filter_map(|d| {
+            std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
+                .or_else(|_| std::fs::read_to_string(d.join("cpu.max")))
+                .ok()
+        })
+        .map(|s| s.trim().to_owned())
+        .collect()
+}
+
 fn members(dir: &std::path::Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .expect("cgroup.procs")
@@ -67,7 +82,7 @@ fn members(dir: &std::path::Path) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_every_process_of_the_vm_is_in_its_cgroup_and_release_kills_a_stray_one() {
-    let (vm, _root) = booted(Machine::Q35).await;
+    let (vm, _root) = booted(|_| {}).await;
     let host = vm.qemu_vm().expect("created");
     let paths = cgroup_paths(&vm);
     for dir in &paths {
@@ -107,7 +122,7 @@ async fn real_vm_every_process_of_the_vm_is_in_its_cgroup_and_release_kills_a_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_a_cpu_limit_throttles_a_busy_guest_and_bad_limits_change_nothing() {
-    let (vm, _root) = booted(Machine::Q35).await;
+    let (vm, _root) = booted(|_| {}).await;
     let paths = cgroup_paths(&vm);
     let c = &vm.controller;
     let throttled = || async {
@@ -125,15 +140,7 @@ async fn real_vm_a_cpu_limit_throttles_a_busy_guest_and_bad_limits_change_nothin
     .await
     .expect("limit to 20 %");
     // The quota as the host's cgroup version spells it.
-    let written: Vec<String> = paths
-        .iter()
-        .filter_map(|d| {
-            std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
-                .or_else(|_| std::fs::read_to_string(d.join("cpu.max")))
-                .ok()
-        })
-        .map(|s| s.trim().to_owned())
-        .collect();
+    let written = quotas(&paths);
     assert!(
         written.iter().any(|q| q == "20000" || q == "20000 100000"),
         "{written:?}"
@@ -178,15 +185,7 @@ async fn real_vm_a_cpu_limit_throttles_a_busy_guest_and_bad_limits_change_nothin
     })
     .await
     .expect("lift the cap");
-    let lifted: Vec<String> = paths
-        .iter()
-        .filter_map(|d| {
-            std::fs::read_to_string(d.join("cpu.cfs_quota_us"))
-                .or_else(|_| std::fs::read_to_string(d.join("cpu.max")))
-                .ok()
-        })
-        .map(|s| s.trim().to_owned())
-        .collect();
+    let lifted = quotas(&paths);
     assert!(
         lifted.iter().any(|q| q == "-1" || q == "max 100000"),
         "{lifted:?}"
@@ -197,26 +196,11 @@ async fn real_vm_a_cpu_limit_throttles_a_busy_guest_and_bad_limits_change_nothin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_memory_grows_with_virtio_mem_shrinks_back_and_mem_total_follows() {
-    require_prerequisites();
-    let image = default_image().expect("build the guest image");
-    let root = tempfile::Builder::new()
-        .prefix("uvmr")
-        .tempdir_in("/tmp")
-        .expect("runtime root");
-    let vm = Vm::new(
-        &image,
-        VmOptions {
-            memory_mib: 256,
-            max_memory_mib: Some(768),
-            runtime_root: Some(root.path().to_path_buf()),
-            timeouts: Timeouts {
-                guest_connect: Duration::from_secs(90),
-                ..Timeouts::default()
-            },
-            ..VmOptions::default()
-        },
-    );
-    vm.boot().await.expect("boot");
+    let (vm, _root) = booted(|o| {
+        o.memory_mib = 256;
+        o.max_memory_mib = Some(768);
+    })
+    .await;
     let c = &vm.controller;
     let mem_total = || async { c.guest_stats().await.expect("guest stats").mem_total_bytes };
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
@@ -255,26 +239,11 @@ async fn real_vm_memory_grows_with_virtio_mem_shrinks_back_and_mem_total_follows
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_vcpus_are_hot_added_and_removed_and_nproc_follows() {
-    require_prerequisites();
-    let image = default_image().expect("build the guest image");
-    let root = tempfile::Builder::new()
-        .prefix("uvmr")
-        .tempdir_in("/tmp")
-        .expect("runtime root");
-    let vm = Vm::new(
-        &image,
-        VmOptions {
-            cpus: 1,
-            max_cpus: Some(3),
-            runtime_root: Some(root.path().to_path_buf()),
-            timeouts: Timeouts {
-                guest_connect: Duration::from_secs(90),
-                ..Timeouts::default()
-            },
-            ..VmOptions::default()
-        },
-    );
-    vm.boot().await.expect("boot");
+    let (vm, _root) = booted(|o| {
+        o.cpus = 1;
+        o.max_cpus = Some(3);
+    })
+    .await;
     let c = &vm.controller;
     // The guest's count, once it settles on `n` (the agent onlines added vCPUs on its own).
     let nproc_becomes = |n: u32| async move {
