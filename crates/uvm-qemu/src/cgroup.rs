@@ -83,10 +83,21 @@ pub(crate) fn release(cg: &VmCgroup) -> Result<(), HostError> {
     if !left.is_empty() {
         tracing::warn!(pids = ?left, "processes left in the VM's cgroup: killing them");
     }
-    cg.kill_all()
-        .and_then(|()| cg.remove(EMPTY_WAIT))
+    // A process that forked while the cgroup was being frozen escapes one pass, not several.
+    for _ in 0..KILL_PASSES {
+        cg.kill_all()
+            .map_err(|e| host_error("kill what is left in the VM's cgroup", e))?;
+        if cg.pids().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cg.remove(EMPTY_WAIT)
         .map_err(|e| host_error("remove the VM's cgroup", e))
 }
+
+/// Kill passes over a cgroup before waiting for it to empty.
+const KILL_PASSES: usize = 5;
 
 /// Whether the host simply does not let us have a cgroup (not a failure of ours).
 fn refused(e: &CgroupError) -> bool {
