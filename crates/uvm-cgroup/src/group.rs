@@ -14,13 +14,15 @@ use crate::{limits, CgroupError};
 
 /// One directory of the VM's cgroup and the controllers its hierarchy carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Dir {
-    path: PathBuf,
-    controllers: Vec<String>,
+pub(crate) struct Dir {
+    pub(crate) path: PathBuf,
+    /// Its path inside its hierarchy (what `/proc/<pid>/cgroup` shows for a member).
+    pub(crate) relative: PathBuf,
+    pub(crate) controllers: Vec<String>,
 }
 
 impl Dir {
-    fn has(&self, controller: &str) -> bool {
+    pub(crate) fn has(&self, controller: &str) -> bool {
         self.controllers.iter().any(|c| c == controller)
     }
 }
@@ -29,10 +31,12 @@ impl Dir {
 /// [`VmCgroup::kill_all`] and [`VmCgroup::remove`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmCgroup {
-    v2: bool,
-    /// `/<parent>/<name>`: the path `/proc/<pid>/cgroup` shows for a member.
+    pub(crate) v2: bool,
+    /// `/<parent>/<name>`: where it was made.
     relative: PathBuf,
-    dirs: Vec<Dir>,
+    /// Its name (the last component of each directory).
+    pub(crate) name: String,
+    pub(crate) dirs: Vec<Dir>,
 }
 
 /// CPU time spent throttled by the VM's limit.
@@ -80,8 +84,15 @@ impl Joiner {
     }
 }
 
+/// Whether a VM's own cgroup has a directory in v1 hierarchy `h` (not in a cpuset-only one).
+fn vm_hierarchy(h: &crate::layout::V1Hierarchy) -> bool {
+    h.controllers
+        .iter()
+        .any(|c| crate::layout::V1_CONTROLLERS.contains(&c.as_str()))
+}
+
 /// A single plain component.
-fn check_name(what: &'static str, value: &str) -> Result<(), CgroupError> {
+pub(crate) fn check_name(what: &'static str, value: &str) -> Result<(), CgroupError> {
     let mut parts = Path::new(value).components();
     match (parts.next(), parts.next()) {
         (Some(Component::Normal(_)), None) => Ok(()),
@@ -105,7 +116,10 @@ fn check_parent(value: &str) -> Result<PathBuf, CgroupError> {
     Ok(path.to_owned())
 }
 
-fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CgroupError {
+pub(crate) fn io_error(
+    operation: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> CgroupError {
     let path = path.to_owned();
     move |source| CgroupError::Io {
         operation,
@@ -114,11 +128,11 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> C
     }
 }
 
-fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(io_error("write", path))
 }
 
-fn read(path: &Path) -> Option<String> {
+pub(crate) fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
@@ -127,7 +141,7 @@ fn read_u64(path: &Path) -> Option<u64> {
 }
 
 /// `key value` lines (`cpu.stat`).
-fn keyed(text: &str, key: &str) -> Option<u64> {
+pub(crate) fn keyed(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let (k, v) = l.split_once(' ')?;
         (k == key).then(|| v.trim().parse().ok())?
@@ -135,14 +149,14 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
 }
 
 /// The PIDs a `cgroup.procs` lists.
-fn pids_in(dir: &Path) -> Vec<u32> {
+pub(crate) fn pids_in(dir: &Path) -> Vec<u32> {
     read(&dir.join("cgroup.procs"))
         .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
 }
 
 /// Makes `dir`, which must not exist yet.
-fn make_new(dir: &Path) -> Result<(), CgroupError> {
+pub(crate) fn make_new(dir: &Path) -> Result<(), CgroupError> {
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(CgroupError::Exists {
@@ -193,9 +207,11 @@ impl VmCgroup {
                 make_new(&path)?;
                 Ok(VmCgroup {
                     v2: true,
-                    relative,
+                    relative: relative.clone(),
+                    name: name.to_owned(),
                     dirs: vec![Dir {
                         path,
+                        relative,
                         controllers: available,
                     }],
                 })
@@ -203,10 +219,11 @@ impl VmCgroup {
             Layout::V1 { hierarchies } => {
                 let mut made = VmCgroup {
                     v2: false,
-                    relative,
+                    relative: relative.clone(),
+                    name: name.to_owned(),
                     dirs: Vec::new(),
                 };
-                for h in hierarchies {
+                for h in hierarchies.iter().filter(|h| vm_hierarchy(h)) {
                     let dir = h.mount.join(&parent);
                     let result = std::fs::create_dir_all(&dir)
                         .map_err(io_error("make", &dir))
@@ -217,6 +234,7 @@ impl VmCgroup {
                     }
                     made.dirs.push(Dir {
                         path: dir.join(name),
+                        relative: relative.clone(),
                         controllers: h.controllers.clone(),
                     });
                 }
@@ -237,11 +255,13 @@ impl VmCgroup {
     ) -> Result<Option<VmCgroup>, CgroupError> {
         let parent = check_parent(parent)?;
         check_name("cgroup name", name)?;
+        let relative = Path::new("/").join(&parent).join(name);
         let (v2, candidates): (bool, Vec<Dir>) = match layout {
             Layout::V2 { root } => (
                 true,
                 vec![Dir {
                     path: root.join(&parent).join(name),
+                    relative: relative.clone(),
                     controllers: V2_CONTROLLERS.iter().map(|c| (*c).to_owned()).collect(),
                 }],
             ),
@@ -249,8 +269,10 @@ impl VmCgroup {
                 false,
                 hierarchies
                     .iter()
+                    .filter(|h| vm_hierarchy(h))
                     .map(|h| Dir {
                         path: h.mount.join(&parent).join(name),
+                        relative: relative.clone(),
                         controllers: h.controllers.clone(),
                     })
                     .collect(),
@@ -262,7 +284,8 @@ impl VmCgroup {
         }
         Ok(Some(VmCgroup {
             v2,
-            relative: Path::new("/").join(&parent).join(name),
+            relative,
+            name: name.to_owned(),
             dirs,
         }))
     }
@@ -306,7 +329,7 @@ impl VmCgroup {
         Ok(Joiner(fds.into()))
     }
 
-    fn with(&self, controller: &'static str) -> Result<&Path, CgroupError> {
+    pub(crate) fn with(&self, controller: &'static str) -> Result<&Path, CgroupError> {
         self.dirs
             .iter()
             .find(|d| d.has(controller))
@@ -471,9 +494,11 @@ impl VmCgroup {
             return false;
         };
         text.lines().any(|line| {
-            line.splitn(3, ':')
-                .nth(2)
-                .is_some_and(|p| Path::new(p).starts_with(&self.relative))
+            line.splitn(3, ':').nth(2).is_some_and(|p| {
+                self.dirs
+                    .iter()
+                    .any(|d| Path::new(p).starts_with(&d.relative))
+            })
         })
     }
 

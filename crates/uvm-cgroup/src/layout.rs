@@ -10,6 +10,10 @@ use crate::CgroupError;
 /// (`freezer`).
 pub const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 
+/// The v1 controller a CPU group adds (a VM outside a group stays out of its hierarchy: a v1
+/// cpuset cgroup starts with no CPUs and must be given some first).
+pub const V1_CPUSET: &str = "cpuset";
+
 /// The v2 controllers a VM's cgroup enables where the host has them.
 pub const V2_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
 
@@ -33,7 +37,8 @@ impl V1Hierarchy {
 pub enum Layout {
     /// One unified hierarchy (`cgroup2`) mounted at `root`.
     V2 { root: PathBuf },
-    /// Separate hierarchies (`cgroup`), those with a controller of [`V1_CONTROLLERS`]. A hybrid
+    /// Separate hierarchies (`cgroup`), those with a controller of [`V1_CONTROLLERS`] or
+    /// [`V1_CPUSET`]. A hybrid
     /// host (v1 controllers plus an empty `cgroup2` mount, as systemd's "hybrid" mode makes) is
     /// v1: that is where the controllers are.
     V1 { hierarchies: Vec<V1Hierarchy> },
@@ -72,7 +77,7 @@ impl Layout {
                 "cgroup" => {
                     let controllers: Vec<String> = super_options
                         .split(',')
-                        .filter(|o| V1_CONTROLLERS.contains(o))
+                        .filter(|o| V1_CONTROLLERS.contains(o) || *o == V1_CPUSET)
                         .map(str::to_owned)
                         .collect();
                     if !controllers.is_empty() {
@@ -170,7 +175,7 @@ mod tests {
         let mounts: Vec<_> = hierarchies.iter().map(|h| h.mount.clone()).collect();
         assert_eq!(
             mounts,
-            ["cpu", "cpuacct", "memory", "freezer", "pids"]
+            ["cpu", "cpuacct", "cpuset", "memory", "freezer", "pids"]
                 .map(|c| PathBuf::from("/sys/fs/cgroup").join(c))
         );
         assert!(hierarchies[0].has("cpu") && !hierarchies[0].has("memory"));

@@ -22,12 +22,14 @@
 //! unconditionally, and has no way to put a child into a cgroup before it execs; what a VM needs
 //! is a dozen files.
 
+pub mod cpu_group;
 mod group;
 pub mod layout;
 pub mod limits;
 
 use std::path::PathBuf;
 
+pub use cpu_group::{CpuGroup, GroupSettings, GROUPS_PARENT};
 pub use group::{CgroupStats, Joiner, Throttling, VmCgroup};
 pub use layout::Layout;
 
@@ -42,6 +44,12 @@ pub enum CgroupError {
     Exists { path: PathBuf },
     #[error("the host has no {controller} controller in its cgroups")]
     NoController { controller: &'static str },
+    #[error("there is no cpu group {name:?} (uvmctl cpu-group create {name})")]
+    NoGroup { name: String },
+    #[error("the cpu group {name:?} is in use by {members:?}")]
+    InUse { name: String, members: Vec<String> },
+    #[error("{what} {value} is not valid")]
+    InvalidValue { what: &'static str, value: String },
     #[error("{} still holds processes {pids:?} after they were killed", path.display())]
     Busy { path: PathBuf, pids: Vec<u32> },
     #[error("cannot {operation} {}", path.display())]

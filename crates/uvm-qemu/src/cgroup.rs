@@ -110,6 +110,9 @@ fn refused(e: &CgroupError) -> bool {
         CgroupError::InvalidName { .. }
         | CgroupError::Exists { .. }
         | CgroupError::NoController { .. }
+        | CgroupError::NoGroup { .. }
+        | CgroupError::InUse { .. }
+        | CgroupError::InvalidValue { .. }
         | CgroupError::Busy { .. } => false,
     }
 }
@@ -120,6 +123,12 @@ pub(crate) fn host_error(operation: &'static str, e: CgroupError) -> HostError {
             what,
             message: format!("{value:?} is not a plain relative cgroup path"),
         },
+        e @ (CgroupError::NoGroup { .. } | CgroupError::InvalidValue { .. }) => {
+            HostError::InvalidInput {
+                what: "cpu group",
+                message: e.to_string(),
+            }
+        }
         other => HostError::Failed {
             operation,
             source: Box::new(other),

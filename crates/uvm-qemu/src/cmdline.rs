@@ -62,7 +62,7 @@ pub struct QemuCommand<'a> {
     /// Guest memory in MiB (`-m`, and the size of the shared memfd backing it).
     pub memory_mib: u64,
     /// The most the guest may grow to, in MiB: `-m …,maxmem=` and a `virtio-mem-pci` device
-    /// (id [`VIRTIO_MEM_ID`], 2 MiB blocks, nothing plugged at boot) over a second shared memfd
+    /// (id `vmem0`, 2 MiB blocks, nothing plugged at boot) over a second shared memfd
     /// for the rest; the guest onlines hot-added blocks movable, so they can be unplugged again.
     pub max_memory_mib: Option<u64>,
     /// Virtual CPUs (`-smp`).

@@ -211,7 +211,7 @@ pub struct QemuConfig {
     /// [`DEFAULT_CGROUP_PARENT`]; the VM's is `<parent>/<runtime directory name>`). `None`: no
     /// cgroups — the VM's processes stay where this process is, and CPU limits are
     /// unsupported. Where the host has no cgroups or refuses (not root), the VM runs without
-    /// one too, with a warning ([`crate::cgroup`]).
+    /// one too, with a warning.
     pub cgroup_parent: Option<String>,
 }
 

@@ -178,7 +178,8 @@ pub(crate) struct Shared {
     /// Every QMP event QEMU sends (DEVICE_DELETED, …), for whoever waits for one.
     pub events: broadcast::Sender<QmpEvent>,
     /// Puts each child into the VM's cgroup before it execs (`None`: the VM has none).
-    joiner: Option<uvm_cgroup::Joiner>,
+    /// Replaced when the VM moves into a CPU group.
+    joiner: Mutex<Option<uvm_cgroup::Joiner>>,
 }
 
 /// QMP events kept for a slow subscriber; one that falls further behind re-checks by query.
@@ -193,7 +194,7 @@ impl Shared {
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         Ok(Shared {
             paths,
-            joiner,
+            joiner: Mutex::new(joiner),
             procs: Mutex::new(Procs::default()),
             exit: watch::Sender::new(None),
             done: watch::Sender::new(false),
@@ -252,6 +253,11 @@ impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Procs> {
         // Every update of `Procs` is a single assignment: it stays consistent across a panic.
         uvm_util::lock(&self.procs)
+    }
+
+    /// Children spawned from now on join the cgroup `joiner` writes into.
+    pub(crate) fn set_joiner(&self, joiner: uvm_cgroup::Joiner) {
+        *uvm_util::lock(&self.joiner) = Some(joiner);
     }
 
     pub(crate) fn subscribe_exit(&self) -> watch::Receiver<Option<VmExit>> {
@@ -527,7 +533,7 @@ fn spawn_child(
         operation: "create a process log",
         source,
     })?;
-    if let Some(joiner) = shared.joiner.clone() {
+    if let Some(joiner) = uvm_util::lock(&shared.joiner).clone() {
         // SAFETY: `Joiner::join` only makes write(2) calls on descriptors opened before the
         // fork; it allocates nothing and takes no lock (async-signal-safe).
         unsafe {

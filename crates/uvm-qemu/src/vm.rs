@@ -267,7 +267,8 @@ impl QemuBackend {
             accel: self.accel,
             grace: c.terminate_grace,
             shared: Arc::new(shared),
-            placement,
+            placement: Mutex::new(placement),
+            cpu_limits: Mutex::new(CpuLimits::default()),
             cpus: config.cpus,
             max_cpus: config.max_cpus.unwrap_or(config.cpus),
             shares: Shares::new(&share_host, &plan),
@@ -431,8 +432,10 @@ pub struct QemuVm {
     accel: AccelKind,
     grace: Duration,
     shared: Arc<Shared>,
-    /// Its cgroup, if it has one.
-    placement: Placement,
+    /// Its cgroup, if it has one (replaced when it moves into a CPU group).
+    placement: Mutex<Placement>,
+    /// The CPU limits last set (applied again after a move into a CPU group).
+    cpu_limits: Mutex<CpuLimits>,
     /// Its vCPUs at boot (what a CPU limit is a share of).
     cpus: u32,
     /// The most it may have (its boot count without hot-add).
@@ -499,12 +502,12 @@ impl QemuVm {
     /// The VM's cgroup: `v1 /uvmctl/<runtime dir name>` (its version and its path in each
     /// hierarchy), or `none: <why>`.
     pub fn cgroup_description(&self) -> String {
-        self.placement.describe()
+        lock(&self.placement).describe()
     }
 
     /// The VM's cgroup directories, one per hierarchy (none without a cgroup).
     pub fn cgroup_paths(&self) -> Vec<PathBuf> {
-        self.placement
+        lock(&self.placement)
             .cgroup()
             .map(uvm_cgroup::VmCgroup::paths)
             .unwrap_or_default()
@@ -871,7 +874,8 @@ impl VmLifetime for QemuVm {
         }
         self.qmp.lock().await.take();
         // Every child is reaped; whatever else got into the cgroup dies with it.
-        if let Some(cg) = self.placement.cgroup().cloned() {
+        let cgroup = lock(&self.placement).cgroup().cloned();
+        if let Some(cg) = cgroup {
             tokio::task::spawn_blocking(move || cgroup::release(&cg))
                 .await
                 .map_err(|e| HostError::Failed {
@@ -900,7 +904,8 @@ impl VmResources for QemuVm {
     /// time is QEMU's and vhost-device-vsock's from `/proc`).
     async fn stats(&self) -> Result<HostStats, HostError> {
         let mut total = self.process_stats()?;
-        if let Some(cg) = self.placement.cgroup() {
+        let cgroup = lock(&self.placement).cgroup().cloned();
+        if let Some(cg) = cgroup {
             let c = cg.stats();
             total.cpu_time = c.cpu_usage.unwrap_or(total.cpu_time);
             total.memory_current_bytes = c.memory_current;
@@ -914,24 +919,53 @@ impl VmResources for QemuVm {
         Ok(total)
     }
 
-    async fn set_cpu_group(&self, _group_id: &str) -> Result<(), HostError> {
-        // CPU groups (a parent cgroup shared by several VMs) are not built yet.
-        Err(HostError::Unsupported {
-            backend: "qemu",
-            operation: "set_cpu_group",
+    /// Moves the VM's cpu-side cgroup directories under the CPU group `group_id`
+    /// ([`uvm_cgroup::VmCgroup::move_into`]), points the spawning of later children there and
+    /// sets the VM's own CPU limits again on its new directory. An unknown group is
+    /// InvalidInput; a VM without a cgroup is Unsupported.
+    async fn set_cpu_group(&self, group_id: &str) -> Result<(), HostError> {
+        const OP: &str = "set_cpu_group";
+        let current = lock(&self.placement).require(OP)?.clone();
+        let id = group_id.to_owned();
+        let moved = tokio::task::spawn_blocking(move || {
+            let layout = uvm_cgroup::Layout::detect()?;
+            let group = uvm_cgroup::CpuGroup::open(&layout, &id)?;
+            let moved = current.move_into(&group)?;
+            let joiner = moved.joiner()?;
+            Ok::<_, uvm_cgroup::CgroupError>((moved, joiner))
         })
+        .await
+        .map_err(|e| HostError::Failed {
+            operation: OP,
+            source: Box::new(e),
+        })?
+        .map_err(|e| cgroup::host_error(OP, e))?;
+        let (moved, joiner) = moved;
+        self.shared.set_joiner(joiner);
+        let limits = *lock(&self.cpu_limits);
+        *lock(&self.placement) = Placement::Cgroup(moved.clone());
+        if limits != CpuLimits::default() {
+            moved
+                .set_cpu_limits(limits.limit, limits.weight, self.cpus)
+                .map_err(|e| cgroup::host_error(OP, e))?;
+        }
+        Ok(())
     }
 
     /// Writes the limit (a share of the VM's vCPUs) and the weight into the VM's cgroup;
     /// Unsupported when it has none.
     async fn update_cpu_limits(&self, limits: CpuLimits) -> Result<(), HostError> {
-        let cg = self.placement.require("update_cpu_limits")?;
+        let cg = lock(&self.placement).require("update_cpu_limits")?.clone();
         cg.set_cpu_limits(limits.limit, limits.weight, self.cpus)
-            .map_err(|e| cgroup::host_error("update_cpu_limits", e))
+            .map_err(|e| cgroup::host_error("update_cpu_limits", e))?;
+        let mut kept = lock(&self.cpu_limits);
+        kept.limit = limits.limit.or(kept.limit);
+        kept.weight = limits.weight.or(kept.weight);
+        Ok(())
     }
 
     /// Balloon the guest below its boot memory, or (created with a maximum) plug virtio-mem
-    /// memory above it, waiting until the guest has it ([`crate::memory`]).
+    /// memory above it, waiting until the guest has it (`memory.rs`).
     #[tracing::instrument(skip_all, fields(vm = %self.id, op = "update_memory", bytes))]
     async fn update_memory(&self, bytes: u64) -> Result<(), HostError> {
         self.resize_memory(bytes).await
@@ -941,7 +975,7 @@ impl VmResources for QemuVm {
         crate::memory::granularity(self.max_memory_bytes.is_some())
     }
 
-    /// Hot-adds or hot-removes vCPUs ([`crate::cpus`]); the VM must have been created with a
+    /// Hot-adds or hot-removes vCPUs (`cpus.rs`); the VM must have been created with a
     /// maximum above its boot count.
     async fn update_cpus(&self, cpus: u32) -> Result<(), HostError> {
         if self.max_cpus == self.cpus {
@@ -963,13 +997,27 @@ impl VmResources for QemuVm {
 
 impl Drop for QemuVm {
     /// Children must not outlive their VM: kill them (the supervisor thread reaps them within
-    /// moments) and remove the runtime directory, if `release` did not.
+    /// moments) and remove the runtime directory and the cgroup, if `release` did not.
     fn drop(&mut self) {
-        let released = *self.shared.subscribe_done().borrow() && !self.runtime_dir.exists();
+        let cgroup = lock(&self.placement).cgroup().cloned();
+        let released = *self.shared.subscribe_done().borrow()
+            && !self.runtime_dir.exists()
+            && cgroup
+                .as_ref()
+                .is_none_or(|cg| cg.paths().iter().all(|p| !p.exists()));
         if released {
             return;
         }
         self.shared.stop_and_kill();
+        if let Some(cg) = cgroup {
+            // Killed processes leave it as they exit: a short wait, not release's.
+            let removed = cg
+                .kill_all()
+                .and_then(|()| cg.remove(Duration::from_millis(500)));
+            if let Err(e) = removed {
+                tracing::warn!(vm = %self.id, error = %uvm_util::error_chain(&e), "removing the VM's cgroup failed");
+            }
+        }
         match std::fs::remove_dir_all(&self.runtime_dir) {
             Ok(()) => tracing::warn!(vm = %self.id, "VM dropped without release; cleaned up"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -277,3 +277,92 @@ async fn real_vm_vcpus_are_hot_added_and_removed_and_nproc_follows() {
     nproc_becomes(2).await;
     c.terminate_vm().await.expect("terminate");
 }
+
+/// Removes a CPU group however the test ends (once its VMs are gone).
+struct GroupGuard(uvm_cgroup::CpuGroup);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let _ = self.0.remove();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_vm_a_cpu_group_shared_by_two_vms_caps_their_sum_and_is_kept_while_in_use() {
+    require_prerequisites();
+    let layout = uvm_cgroup::Layout::detect().expect("cgroups");
+    let name = format!("test-{}", std::process::id());
+    let group = uvm_cgroup::CpuGroup::create(
+        &layout,
+        &name,
+        &uvm_cgroup::GroupSettings {
+            cap_percent: Some(50),
+            cpus: None,
+        },
+    )
+    .expect("make the group");
+    let guard = GroupGuard(group.clone());
+    let (a, _ra) = booted(|_| {}).await;
+    let (b, _rb) = booted(|_| {}).await;
+    // An unknown group is bad input, and changes nothing.
+    let e = a
+        .controller
+        .update_cpu_group("no-such-group")
+        .await
+        .expect_err("unknown group");
+    assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}");
+    for vm in [&a, &b] {
+        vm.controller
+            .update_cpu_group(&name)
+            .await
+            .expect("join the group");
+    }
+    assert_eq!(group.members().len(), 2, "{:?}", group.members());
+    // Each VM's processes are under the group now.
+    for vm in [&a, &b] {
+        let host = vm.qemu_vm().expect("created");
+        let under: Vec<PathBuf> = host
+            .cgroup_paths()
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(&name))
+            .collect();
+        assert!(!under.is_empty(), "{:?}", host.cgroup_paths());
+        let qemu = host.qemu_pid().expect("qemu");
+        assert!(
+            under.iter().all(|d| members(d).contains(&qemu)),
+            "{under:?}"
+        );
+    }
+    assert!(matches!(
+        group.remove(),
+        Err(uvm_cgroup::CgroupError::InUse { .. })
+    ));
+    let before = group.throttling().expect("counters").throttled;
+    let spin = || {
+        ExecRequest::new([
+            "timeout",
+            "-s",
+            "KILL",
+            "2",
+            "sh",
+            "-c",
+            "while :; do :; done",
+        ])
+    };
+    let (x, y) = tokio::join!(
+        a.controller.exec_into_host(spin()),
+        b.controller.exec_into_host(spin())
+    );
+    x.expect("spin a");
+    y.expect("spin b");
+    let after = group.throttling().expect("counters").throttled;
+    assert!(
+        after > before,
+        "the group was never throttled: {before} → {after}"
+    );
+    a.controller.terminate_vm().await.expect("terminate a");
+    b.controller.terminate_vm().await.expect("terminate b");
+    assert!(group.members().is_empty(), "{:?}", group.members());
+    group.remove().expect("an empty group goes");
+    drop(guard);
+}

@@ -86,8 +86,13 @@ enum Action {
         #[command(subcommand)]
         command: vms::ShareCommand,
     },
-    /// Change a running VM's memory, CPU cap or CPU group.
+    /// Change a running VM's memory, vCPUs, CPU cap or CPU group.
     Update(vms::UpdateArgs),
+    /// Make, change, remove and list CPU groups: caps (and cpusets) shared by the VMs in them.
+    CpuGroup {
+        #[command(subcommand)]
+        command: uvmctl::cpu_groups::CpuGroupCommand,
+    },
     /// What a running VM's guest agent, supervisor and QEMU threads are doing.
     #[command(after_help = "Example:\n  uvmctl dump-stacks web")]
     DumpStacks(vms::IdArg),
@@ -357,7 +362,11 @@ fn main() -> ExitCode {
     }
     let one_shot = matches!(
         cli.command,
-        Action::Run(_) | Action::Image { .. } | Action::Bench(_) | Action::CommandLine(_)
+        Action::Run(_)
+            | Action::Image { .. }
+            | Action::Bench(_)
+            | Action::CommandLine(_)
+            | Action::CpuGroup { .. }
     );
     if one_shot && cli.root.is_some() {
         eprintln!("uvmctl: --root applies to the long-lived VM commands (create, exec, ps, …), not to this one");
@@ -387,6 +396,7 @@ fn main() -> ExitCode {
             Action::Update(args) => vms::update(args, &root()?).await,
             Action::Disk { command } => vms::disk(command, &root()?).await,
             Action::Share { command } => vms::share(command, &root()?).await,
+            Action::CpuGroup { command } => uvmctl::cpu_groups::run(command),
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,
         }

@@ -197,10 +197,10 @@ fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
     let out = root.run(&["update", "life", "--cpus", "2"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("no maximum"), "{}", stderr(&out));
-    // What the backend cannot do is said, never faked.
-    let out = root.run(&["update", "life", "--cpu-group", "g"]);
+    // A CPU group that does not exist: said, and nothing moved.
+    let out = root.run(&["update", "life", "--cpu-group", "no-such-group"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("not supported"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no cpu group"), "{}", stderr(&out));
 
     assert!(
         root.ok(&["logs", "life"]).contains("uvm-agent"),
