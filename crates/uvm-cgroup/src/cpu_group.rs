@@ -244,20 +244,39 @@ impl CpuGroup {
         }
         if let Some(cpus) = &settings.cpus {
             let dir = self.with(V1_CPUSET)?;
-            write(&dir.join("cpuset.cpus"), cpus).map_err(|e| match e {
-                // EINVAL for a list it cannot parse, ERANGE for CPUs the host does not have.
-                CgroupError::Io { source, .. }
-                    if source.kind() == std::io::ErrorKind::InvalidInput
-                        || source.raw_os_error()
-                            == Some(rustix::io::Errno::RANGE.raw_os_error()) =>
-                {
-                    CgroupError::InvalidValue {
-                        what: "cpu group cpus",
-                        value: cpus.clone(),
+            let set = |d: &Path| {
+                write(&d.join("cpuset.cpus"), cpus).map_err(|e| match e {
+                    // EINVAL for a list it cannot parse, ERANGE for CPUs the host lacks.
+                    CgroupError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::InvalidInput
+                            || source.raw_os_error()
+                                == Some(rustix::io::Errno::RANGE.raw_os_error()) =>
+                    {
+                        CgroupError::InvalidValue {
+                            what: "cpu group cpus",
+                            value: cpus.clone(),
+                        }
                     }
+                    other => other,
+                })
+            };
+            // v1: each member has its own copy, which must stay a subset of the group's —
+            // widen the group first, narrow the members first (the group refuses, busy).
+            let members: Vec<PathBuf> = if self.v2 {
+                Vec::new()
+            } else {
+                self.members().iter().map(|m| dir.join(m)).collect()
+            };
+            match set(dir) {
+                Ok(()) => members.iter().try_for_each(|m| set(m))?,
+                Err(CgroupError::Io { source, .. })
+                    if source.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) =>
+                {
+                    members.iter().try_for_each(|m| set(m))?;
+                    set(dir)?;
                 }
-                other => other,
-            })?;
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -344,67 +363,38 @@ impl CpuGroup {
     }
 }
 
-impl VmCgroup {
-    /// Moves the VM into `group`: in each hierarchy the group has, a directory `<group>/<vm>`
-    /// is made and every process of the VM written into it, and the VM's directory it replaces
-    /// (if any) is removed once empty. Returns the cgroup as it is now; the caller re-opens its
-    /// joiner for processes spawned from now on. Moving into the group it is in is a no-op.
+/// A VM's cgroup half moved into a group ([`VmCgroup::move_into`]): every process is in the
+/// new directories, the ones they replaced still exist (a child spawned meanwhile may have
+/// joined one). Point the spawning of children at [`GroupMove::cgroup`], then
+/// [`GroupMove::finish`].
+#[derive(Debug)]
+pub struct GroupMove {
+    cgroup: VmCgroup,
+    replaced: Vec<Dir>,
+}
+
+impl GroupMove {
+    /// The VM's cgroup as it is after the move.
+    pub fn cgroup(&self) -> &VmCgroup {
+        &self.cgroup
+    }
+
+    /// Moves what joined a replaced directory meanwhile and removes those directories.
     ///
     /// # Errors
-    /// The kernel refused a directory or a move; the cgroup is then as far as it got (every
-    /// process still in one of its directories).
-    pub fn move_into(&self, group: &CpuGroup) -> Result<VmCgroup, CgroupError> {
-        let mut moved = self.clone();
-        let pids = self.pids();
-        let mut replaced = Vec::new();
-        for g in group.dirs() {
-            let mount = mount_of(g);
-            let new = Dir {
-                path: g.path.join(&self.name),
-                relative: g.relative.join(&self.name),
-                controllers: g.controllers.clone(),
-            };
-            let old = moved.dirs.iter().position(|d| mount_of(d) == mount);
-            if old.is_some_and(|i| moved.dirs[i].path == new.path) {
-                continue;
-            }
-            match std::fs::create_dir(&new.path) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                    return Err(io_error("make", &new.path)(e))
-                }
-                _ => {}
-            }
-            if !self.v2 && new.has(V1_CPUSET) {
-                inherit_cpuset(&new.path)?;
-            }
-            let procs = new.path.join("cgroup.procs");
-            for pid in &pids {
-                match std::fs::write(&procs, pid.to_string()) {
-                    Ok(()) => {}
-                    // Gone meanwhile.
-                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => {}
-                    Err(e) => return Err(io_error("move a process into", &new.path)(e)),
-                }
-            }
-            match old {
-                Some(i) => replaced.push(std::mem::replace(&mut moved.dirs[i], new)),
-                None => moved.dirs.push(new),
-            }
-        }
-        // What the move left behind (a process spawned meanwhile joined the old directory).
-        for old in replaced {
+    /// A replaced directory would not empty within 2 s.
+    pub fn finish(self) -> Result<VmCgroup, CgroupError> {
+        for old in &self.replaced {
+            let target = self
+                .cgroup
+                .dirs
+                .iter()
+                .find(|d| mount_of(d) == mount_of(old))
+                .map(|d| d.path.clone());
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
             loop {
-                let left = pids_in(&old.path);
-                let target = moved
-                    .dirs
-                    .iter()
-                    .find(|d| mount_of(d) == mount_of(&old))
-                    .map(|d| d.path.join("cgroup.procs"));
-                if let Some(procs) = &target {
-                    for pid in &left {
-                        let _ = std::fs::write(procs, pid.to_string());
-                    }
+                if let Some(target) = &target {
+                    move_members(&old.path, target)?;
                 }
                 match std::fs::remove_dir(&old.path) {
                     Ok(()) => break,
@@ -416,7 +406,101 @@ impl VmCgroup {
                 }
             }
         }
-        Ok(moved)
+        Ok(self.cgroup)
+    }
+}
+
+/// Writes every process listed in `from`'s `cgroup.procs` into `to`'s (one that exited
+/// meanwhile is skipped). The list is read right before the writes, from the VM's own cgroup,
+/// so a PID in it is a member's.
+fn move_members(from: &Path, to: &Path) -> Result<(), CgroupError> {
+    let procs = to.join("cgroup.procs");
+    for pid in pids_in(from) {
+        match std::fs::write(&procs, pid.to_string()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => {}
+            Err(e) => return Err(io_error("move a process into", to)(e)),
+        }
+    }
+    Ok(())
+}
+
+impl VmCgroup {
+    /// Moves the VM into `group`: in each hierarchy the group has, a directory `<group>/<vm>`
+    /// is made (v1 cpuset: given the group's CPUs and nodes) and every process of the VM
+    /// written into it. The directories it replaces stay until [`GroupMove::finish`]; the
+    /// caller points the spawning of children at the new cgroup in between. Moving into the
+    /// group it is in changes nothing. On v2 the whole VM moves (one hierarchy); its memory
+    /// charged so far stays counted where it was (v2 does not move charges).
+    ///
+    /// # Errors
+    /// The kernel refused a directory or a move: then every process is moved back and the
+    /// directories made are removed, so the VM is where it was.
+    pub fn move_into(&self, group: &CpuGroup) -> Result<GroupMove, CgroupError> {
+        let mut moved = self.clone();
+        let mut replaced = Vec::new();
+        let mut made: Vec<(Dir, Option<PathBuf>)> = Vec::new();
+        let result = (|| {
+            for g in group.dirs() {
+                let mount = mount_of(g);
+                let old = moved.dirs.iter().position(|d| mount_of(d) == mount);
+                let mut controllers = g.controllers.clone();
+                if let Some(i) = old {
+                    for c in &moved.dirs[i].controllers {
+                        if !controllers.contains(c) {
+                            controllers.push(c.clone());
+                        }
+                    }
+                }
+                let new = Dir {
+                    path: g.path.join(&self.name),
+                    relative: g.relative.join(&self.name),
+                    controllers,
+                };
+                if old.is_some_and(|i| moved.dirs[i].path == new.path) {
+                    continue;
+                }
+                make_new(&new.path).or_else(|e| match e {
+                    CgroupError::Exists { .. } => Ok(()),
+                    other => Err(other),
+                })?;
+                let from = old.map(|i| moved.dirs[i].path.clone());
+                made.push((new.clone(), from.clone()));
+                if !self.v2 && new.has(V1_CPUSET) {
+                    inherit_cpuset(&new.path)?;
+                }
+                match &from {
+                    Some(from) => move_members(from, &new.path)?,
+                    // A hierarchy the VM had no directory in (v1 cpuset): all of it comes.
+                    None => {
+                        let procs = new.path.join("cgroup.procs");
+                        for pid in self.pids() {
+                            if self.is_member(pid) {
+                                let _ = std::fs::write(&procs, pid.to_string());
+                            }
+                        }
+                    }
+                }
+                match old {
+                    Some(i) => replaced.push(std::mem::replace(&mut moved.dirs[i], new)),
+                    None => moved.dirs.push(new),
+                }
+            }
+            Ok::<(), CgroupError>(())
+        })();
+        if let Err(e) = result {
+            // Back where it was: out of every directory made, which then goes.
+            for (dir, from) in made.iter().rev() {
+                let back = from.clone().unwrap_or_else(|| mount_of(dir));
+                let _ = move_members(&dir.path, &back);
+                let _ = std::fs::remove_dir(&dir.path);
+            }
+            return Err(e);
+        }
+        Ok(GroupMove {
+            cgroup: moved,
+            replaced,
+        })
     }
 }
 
@@ -508,6 +592,53 @@ mod tests {
     }
 
     #[test]
+    fn on_v2_the_whole_vm_moves_with_its_controllers_and_processes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("cgroup.controllers"),
+            "cpuset cpu memory pids\n",
+        )
+        .expect("controllers");
+        let layout = Layout::V2 {
+            root: dir.path().to_owned(),
+        };
+        let g = CpuGroup::create(
+            &layout,
+            "g",
+            &GroupSettings {
+                cap_percent: Some(100),
+                cpus: None,
+            },
+        )
+        .expect("group");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("uvmctl-groups/g/cpu.max")).expect("cap"),
+            "100000 100000"
+        );
+        // The VMs below the group get their controllers.
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("uvmctl-groups/g/cgroup.subtree_control"))
+                .expect("enabled"),
+            "+cpu +memory +pids +cpuset"
+        );
+        let vm = VmCgroup::create(&layout, "uvmctl", "vm").expect("vm");
+        std::fs::write(vm.paths()[0].join("cgroup.procs"), "4242\n").expect("procs");
+        let moving = vm.move_into(&g).expect("move");
+        let moved = moving.cgroup();
+        assert_eq!(moved.paths(), [dir.path().join("uvmctl-groups/g/vm")]);
+        assert_eq!(moved.relative_path(), Path::new("/uvmctl-groups/g/vm"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("uvmctl-groups/g/vm/cgroup.procs"))
+                .expect("moved"),
+            "4242"
+        );
+        // Memory and pids still count there (only cpu and cpuset come from the group).
+        for c in ["cpu", "cpuset", "memory", "pids"] {
+            assert!(moved.dirs[0].has(c), "{c}: {:?}", moved.dirs[0].controllers);
+        }
+    }
+
+    #[test]
     fn an_unknown_group_is_not_found_and_a_group_in_use_is_not_removed() {
         let (root, layout) = fake_v1();
         assert!(matches!(
@@ -516,7 +647,7 @@ mod tests {
         ));
         let g = CpuGroup::create(&layout, "g", &GroupSettings::default()).expect("create");
         let vm = VmCgroup::create(&layout, "uvmctl", "vm-1").expect("vm");
-        let moved = vm.move_into(&g).expect("move");
+        let moved = vm.move_into(&g).expect("move").finish().expect("finish");
         // The VM's cpu side is in the group now, its memory side where it was.
         let paths = moved.paths();
         assert!(paths.contains(&root.path().join("cpu,cpuacct/uvmctl-groups/g/vm-1")));
@@ -532,6 +663,13 @@ mod tests {
         assert!(matches!(g.remove(), Err(CgroupError::InUse { .. })));
         assert_eq!(CpuGroup::open(&layout, "g").expect("open"), g);
         // Again: nothing to do.
-        assert_eq!(moved.move_into(&g).expect("again"), moved);
+        assert_eq!(
+            moved
+                .move_into(&g)
+                .expect("again")
+                .finish()
+                .expect("finish"),
+            moved
+        );
     }
 }

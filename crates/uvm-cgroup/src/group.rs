@@ -256,29 +256,47 @@ impl VmCgroup {
         let parent = check_parent(parent)?;
         check_name("cgroup name", name)?;
         let relative = Path::new("/").join(&parent).join(name);
-        let (v2, candidates): (bool, Vec<Dir>) = match layout {
+        // Each hierarchy: (its mount, its controllers). A VM moved into a CPU group has its
+        // cpu side (on v2: all of it) under `uvmctl-groups/<group>/<name>` instead.
+        let (v2, hierarchies): (bool, Vec<(PathBuf, Vec<String>)>) = match layout {
             Layout::V2 { root } => (
                 true,
-                vec![Dir {
-                    path: root.join(&parent).join(name),
-                    relative: relative.clone(),
-                    controllers: V2_CONTROLLERS.iter().map(|c| (*c).to_owned()).collect(),
-                }],
+                vec![(
+                    root.clone(),
+                    V2_CONTROLLERS.iter().map(|c| (*c).to_owned()).collect(),
+                )],
             ),
             Layout::V1 { hierarchies } => (
                 false,
                 hierarchies
                     .iter()
-                    .filter(|h| vm_hierarchy(h))
-                    .map(|h| Dir {
-                        path: h.mount.join(&parent).join(name),
-                        relative: relative.clone(),
-                        controllers: h.controllers.clone(),
-                    })
+                    .map(|h| (h.mount.clone(), h.controllers.clone()))
                     .collect(),
             ),
         };
-        let dirs: Vec<Dir> = candidates.into_iter().filter(|d| d.path.is_dir()).collect();
+        let mut dirs = Vec::new();
+        for (mount, controllers) in hierarchies {
+            let mut places = vec![(mount.join(&parent).join(name), relative.clone())];
+            let groups = mount.join(crate::cpu_group::GROUPS_PARENT);
+            if let Ok(entries) = std::fs::read_dir(&groups) {
+                for group in entries.flatten().filter(|e| e.path().is_dir()) {
+                    places.push((
+                        group.path().join(name),
+                        Path::new("/")
+                            .join(crate::cpu_group::GROUPS_PARENT)
+                            .join(group.file_name())
+                            .join(name),
+                    ));
+                }
+            }
+            dirs.extend(places.into_iter().filter(|(path, _)| path.is_dir()).map(
+                |(path, relative)| Dir {
+                    path,
+                    relative,
+                    controllers: controllers.clone(),
+                },
+            ));
+        }
         if dirs.is_empty() {
             return Ok(None);
         }
@@ -301,7 +319,7 @@ impl VmCgroup {
 
     /// The cgroup's path inside its hierarchies (`/uvmctl/<name>`).
     pub fn relative_path(&self) -> &Path {
-        &self.relative
+        self.dirs.first().map_or(&self.relative, |d| &d.relative)
     }
 
     /// Its directories, one per hierarchy.
@@ -362,10 +380,22 @@ impl VmCgroup {
                     &dir.join("cpu.cfs_period_us"),
                     &limits::PERIOD_US.to_string(),
                 )?;
+                // v1 refuses (EINVAL) a quota above its parent's: a CPU group's cap.
                 write(
                     &dir.join("cpu.cfs_quota_us"),
                     &limits::cfs_quota_us(limit, cpus),
-                )?;
+                )
+                .map_err(|e| match e {
+                    CgroupError::Io { source, .. }
+                        if source.kind() == io::ErrorKind::InvalidInput =>
+                    {
+                        CgroupError::InvalidValue {
+                            what: "cpu limit",
+                            value: format!("{limit}/10000 (above its CPU group's cap)"),
+                        }
+                    }
+                    other => other,
+                })?;
             }
             if let Some(weight) = weight {
                 write(&dir.join("cpu.shares"), &limits::shares(weight).to_string())?;
@@ -420,9 +450,11 @@ impl VmCgroup {
     }
 
     /// Kills every process in the cgroup: v2's `cgroup.kill` where the kernel has it (5.14+);
-    /// otherwise the cgroup is frozen (v2 `cgroup.freeze`, v1's freezer) so that nothing in it
-    /// forks or exits meanwhile, each member is sent SIGKILL through a pidfd once it is checked
-    /// to be still a member (never a recycled PID), and it is thawed so that they die.
+    /// otherwise the cgroup is frozen (v2 `cgroup.freeze`, v1's freezer; the freeze is
+    /// asynchronous and is waited for, up to a second) so that nothing in it forks meanwhile,
+    /// each member is sent SIGKILL through a pidfd once it is checked to be still a member
+    /// (never a recycled PID), and it is thawed so that they die. Callers that must see it empty
+    /// repeat the call until it is (a process that forked before the freeze took hold).
     ///
     /// A cgroup that is gone already (removed by an earlier release) has nothing to kill.
     ///
@@ -442,6 +474,10 @@ impl VmCgroup {
             }
             let freeze = dir.path.join("cgroup.freeze");
             write(&freeze, "1")?;
+            // Freezing is asynchronous: wait until the kernel says it is done.
+            wait_until(|| {
+                read(&dir.path.join("cgroup.events")).is_none_or(|e| keyed(&e, "frozen") == Some(1))
+            });
             let killed = self.kill_members();
             write(&freeze, "0")?;
             return killed;
@@ -453,6 +489,8 @@ impl VmCgroup {
             .filter(|state| state.exists());
         if let Some(state) = &freezer {
             write(state, "FROZEN")?;
+            // FREEZING until every task is frozen.
+            wait_until(|| read(state).is_none_or(|s| s.trim() != "FREEZING"));
         }
         let killed = self.kill_members();
         if let Some(state) = &freezer {
@@ -468,8 +506,16 @@ impl VmCgroup {
             };
             // The pidfd pins the process: once it is checked to be ours, the signal cannot
             // reach another that got its PID.
-            let Ok(pidfd) = pidfd_open(raw, PidfdFlags::empty()) else {
-                continue; // gone already
+            let pidfd = match pidfd_open(raw, PidfdFlags::empty()) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::SRCH) => continue, // gone already
+                Err(e) => {
+                    return Err(CgroupError::Io {
+                        operation: "open a pidfd for a member of",
+                        path: self.relative.clone(),
+                        source: e.into(),
+                    })
+                }
             };
             if !self.is_member(pid) {
                 continue;
@@ -489,7 +535,7 @@ impl VmCgroup {
     }
 
     /// Whether `/proc/<pid>/cgroup` puts `pid` in this cgroup (or below it).
-    fn is_member(&self, pid: u32) -> bool {
+    pub(crate) fn is_member(&self, pid: u32) -> bool {
         let Some(text) = read(Path::new(&format!("/proc/{pid}/cgroup"))) else {
             return false;
         };
@@ -537,6 +583,15 @@ impl VmCgroup {
         for dir in &self.dirs {
             let _ = std::fs::remove_dir(&dir.path);
         }
+    }
+}
+
+/// Waits (polling every millisecond, at most a second) until `done`; a freeze that takes longer
+/// is killed through anyway, and the kill passes after it catch what it missed.
+fn wait_until(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !done() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -29,7 +29,7 @@ pub mod limits;
 
 use std::path::PathBuf;
 
-pub use cpu_group::{CpuGroup, GroupSettings, GROUPS_PARENT};
+pub use cpu_group::{CpuGroup, GroupMove, GroupSettings, GROUPS_PARENT};
 pub use group::{CgroupStats, Joiner, Throttling, VmCgroup};
 pub use layout::Layout;
 

@@ -24,7 +24,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = self.0.kill_all();
         let _ = self.0.remove(Duration::from_secs(5));
-        // The shared parent too, once no other test's cgroup is in it.
+        // Its parent too (each test has its own).
         for dir in self.0.paths() {
             if let Some(parent) = dir.parent() {
                 let _ = std::fs::remove_dir(parent);
@@ -36,8 +36,9 @@ impl Drop for Cleanup {
 #[test]
 fn real_host_a_process_tree_started_inside_is_accounted_limited_and_killed_at_release() {
     let layout = layout();
-    let name = format!("test-{}", std::process::id());
-    let cg = VmCgroup::create(&layout, "uvmctl-test", &name).expect("create");
+    // A parent of its own: the tests run in parallel and each removes its parent at the end.
+    let parent = format!("uvmctl-test-tree-{}", std::process::id());
+    let cg = VmCgroup::create(&layout, &parent, "vm").expect("create");
     let guard = Cleanup(cg.clone());
     let joiner = cg.joiner().expect("joiner");
     let mut cmd = Command::new("sh");
@@ -75,11 +76,11 @@ fn real_host_a_process_tree_started_inside_is_accounted_limited_and_killed_at_re
 #[test]
 fn real_host_an_existing_cgroup_is_refused_and_left_alone() {
     let layout = layout();
-    let name = format!("dup-{}", std::process::id());
-    let cg = VmCgroup::create(&layout, "uvmctl-test", &name).expect("create");
+    let parent = format!("uvmctl-test-dup-{}", std::process::id());
+    let cg = VmCgroup::create(&layout, &parent, "vm").expect("create");
     let _guard = Cleanup(cg.clone());
     assert!(matches!(
-        VmCgroup::create(&layout, "uvmctl-test", &name),
+        VmCgroup::create(&layout, &parent, "vm"),
         Err(uvm_cgroup::CgroupError::Exists { .. })
     ));
     assert!(cg.paths().iter().all(|p| p.is_dir()));

@@ -123,12 +123,14 @@ pub(crate) fn host_error(operation: &'static str, e: CgroupError) -> HostError {
             what,
             message: format!("{value:?} is not a plain relative cgroup path"),
         },
-        e @ (CgroupError::NoGroup { .. } | CgroupError::InvalidValue { .. }) => {
-            HostError::InvalidInput {
-                what: "cpu group",
-                message: e.to_string(),
-            }
-        }
+        e @ CgroupError::NoGroup { .. } => HostError::InvalidInput {
+            what: "cpu group",
+            message: e.to_string(),
+        },
+        CgroupError::InvalidValue { what, value } => HostError::InvalidInput {
+            what,
+            message: format!("{value} is not valid"),
+        },
         other => HostError::Failed {
             operation,
             source: Box::new(other),

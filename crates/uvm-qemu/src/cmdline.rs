@@ -67,7 +67,8 @@ pub struct QemuCommand<'a> {
     pub max_memory_mib: Option<u64>,
     /// Virtual CPUs (`-smp`).
     pub cpus: u32,
-    /// The most vCPUs it may have (`-smp …,maxcpus=`: one socket each, hot-pluggable).
+    /// The most vCPUs it may have (`-smp …,maxcpus=`: hot-pluggable slots; QEMU picks the
+    /// topology, one socket with a core per vCPU).
     pub max_cpus: Option<u32>,
     /// Where the sockets and logs go.
     pub paths: &'a RuntimePaths,

@@ -1,4 +1,5 @@
-//! vCPU hotplug on q35 (a VM created with a maximum: `-smp N,maxcpus=M`, one socket per vCPU).
+//! vCPU hotplug on q35 (a VM created with a maximum: `-smp N,maxcpus=M`; QEMU lays the slots
+//! out as one socket with a core each).
 //!
 //! QMP `query-hotpluggable-cpus` lists every possible vCPU with its topology properties and,
 //! for those present, a `qom-path`. Adding one is `device_add` of the listed type with those
@@ -56,7 +57,7 @@ impl HotpluggableCpu {
         format!("vcpu-{}", parts.join("-"))
     }
 
-    /// Hot-added ones are named by us (`/machine/peripheral/vcpu<n>`); boot ones are not.
+    /// Hot-added ones are named by us (`/machine/peripheral/vcpu-<position>`); boot ones are not.
     fn hot_added_id(&self) -> Option<&str> {
         self.qom_path
             .as_deref()?

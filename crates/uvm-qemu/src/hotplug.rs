@@ -210,9 +210,9 @@ impl QemuVm {
 }
 
 impl QemuVm {
-    /// Run the QMP command `execute` with `arguments` and return what QEMU answers — for probes
-    /// and debugging. The backend's books do not follow what it does: a device added this way
-    /// is unknown to `HostDevices`.
+    /// Run the QMP command `execute` with `arguments` and return what QEMU answers (the memory
+    /// and vCPU changes use it; probes and benchmarks too). The backend's books do not follow
+    /// what it does: a device added this way is unknown to `HostDevices`.
     ///
     /// # Errors
     /// [`HostError::Failed`] when QEMU refuses; [`HostError::Gone`], [`HostError::Timeout`] or

@@ -23,8 +23,9 @@ use crate::error::QemuError;
 use crate::qmp::Balloon;
 use crate::vm::{QemuVm, MEMORY_GRANULARITY, QMP_TIMEOUT};
 
-/// How long the guest may take to plug or unplug what was asked (under the controller's 10 s
-/// host-call deadline).
+/// How long the guest may take to plug or unplug what was asked. With the balloon's and QMP's
+/// own waits a resize can outlast the controller's 10 s host-call deadline; its `Timeout` (typed
+/// too) then comes instead of this one.
 pub(crate) const PLUG_WAIT: Duration = Duration::from_secs(8);
 
 /// How often the plugged size is read between (throttled) events.

@@ -267,9 +267,10 @@ impl QemuBackend {
             accel: self.accel,
             grace: c.terminate_grace,
             shared: Arc::new(shared),
-            placement: Mutex::new(placement),
-            cpu_limits: Mutex::new(CpuLimits::default()),
+            placement: Arc::new(Mutex::new(placement)),
+            resources: Arc::new(Mutex::new(CpuLimits::default())),
             cpus: config.cpus,
+            vcpus: std::sync::atomic::AtomicU32::new(config.cpus),
             max_cpus: config.max_cpus.unwrap_or(config.cpus),
             shares: Shares::new(&share_host, &plan),
             launch,
@@ -433,9 +434,12 @@ pub struct QemuVm {
     grace: Duration,
     shared: Arc<Shared>,
     /// Its cgroup, if it has one (replaced when it moves into a CPU group).
-    placement: Mutex<Placement>,
-    /// The CPU limits last set (applied again after a move into a CPU group).
-    cpu_limits: Mutex<CpuLimits>,
+    placement: Arc<Mutex<Placement>>,
+    /// The CPU limits last set (applied again after a move into a CPU group or a vCPU change);
+    /// held while either changes, so a limit and a move never interleave.
+    resources: Arc<Mutex<CpuLimits>>,
+    /// Its vCPUs now (a CPU limit is a share of them).
+    vcpus: std::sync::atomic::AtomicU32,
     /// Its vCPUs at boot (what a CPU limit is a share of).
     cpus: u32,
     /// The most it may have (its boot count without hot-add).
@@ -920,45 +924,61 @@ impl VmResources for QemuVm {
     }
 
     /// Moves the VM's cpu-side cgroup directories under the CPU group `group_id`
-    /// ([`uvm_cgroup::VmCgroup::move_into`]), points the spawning of later children there and
-    /// sets the VM's own CPU limits again on its new directory. An unknown group is
+    /// ([`uvm_cgroup::VmCgroup::move_into`]), points the spawning of later children there
+    /// before the directories they replace go, and sets the VM's own CPU limits again on its
+    /// new directory (on v1 a limit above the group's cap is refused by the kernel: the cap
+    /// holds it then). All in one blocking task that records what it did itself, so a caller
+    /// that gives up waiting never leaves the books behind the cgroups. An unknown group is
     /// InvalidInput; a VM without a cgroup is Unsupported.
     async fn set_cpu_group(&self, group_id: &str) -> Result<(), HostError> {
         const OP: &str = "set_cpu_group";
-        let current = lock(&self.placement).require(OP)?.clone();
+        lock(&self.placement).require(OP)?;
         let id = group_id.to_owned();
-        let moved = tokio::task::spawn_blocking(move || {
-            let layout = uvm_cgroup::Layout::detect()?;
-            let group = uvm_cgroup::CpuGroup::open(&layout, &id)?;
-            let moved = current.move_into(&group)?;
-            let joiner = moved.joiner()?;
-            Ok::<_, uvm_cgroup::CgroupError>((moved, joiner))
+        let (placement, resources, shared) = (
+            self.placement.clone(),
+            self.resources.clone(),
+            self.shared.clone(),
+        );
+        let vcpus = self.vcpus.load(std::sync::atomic::Ordering::Relaxed);
+        let vm = self.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let limits = lock(&resources);
+            let current = lock(&placement).require(OP)?.clone();
+            let layout = uvm_cgroup::Layout::detect().map_err(|e| cgroup::host_error(OP, e))?;
+            let group =
+                uvm_cgroup::CpuGroup::open(&layout, &id).map_err(|e| cgroup::host_error(OP, e))?;
+            let moving = current
+                .move_into(&group)
+                .map_err(|e| cgroup::host_error(OP, e))?;
+            *lock(&placement) = Placement::Cgroup(moving.cgroup().clone());
+            let joiner = moving.cgroup().joiner();
+            if let Ok(joiner) = &joiner {
+                shared.set_joiner(joiner.clone());
+            }
+            let moved = moving.finish().map_err(|e| cgroup::host_error(OP, e))?;
+            joiner.map_err(|e| cgroup::host_error(OP, e))?;
+            if *limits != CpuLimits::default() {
+                if let Err(e) = moved.set_cpu_limits(limits.limit, limits.weight, vcpus) {
+                    tracing::warn!(%vm, error = %uvm_util::error_chain(&e), "the VM's own CPU limits do not fit its group; the group's cap holds it");
+                }
+            }
+            Ok(())
         })
         .await
         .map_err(|e| HostError::Failed {
             operation: OP,
             source: Box::new(e),
         })?
-        .map_err(|e| cgroup::host_error(OP, e))?;
-        let (moved, joiner) = moved;
-        self.shared.set_joiner(joiner);
-        let limits = *lock(&self.cpu_limits);
-        *lock(&self.placement) = Placement::Cgroup(moved.clone());
-        if limits != CpuLimits::default() {
-            moved
-                .set_cpu_limits(limits.limit, limits.weight, self.cpus)
-                .map_err(|e| cgroup::host_error(OP, e))?;
-        }
-        Ok(())
     }
 
-    /// Writes the limit (a share of the VM's vCPUs) and the weight into the VM's cgroup;
+    /// Writes the limit (a share of the VM's vCPUs now) and the weight into the VM's cgroup;
     /// Unsupported when it has none.
     async fn update_cpu_limits(&self, limits: CpuLimits) -> Result<(), HostError> {
+        let mut kept = lock(&self.resources);
         let cg = lock(&self.placement).require("update_cpu_limits")?.clone();
-        cg.set_cpu_limits(limits.limit, limits.weight, self.cpus)
+        let vcpus = self.vcpus.load(std::sync::atomic::Ordering::Relaxed);
+        cg.set_cpu_limits(limits.limit, limits.weight, vcpus)
             .map_err(|e| cgroup::host_error("update_cpu_limits", e))?;
-        let mut kept = lock(&self.cpu_limits);
         kept.limit = limits.limit.or(kept.limit);
         kept.weight = limits.weight.or(kept.weight);
         Ok(())
@@ -991,7 +1011,15 @@ impl VmResources for QemuVm {
                 ))
             };
         }
-        self.set_cpus(cpus).await
+        self.set_cpus(cpus).await?;
+        self.vcpus.store(cpus, std::sync::atomic::Ordering::Relaxed);
+        // A limit is a share of the vCPUs: scale it to the new count.
+        let limit = lock(&self.resources).limit;
+        if let (Some(limit), Some(cg)) = (limit, lock(&self.placement).cgroup().cloned()) {
+            cg.set_cpu_limits(Some(limit), None, cpus)
+                .map_err(|e| cgroup::host_error("update_cpus", e))?;
+        }
+        Ok(())
     }
 }
 

@@ -342,13 +342,18 @@ async fn await_device(sysfs: &Sysfs, req: &DiskMount) -> Result<String, ApiError
         source,
     })?;
     let deadline = Instant::now() + req.wait;
-    if let Location::Scsi { controller, lun } = req.location {
-        if sysfs.disk(&req.location).is_none() {
-            sysfs.scan_scsi(controller, lun);
-        }
-    }
+    // Asked for once its SCSI host is there (a look finds nothing before that).
+    let mut scanned = false;
     let disk = wait_for(&events, deadline, || {
-        sysfs.disk(&req.location).filter(|d| opens(sysfs, d))
+        let found = sysfs.disk(&req.location).filter(|d| opens(sysfs, d));
+        if let (None, Location::Scsi { controller, lun }) = (&found, &req.location) {
+            if !scanned && sysfs.scsi_host(*controller).is_some() {
+                sysfs.scan_scsi(*controller, *lun);
+                scanned = true;
+                return sysfs.disk(&req.location).filter(|d| opens(sysfs, d));
+            }
+        }
+        found
     })
     .await?
     .ok_or_else(|| ApiError::NoDevice {
