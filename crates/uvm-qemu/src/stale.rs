@@ -25,8 +25,12 @@ struct Owner {
 }
 
 impl Owner {
+    /// The running process `pid` (a zombie has ended: it only waits for its parent).
     fn of(pid: i32) -> Option<Owner> {
         let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+        if matches!(stat.state, 'Z' | 'X') {
+            return None;
+        }
         Some(Owner {
             pid,
             start: stat.starttime,

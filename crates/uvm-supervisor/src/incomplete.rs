@@ -102,6 +102,7 @@ pub fn remove_abandoned(root: &Path, id: &str) -> Result<(), IncompleteError> {
     for name in names_of(root, id) {
         names::release_name(root, &name, id)?;
     }
+    crate::sweep_dead_vm(&dir);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

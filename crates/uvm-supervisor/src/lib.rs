@@ -48,3 +48,16 @@ pub use root::{check_root, ensure_root, resolve_root, RootError};
 pub use start::{start_supervisor, StartError, Started, SupervisorCommand};
 pub use supervisor::{run, SupervisorError, SupervisorSpec};
 pub use tether::TetherError;
+
+/// Removes what a VM whose supervisor died never released — the QEMU runtime directories under
+/// the VM's directory `dir` whose owner is gone, and each one's cgroup (killing anything left
+/// in it) — before its directory is removed. The VM's processes died with their supervisor.
+pub fn sweep_dead_vm(dir: &std::path::Path) {
+    let options = uvm_vm::VmOptions {
+        runtime_root: Some(dir.to_path_buf()),
+        ..uvm_vm::VmOptions::default()
+    };
+    for swept in uvm_vm::sweep_stale_runtime_dirs(&options) {
+        tracing::info!(dir = %swept.display(), "removed a dead supervisor's VM runtime directory");
+    }
+}

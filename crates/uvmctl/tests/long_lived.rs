@@ -437,7 +437,25 @@ fn real_vm_a_vm_whose_supervisor_died_shows_so_and_rm_cleans_it() {
     let out = root.run(&["exec", "orphan", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("is not running"), "{}", stderr(&out));
+    // The VM's cgroup outlived its supervisor (its runtime directory names it).
+    let cgroups = || -> Vec<std::path::PathBuf> {
+        let runtime: Vec<_> = std::fs::read_dir(root.path().join(&id))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        let hierarchies: Vec<std::path::PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        hierarchies
+            .iter()
+            .chain([std::path::PathBuf::from("/sys/fs/cgroup")].iter())
+            .flat_map(|h| runtime.iter().map(move |n| h.join("uvmctl").join(n)))
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    let left = cgroups();
+    assert!(!left.is_empty(), "the VM had no cgroup");
     assert_eq!(root.ok(&["rm", "orphan"]).trim(), id);
+    assert!(left.iter().all(|p| !p.exists()), "rm left {left:?}");
     root.assert_clean();
 }
 

@@ -348,6 +348,8 @@ async fn rm_one(root: &Path, query: &str, force: bool) -> anyhow::Result<String>
         if !target.record.name.is_empty() {
             names::release_name(root, &target.record.name, &target.id)?;
         }
+        // What its supervisor never released: the VM's runtime directory and its cgroup.
+        uvm_supervisor::sweep_dead_vm(&target.dir);
         std::fs::remove_dir_all(&target.dir)
             .with_context(|| format!("removing {}", target.dir.display()))?;
         return Ok(target.id);
