@@ -55,7 +55,7 @@
 pub mod scsi;
 pub mod shares;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -473,6 +473,31 @@ pub(crate) async fn guest_call<T>(
 }
 
 /// The refusal for a table's [`Step::Refuse`].
+/// Adds reservation `id` as `mount` at its guest path among a device's `mounts`: another
+/// reference on the same mount there, a new reserved one, or `GuestPathInUse` for a different
+/// mount there — as the mount table allows.
+pub(crate) fn join_mount<M: PartialEq>(
+    mounts: &mut BTreeMap<String, MountEntry<M>>,
+    path: String,
+    mount: M,
+    id: u64,
+) -> Result<(), DeviceError> {
+    match mounts.get_mut(&path) {
+        Some(m) if m.config != mount => Err(DeviceError::GuestPathInUse { guest_path: path }),
+        Some(m) => match mount_step(m.state, MountEvent::Reserve) {
+            Step::Refuse => Err(refused("mount", m.state.as_str(), "reserve")),
+            Step::Stay | Step::Become(_) | Step::Call { .. } => {
+                m.holders.insert(id);
+                Ok(())
+            }
+        },
+        None => {
+            mounts.insert(path, MountEntry::reserved(mount, id));
+            Ok(())
+        }
+    }
+}
+
 pub(crate) fn refused(what: &'static str, state: &'static str, event: &'static str) -> DeviceError {
     DeviceError::WrongDeviceState { what, state, event }
 }

@@ -22,9 +22,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use super::{
-    check_host_path, check_mount_path, guest_call, host_call, mount_step, refused, Deadlines,
-    DeviceError, MountCall, MountEntry, MountEvent, MountInfo, MountPart, Reach, ShareReservation,
-    Step,
+    check_host_path, check_mount_path, guest_call, host_call, join_mount, mount_step, refused,
+    Deadlines, DeviceError, MountCall, MountEntry, MountEvent, MountInfo, MountPart, Reach,
+    ShareReservation, Step,
 };
 use crate::controller::lock;
 use crate::seams::{cold_share_tag, GuestMounts, HostDevices, ShareConfig, ShareMount};
@@ -701,18 +701,5 @@ fn join_share(
         Step::Stay | Step::Become(_) | Step::Call { .. } => {}
     }
     let path = mount.guest_path.clone();
-    match s.mounts.get_mut(&path) {
-        Some(m) if m.config != mount => Err(DeviceError::GuestPathInUse { guest_path: path }),
-        Some(m) => match mount_step(m.state, MountEvent::Reserve) {
-            Step::Refuse => Err(refused("mount", m.state.as_str(), "reserve")),
-            Step::Stay | Step::Become(_) | Step::Call { .. } => {
-                m.holders.insert(id);
-                Ok(())
-            }
-        },
-        None => {
-            s.mounts.insert(path, MountEntry::reserved(mount, id));
-            Ok(())
-        }
-    }
+    join_mount(&mut s.mounts, path, mount, id)
 }

@@ -7,9 +7,9 @@ use std::sync::Mutex;
 use super::{disk_step, DiskCall, DiskEvent, DiskInfo, DiskState};
 use crate::controller::lock;
 use crate::devices::{
-    check_host_path, check_mount_path, guest_call, host_call, mount_step, refused, Deadlines,
-    DeviceError, DiskReservation, MountCall, MountEntry, MountEvent, MountInfo, MountPart, Reach,
-    Step,
+    check_host_path, check_mount_path, guest_call, host_call, join_mount, mount_step, refused,
+    Deadlines, DeviceError, DiskReservation, MountCall, MountEntry, MountEvent, MountInfo,
+    MountPart, Reach, Step,
 };
 use crate::seams::{cold_disk_slot, DiskConfig, DiskMount, GuestMounts, HostDevices, ScsiSlot};
 
@@ -652,20 +652,7 @@ fn join_disk(
         Step::Stay | Step::Become(_) | Step::Call { .. } => {}
     }
     let path = mount.guest_path.clone();
-    match d.mounts.get_mut(&path) {
-        Some(m) if m.config != mount => Err(DeviceError::GuestPathInUse { guest_path: path }),
-        Some(m) => match mount_step(m.state, MountEvent::Reserve) {
-            Step::Refuse => Err(refused("mount", m.state.as_str(), "reserve")),
-            Step::Stay | Step::Become(_) | Step::Call { .. } => {
-                m.holders.insert(id);
-                Ok(())
-            }
-        },
-        None => {
-            d.mounts.insert(path, MountEntry::reserved(mount, id));
-            Ok(())
-        }
-    }
+    join_mount(&mut d.mounts, path, mount, id)
 }
 
 /// The lowest hot slot no disk holds.
