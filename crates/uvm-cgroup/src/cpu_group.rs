@@ -90,6 +90,25 @@ impl CpuGroup {
         name: &str,
         settings: &GroupSettings,
     ) -> Result<CpuGroup, CgroupError> {
+        // `uvmctl-groups` goes with its last group; made again if that happens meanwhile.
+        let mut attempts = 0;
+        loop {
+            match CpuGroup::create_once(layout, name, settings) {
+                Err(CgroupError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                made => return made,
+            }
+        }
+    }
+
+    fn create_once(
+        layout: &Layout,
+        name: &str,
+        settings: &GroupSettings,
+    ) -> Result<CpuGroup, CgroupError> {
         check_name("cpu group name", name)?;
         let (v2, dirs) = group_dirs(layout, name);
         if let Layout::V2 { root } = layout {
@@ -357,6 +376,10 @@ impl CpuGroup {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_error("remove", &d.path)(e)),
+            }
+            // `uvmctl-groups` with it when it was the last (harmless while others remain).
+            if let Some(parent) = d.path.parent() {
+                let _ = std::fs::remove_dir(parent);
             }
         }
         Ok(())

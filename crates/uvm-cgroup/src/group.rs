@@ -171,10 +171,27 @@ impl VmCgroup {
     /// in every hierarchy a VM uses. On v2 the controllers of [`V2_CONTROLLERS`] the host has
     /// are enabled from the root down to `<parent>`. Nothing is left behind on failure.
     ///
+    /// The parent is removed again when its last VM's cgroup goes ([`VmCgroup::remove`]); a
+    /// parent that vanishes that way in the middle of this (another VM's release) is made again.
+    ///
     /// # Errors
     /// A parent or name that is not plain; the cgroup exists already; the kernel refused
     /// (no permission, a read-only cgroupfs).
     pub fn create(layout: &Layout, parent: &str, name: &str) -> Result<VmCgroup, CgroupError> {
+        let mut attempts = 0;
+        loop {
+            match VmCgroup::create_once(layout, parent, name) {
+                Err(CgroupError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                made => return made,
+            }
+        }
+    }
+
+    fn create_once(layout: &Layout, parent: &str, name: &str) -> Result<VmCgroup, CgroupError> {
         let parent = check_parent(parent)?;
         check_name("cgroup name", name)?;
         let relative = Path::new("/").join(&parent).join(name);
@@ -572,6 +589,13 @@ impl VmCgroup {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     Err(e) => return Err(io_error("remove", &dir.path)(e)),
+                }
+            }
+            // The parent it was made in goes with its last VM (it fails, harmlessly, while
+            // another VM's cgroup is in it). Not a CPU group's: that is its owner's to remove.
+            if dir.relative == self.relative {
+                if let Some(parent) = dir.path.parent() {
+                    let _ = std::fs::remove_dir(parent);
                 }
             }
         }
