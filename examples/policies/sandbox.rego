@@ -1,8 +1,9 @@
 # A code sandbox's policy: the host may run only `echo`, `cat` and `true` (by program name,
 # with any arguments, environment and working directory, from the system's own directories),
-# and mount shares only read-only and away from the guest's system directories. Everything
-# else the agent decides is refused: every other program (`sh` included), disks, writable
-# shares, copying files in or out, signals, stack dumps. Fragments in packages under
+# and mount shares only read-only and away from the guest's system directories, and end what
+# it started (SIGTERM, SIGKILL). Everything else the agent decides is refused: every other
+# program (`sh` included), disks, writable shares, copying files in or out, other signals,
+# stack dumps. Fragments in packages under
 # `fragment.` may add to it (say, one more command). The input document of each rule is in
 # docs/policy.md.
 package uvmctl.policy
@@ -26,6 +27,12 @@ in_system_dir(path) if {
 	some dir in system_dirs
 	path == concat("/", [dir, input.program])
 }
+
+# Ending a program the policy let start gives the host nothing new (it can stop the VM), and
+# without it an exec whose caller went away could not be ended.
+default signal := false
+
+signal if input.signal in {9, 15}
 
 default mount_share := false
 

@@ -115,6 +115,8 @@ pub mod capabilities {
     pub const DISKS: &str = "disks";
     /// `MountShare`, `UnmountShare` (virtio-fs and 9p).
     pub const SHARES: &str = "shares";
+    /// `SetPolicy`, `AddPolicyFragment`: a Rego security policy decides the host's requests.
+    pub const POLICY: &str = "policy";
 }
 
 /// The fully qualified ttrpc service name, as registered by [`agent_ttrpc::create_agent`].

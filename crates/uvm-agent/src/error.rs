@@ -4,6 +4,7 @@
 use std::io;
 
 use uvm_agent_proto::ttrpc::{self, Code};
+use uvm_policy::PolicyError;
 use uvm_util::error_chain;
 
 /// Why an API request failed.
@@ -216,6 +217,18 @@ pub enum ApiError {
     /// A share could not be mounted or unmounted.
     #[error(transparent)]
     Share(#[from] crate::mounts::share::ShareError),
+    /// The security policy denied the request.
+    #[error(transparent)]
+    Denied(#[from] uvm_policy::Denial),
+    /// A policy or fragment was not taken.
+    #[error(transparent)]
+    Policy(#[from] uvm_policy::PolicyError),
+    /// `SetPolicy` when a policy is in force already.
+    #[error("a security policy is set already: it is set once, at start (fragments add to it)")]
+    PolicySet,
+    /// `AddPolicyFragment` without a policy.
+    #[error("no security policy is set: a fragment adds to one")]
+    NoPolicy,
     /// A `/proc` file could not be read or understood.
     #[error("cannot read {what}")]
     Proc {
@@ -262,6 +275,15 @@ impl ApiError {
                 _ => Code::INTERNAL,
             },
             ApiError::Share(e) => e.code(),
+            ApiError::Denied(_) => Code::PERMISSION_DENIED,
+            ApiError::Policy(e) => match e {
+                PolicyError::Compile { .. }
+                | PolicyError::BasePackage { .. }
+                | PolicyError::FragmentPackage { .. } => Code::INVALID_ARGUMENT,
+                PolicyError::FragmentExists { .. } => Code::FAILED_PRECONDITION,
+                PolicyError::FragmentRefused { .. } => Code::PERMISSION_DENIED,
+            },
+            ApiError::PolicySet | ApiError::NoPolicy => Code::FAILED_PRECONDITION,
             ApiError::Pty { .. }
             | ApiError::Resize { .. }
             | ApiError::StdinWrite { .. }

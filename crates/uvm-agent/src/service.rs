@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uvm_agent_proto::agent::{
-    disk_location, BootMarks, DiskLocation, DumpStacksResponse, EjectDiskRequest, Empty,
-    ExecRequest, ExecResponse, FileHandle, GuestStatsResponse, HandshakeRequest, HandshakeResponse,
-    MountDiskRequest, MountShareRequest, OpenReadRequest, OpenReadResponse, OpenWriteRequest,
-    OutputStream, ProcessRef, ReadChunkRequest, ReadChunkResponse, ReadOutputRequest,
-    ReadOutputResponse, ResizeRequest, SignalRequest, TerminalSize, UnmountDiskRequest,
-    UnmountShareRequest, WaitResponse, WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
+    disk_location, AddPolicyFragmentRequest, BootMarks, DiskLocation, DumpStacksResponse,
+    EjectDiskRequest, Empty, ExecRequest, ExecResponse, FileHandle, GuestStatsResponse,
+    HandshakeRequest, HandshakeResponse, MountDiskRequest, MountShareRequest, OpenReadRequest,
+    OpenReadResponse, OpenWriteRequest, OutputStream, ProcessRef, ReadChunkRequest,
+    ReadChunkResponse, ReadOutputRequest, ReadOutputResponse, ResizeRequest, SetPolicyRequest,
+    SignalRequest, TerminalSize, UnmountDiskRequest, UnmountShareRequest, WaitResponse,
+    WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
 };
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
@@ -19,12 +20,14 @@ use uvm_agent_proto::{
     agent_ttrpc, async_trait, capabilities, ttrpc, DEFAULT_DEVICE_WAIT_MS, MAX_DEVICE_WAIT_MS,
     MAX_ENTROPY_BYTES, MAX_OUTPUT_CHUNK, MAX_STDIN_CHUNK, PROTOCOL_VERSION,
 };
+use uvm_policy::Rule;
 
 use crate::clock::{self, BootTimes};
 use crate::error::ApiError;
 use crate::files::{FileLimits, Files};
 use crate::mounts::disk::{self, Location, Sysfs};
 use crate::mounts::share;
+use crate::policy::{self, Guard};
 use crate::power::{self, ShutdownAction};
 use crate::process::{ExecSpec, Processes};
 use crate::{entropy, info, stacks, stats, warn};
@@ -49,6 +52,7 @@ pub struct AgentService {
     boot: Arc<BootTimes>,
     config: ServiceConfig,
     sysfs: Sysfs,
+    policy: Guard,
 }
 
 impl AgentService {
@@ -60,6 +64,7 @@ impl AgentService {
             boot,
             config,
             sysfs: Sysfs::default(),
+            policy: Guard::default(),
         }
     }
 
@@ -112,6 +117,7 @@ impl AgentService {
             capabilities::FILES,
             capabilities::DISKS,
             capabilities::SHARES,
+            capabilities::POLICY,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -306,6 +312,9 @@ impl agent_ttrpc::Agent for AgentService {
             stdin: req.stdin,
             size,
         };
+        spec.validate()?;
+        self.policy
+            .check(Rule::Exec, || policy::exec_input(&spec))?;
         let proc = self.procs.start(&spec)?;
         let mut resp = ExecResponse::new();
         resp.exec_id = proc.exec_id.clone();
@@ -355,6 +364,12 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: SignalRequest,
     ) -> ttrpc::Result<Empty> {
+        if self.policy.enforced() {
+            let proc = self.procs.get(&req.exec_id)?;
+            self.policy.check(Rule::Signal, || {
+                policy::signal_input(&req.exec_id, req.signal, &proc.args)
+            })?;
+        }
         self.procs.signal(&req.exec_id, req.signal)?;
         Ok(Empty::new())
     }
@@ -375,6 +390,8 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: OpenWriteRequest,
     ) -> ttrpc::Result<FileHandle> {
+        self.policy
+            .check(Rule::WriteFile, || policy::write_file_input(&req))?;
         let handle = self.files.open_write(&req.path, req.mode, req.size).await?;
         Ok(FileHandle {
             handle,
@@ -403,6 +420,8 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: OpenReadRequest,
     ) -> ttrpc::Result<OpenReadResponse> {
+        self.policy
+            .check(Rule::ReadFile, || policy::read_file_input(&req))?;
         let opened = self.files.open_read(&req.path, req.max_size).await?;
         Ok(OpenReadResponse {
             handle: opened.handle,
@@ -433,6 +452,8 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn mount_disk(&self, _ctx: &TtrpcContext, req: MountDiskRequest) -> ttrpc::Result<Empty> {
+        self.policy
+            .check(Rule::MountDisk, || policy::mount_disk_input(&req))?;
         let mount = disk_mount(req)?;
         disk::mount_disk(&self.sysfs, &mount).await?;
         Ok(Empty::new())
@@ -443,6 +464,8 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: UnmountDiskRequest,
     ) -> ttrpc::Result<Empty> {
+        self.policy
+            .check(Rule::UnmountDisk, || policy::unmount_input(&req.guest_path))?;
         disk::unmount_disk(req.guest_path).await?;
         Ok(Empty::new())
     }
@@ -458,6 +481,14 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: MountShareRequest,
     ) -> ttrpc::Result<Empty> {
+        self.policy.check(Rule::MountShare, || {
+            policy::mount_share_input(
+                &req.tag,
+                req.transport.enum_value(),
+                &req.guest_path,
+                req.read_only,
+            )
+        })?;
         let req = share_request(req)?;
         let (tag, path) = (req.tag.clone(), req.guest_path.clone());
         blocking_mount(move || share::mount_share(&req)).await?;
@@ -470,10 +501,27 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: UnmountShareRequest,
     ) -> ttrpc::Result<Empty> {
+        self.policy.check(Rule::UnmountShare, || {
+            policy::unmount_input(&req.guest_path)
+        })?;
         let path = req.guest_path;
         let shown = path.clone();
         blocking_mount(move || share::unmount_share(&path)).await?;
         info!("share at {shown} unmounted");
+        Ok(Empty::new())
+    }
+
+    async fn set_policy(&self, _ctx: &TtrpcContext, req: SetPolicyRequest) -> ttrpc::Result<Empty> {
+        self.policy.set(&req.rego)?;
+        Ok(Empty::new())
+    }
+
+    async fn add_policy_fragment(
+        &self,
+        _ctx: &TtrpcContext,
+        req: AddPolicyFragmentRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.policy.add_fragment(&req.rego)?;
         Ok(Empty::new())
     }
 
@@ -482,6 +530,8 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         _req: Empty,
     ) -> ttrpc::Result<DumpStacksResponse> {
+        self.policy
+            .check(Rule::DumpStacks, || serde_json::json!({}))?;
         let mut resp = DumpStacksResponse::new();
         resp.text = stacks::dump(&self.procs.snapshot());
         Ok(resp)

@@ -232,6 +232,18 @@ impl From<VmConfig> for v1::VmConfig {
     }
 }
 
+impl From<&uvm::ResourceSettings> for v1::Resources {
+    fn from(r: &uvm::ResourceSettings) -> Self {
+        v1::Resources {
+            memory_mib: r.memory_bytes >> 20,
+            cpus: r.cpus,
+            cpu_limit_per_10000: r.cpu_limits.limit,
+            cpu_weight: r.cpu_limits.weight,
+            cpu_group: r.cpu_group.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl From<TerminalSize> for v1::TerminalSize {
     fn from(size: TerminalSize) -> v1::TerminalSize {
         v1::TerminalSize {

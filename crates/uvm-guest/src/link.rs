@@ -17,7 +17,7 @@ use uvm::seams::{
     SecurityPolicy, ShareMount, ShareTransport,
 };
 use uvm::{GuestError, GuestRequest, Rejection};
-use uvm_agent_proto::agent::{Empty, HandshakeRequest};
+use uvm_agent_proto::agent::{AddPolicyFragmentRequest, Empty, HandshakeRequest, SetPolicyRequest};
 use uvm_agent_proto::agent_ttrpc::AgentClient;
 use uvm_agent_proto::announce::{read_bounded_line, read_ready_line, ReadyError, ReadyLine};
 use uvm_agent_proto::{
@@ -610,18 +610,52 @@ impl GuestDiagnostics for VsockGuest {
     }
 }
 
+/// The agent's Rego policy: set once at start, then fragments that add to it.
 #[async_trait]
 impl GuestPolicy for VsockGuest {
-    async fn set_security_policy(&self, _policy: &SecurityPolicy) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "security policy enforcement",
-        })
+    async fn set_security_policy(&self, policy: &SecurityPolicy) -> Result<(), GuestError> {
+        self.require_policy("security policy enforcement")?;
+        let client = self.client()?;
+        let t = self.shared.cfg.call_timeout;
+        let req = SetPolicyRequest {
+            rego: policy.0.clone(),
+            ..SetPolicyRequest::default()
+        };
+        self.call(
+            GuestRequest::SetSecurityPolicy,
+            Some(t),
+            client.set_policy(Self::ctx(), &req),
+        )
+        .await
+        .map(drop)
     }
 
-    async fn inject_policy_fragment(&self, _fragment: &PolicyFragment) -> Result<(), GuestError> {
-        Err(GuestError::Unsupported {
-            operation: "security policy fragments",
-        })
+    async fn inject_policy_fragment(&self, fragment: &PolicyFragment) -> Result<(), GuestError> {
+        self.require_policy("security policy fragments")?;
+        let client = self.client()?;
+        let t = self.shared.cfg.call_timeout;
+        let req = AddPolicyFragmentRequest {
+            rego: fragment.0.clone(),
+            ..AddPolicyFragmentRequest::default()
+        };
+        self.call(
+            GuestRequest::InjectPolicyFragment,
+            Some(t),
+            client.add_policy_fragment(Self::ctx(), &req),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+impl VsockGuest {
+    /// Unsupported unless the agent enforces policies.
+    fn require_policy(&self, operation: &'static str) -> Result<(), GuestError> {
+        if self.capabilities().has(capabilities::POLICY) {
+            Ok(())
+        } else {
+            Err(GuestError::Unsupported { operation })
+        }
     }
 }
 

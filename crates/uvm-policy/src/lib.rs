@@ -21,6 +21,16 @@ use std::collections::BTreeSet;
 
 use regorus::{Engine, Value};
 
+/// A policy's identity as `inspect` shows it: the SHA-256 of its text, lower-case hex (what a
+/// confidential VM would measure).
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The package of the base policy.
 pub const BASE_PACKAGE: &str = "uvmctl.policy";
 

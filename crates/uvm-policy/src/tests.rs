@@ -100,7 +100,7 @@ fn sandbox_refuses_every_other_rule_class_naming_the_rule() {
         (Rule::UnmountDisk, json!({"guest_path": "/mnt/d"})),
         (
             Rule::Signal,
-            json!({"exec_id": "e1", "signal": 9, "args": ["cat"], "program": "cat"}),
+            json!({"exec_id": "e1", "signal": 2, "args": ["cat"], "program": "cat"}),
         ),
         (Rule::DumpStacks, json!({})),
     ];
@@ -108,6 +108,17 @@ fn sandbox_refuses_every_other_rule_class_naming_the_rule() {
         let denied = p.decide(rule, &input).expect_err(rule.name());
         assert_eq!(denied.rule, rule);
         assert!(denied.to_string().contains(rule.name()), "{denied}");
+    }
+}
+
+#[test]
+fn sandbox_lets_the_host_end_what_it_started_and_no_other_signal() {
+    let mut p = sandbox();
+    let signal = |n: i32| json!({"exec_id": "e1", "signal": n, "args": ["cat"], "program": "cat"});
+    assert_eq!(p.decide(Rule::Signal, &signal(9)), Ok(()));
+    assert_eq!(p.decide(Rule::Signal, &signal(15)), Ok(()));
+    for n in [1, 2, 10, 19] {
+        assert!(p.decide(Rule::Signal, &signal(n)).is_err(), "signal {n}");
     }
 }
 
@@ -276,4 +287,12 @@ fn a_fragment_cannot_answer_for_load_fragment() {
         p.add_fragment("package elsewhere\nexec := true"),
         Err(PolicyError::FragmentRefused { .. })
     ));
+}
+
+#[test]
+fn a_policys_digest_is_the_sha256_of_its_text() {
+    assert_eq!(
+        sha256_hex("abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
 }

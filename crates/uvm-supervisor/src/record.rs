@@ -70,6 +70,9 @@ pub struct ConfigRecord {
     /// The shares given at create (`--share`), in order.
     #[serde(default)]
     pub shares: Vec<MountSpecRecord>,
+    /// The security policy file given at create (`--policy`); its text is the supervisor's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PathBuf>,
 }
 
 /// A disk or share given at create: a host path mounted at a guest path.
@@ -315,6 +318,7 @@ mod tests {
                 max_memory_mib: None,
                 cpus: 1,
                 max_cpus: None,
+                policy: None,
                 backend: [("machine".to_string(), "q35".to_string())].into(),
                 disks: vec![MountSpecRecord {
                     host_path: "/images/data.img".into(),

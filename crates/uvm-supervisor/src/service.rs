@@ -46,7 +46,7 @@ impl VmApi {
             max_memory_mib: s.config.max_memory_mib,
             cpus: s.config.cpus,
             max_cpus: s.config.max_cpus,
-            security_policy: None,
+            security_policy: s.vm.options.security_policy.as_ref().map(|p| p.0.clone()),
             backend_options: s.config.backend.clone().into_iter().collect(),
             disks: s.vm.options.disks.iter().map(Into::into).collect(),
             shares: s.vm.options.shares.iter().map(Into::into).collect(),
@@ -75,6 +75,21 @@ impl VmApi {
                 .collect(),
             last_event_sequence: s.events.newest(),
             devices: Some((&c.devices()).into()),
+            policy: s
+                .vm
+                .options
+                .security_policy
+                .as_ref()
+                .map(|p| v1::PolicyStatus {
+                    sha256: uvm_policy::sha256_hex(&p.0),
+                    fragments: u32::try_from(c.policy_fragments().len()).unwrap_or(u32::MAX),
+                }),
+            resources: c.resources().as_ref().map(Into::into),
+            cgroup: s
+                .vm
+                .qemu_vm()
+                .map(|q| q.cgroup_description())
+                .unwrap_or_default(),
         }
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uvm::seams::{DiskSpec, HostVm, ShareSpec, VmBackend, VmConfig};
+use uvm::seams::{DiskSpec, HostVm, SecurityPolicy, ShareSpec, VmBackend, VmConfig};
 use uvm::{Controller, ControllerError, HostError, Timeouts};
 use uvm_guest::{GuestLinkConfig, VsockGuest};
 use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
@@ -59,6 +59,9 @@ pub struct VmOptions {
     pub nine_p_shares: bool,
     /// Spare PCIe root ports for hot-added shares (q35); `None` keeps the backend's default.
     pub share_hotplug_ports: Option<u8>,
+    /// The Rego policy the guest enforces from start on ([`VmConfig::security_policy`]),
+    /// compiled by the caller already (`uvm_policy::Policy::compile`).
+    pub security_policy: Option<SecurityPolicy>,
 }
 
 impl Default for VmOptions {
@@ -77,6 +80,7 @@ impl Default for VmOptions {
             shares: Vec::new(),
             nine_p_shares: false,
             share_hotplug_ports: None,
+            security_policy: None,
         }
     }
 }
@@ -147,7 +151,7 @@ pub fn vm_config(options: &VmOptions) -> VmConfig {
         max_memory_mib: options.max_memory_mib,
         cpus: options.cpus,
         max_cpus: options.max_cpus,
-        security_policy: None,
+        security_policy: options.security_policy.clone(),
         disks: options.disks.clone(),
         shares: options.shares.clone(),
         ..VmConfig::default()

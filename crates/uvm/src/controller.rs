@@ -135,6 +135,24 @@ pub(crate) struct Core {
     pub(crate) devices: Option<Arc<DeviceSet>>,
     /// Cancels in-flight device operations: fired once, by terminate or the VM's exit.
     pub(crate) device_cancel: CancellationToken,
+    /// The resources as create and the successful updates since left them.
+    pub(crate) resources: Option<ResourceSettings>,
+    /// The policy fragments the guest took, in order (each once).
+    pub(crate) policy_fragments: Vec<PolicyFragment>,
+}
+
+/// A VM's resources as create and the successful updates since left them: what `inspect`
+/// shows. `None` fields were never set (the backend's default: no cap, weight 100, no group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSettings {
+    /// Guest memory, bytes (boot memory, then what `update_memory` normalised to).
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub cpus: u32,
+    /// The CPU cap and weight last applied (each kept until changed).
+    pub cpu_limits: CpuLimits,
+    /// The host CPU group the VM was last moved into.
+    pub cpu_group: Option<String>,
 }
 
 /// Who runs the cleanup chain: `terminate_vm`, or the waiter after the VM ended by itself.
@@ -186,6 +204,8 @@ impl Controller {
                     copy_limit: crate::files::DEFAULT_COPY_LIMIT,
                     devices: None,
                     device_cancel: CancellationToken::new(),
+                    resources: None,
+                    policy_fragments: Vec::new(),
                 }),
                 op_lock: tokio::sync::Mutex::new(()),
                 device_lock: tokio::sync::Mutex::new(()),
@@ -346,6 +366,12 @@ impl Controller {
             })?;
         let mut core = self.core();
         core.vm = Some(vm);
+        core.resources = Some(ResourceSettings {
+            memory_bytes: config.memory_mib.saturating_mul(1 << 20),
+            cpus: config.cpus,
+            cpu_limits: CpuLimits::default(),
+            cpu_group: None,
+        });
         core.config = Some(config);
         core.devices = Some(Arc::new(devices));
         core.machine.commit(Operation::Create, Outcome::Succeeded);
@@ -421,7 +447,9 @@ impl Controller {
         }
         let vm = self.running_vm(Operation::UpdateCpuGroup)?;
         self.host_call(Operation::UpdateCpuGroup, vm.set_cpu_group(group_id))
-            .await
+            .await?;
+        self.update_resources(|r| r.cpu_group = Some(group_id.to_owned()));
+        Ok(())
     }
 
     /// Change the VM's CPU limits. Limits out of range are refused before anything else
@@ -433,7 +461,12 @@ impl Controller {
         }
         let vm = self.running_vm(Operation::UpdateCpuLimits)?;
         self.host_call(Operation::UpdateCpuLimits, vm.update_cpu_limits(limits))
-            .await
+            .await?;
+        self.update_resources(|r| {
+            r.cpu_limits.limit = limits.limit.or(r.cpu_limits.limit);
+            r.cpu_limits.weight = limits.weight.or(r.cpu_limits.weight);
+        });
+        Ok(())
     }
 
     /// Change the guest's memory. Running only. The size is **rounded up** to the backend's
@@ -445,6 +478,7 @@ impl Controller {
         let normalized = normalize_memory(bytes, vm.memory_granularity())?;
         self.host_call(Operation::UpdateMemory, vm.update_memory(normalized))
             .await?;
+        self.update_resources(|r| r.memory_bytes = normalized);
         Ok(normalized)
     }
 
@@ -459,21 +493,60 @@ impl Controller {
         }
         let vm = self.running_vm(Operation::UpdateCpus)?;
         self.host_call(Operation::UpdateCpus, vm.update_cpus(cpus))
-            .await
+            .await?;
+        self.update_resources(|r| r.cpus = cpus);
+        Ok(())
     }
 
-    /// Add a fragment to the guest's security policy. Running only.
+    /// The resources as create and the successful updates since left them; `None` before
+    /// create.
+    pub fn resources(&self) -> Option<ResourceSettings> {
+        self.core().resources.clone()
+    }
+
+    fn update_resources(&self, change: impl FnOnce(&mut ResourceSettings)) {
+        if let Some(r) = self.core().resources.as_mut() {
+            change(r);
+        }
+    }
+
+    /// Add a fragment to the guest's security policy. Running only; a VM created without a
+    /// policy refuses (a fragment adds to one) before the guest is asked.
     #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "update_policy_fragment"))]
     pub async fn update_policy_fragment(
         &self,
         fragment: &PolicyFragment,
     ) -> Result<(), ControllerError> {
         self.running_vm(Operation::UpdatePolicyFragment)?;
+        let has_policy = self
+            .core()
+            .config
+            .as_ref()
+            .is_some_and(|c| c.security_policy.is_some());
+        if !has_policy {
+            return Err(ControllerError::InvalidArgument {
+                what: "policy fragment",
+                message: format!(
+                    "VM {} was created without a security policy: a fragment adds to one",
+                    self.inner.id
+                ),
+            });
+        }
         self.guest_call(
             Operation::UpdatePolicyFragment,
             self.inner.guest.inject_policy_fragment(fragment),
         )
-        .await
+        .await?;
+        let mut core = self.core();
+        if !core.policy_fragments.contains(fragment) {
+            core.policy_fragments.push(fragment.clone());
+        }
+        Ok(())
+    }
+
+    /// The policy fragments the guest took since start, in order.
+    pub fn policy_fragments(&self) -> Vec<PolicyFragment> {
+        self.core().policy_fragments.clone()
     }
 
     /// When the VM reached Running; `None` for a VM terminated without ever running.

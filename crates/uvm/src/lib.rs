@@ -33,7 +33,7 @@ pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use controller::{normalize_memory, Controller, Status, Timeouts};
+pub use controller::{normalize_memory, Controller, ResourceSettings, Status, Timeouts};
 pub use device_ops::Devices;
 pub use devices::DeviceError;
 pub use error::{

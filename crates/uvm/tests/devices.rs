@@ -30,14 +30,6 @@ fn share_mount(path: &str) -> ShareMount {
     }
 }
 
-async fn running_with(config: VmConfig) -> Fakes {
-    let f = Fakes::new();
-    f.controller.create_vm(config).await.expect("create");
-    f.controller.start_vm().await.expect("start");
-    f.script.clear_log();
-    f
-}
-
 fn is_device_call(c: &Call) -> bool {
     matches!(
         c,
@@ -269,7 +261,7 @@ async fn the_same_host_path_with_a_different_config_is_refused() {
 
 #[tokio::test]
 async fn a_writable_share_is_refused_under_no_writable_shares_and_a_read_only_one_passes() {
-    let f = running_with(VmConfig {
+    let f = Fakes::running_with(VmConfig {
         no_writable_shares: true,
         ..VmConfig::default()
     })

@@ -486,8 +486,8 @@ async fn dump_stacks_propagates_a_guest_error() {
 }
 
 #[tokio::test]
-async fn update_policy_fragment_propagates_a_guest_error() {
-    let f = Fakes::running().await;
+async fn update_policy_fragment_propagates_a_guest_error_and_records_nothing() {
+    let f = Fakes::running_with(with_policy()).await;
     f.script.fail_nth(Call::InjectPolicyFragment, 1);
     let err = f
         .controller
@@ -501,6 +501,63 @@ async fn update_policy_fragment_propagates_a_guest_error() {
             ..
         }
     ));
+    assert_eq!(f.controller.state(), State::Running);
+    assert!(f.controller.policy_fragments().is_empty());
+}
+
+fn with_policy() -> VmConfig {
+    VmConfig {
+        security_policy: Some(uvm::seams::SecurityPolicy("package uvmctl.policy".into())),
+        ..VmConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_policy_fragment_for_a_vm_without_a_policy_is_refused_before_the_guest_is_asked() {
+    let f = Fakes::running().await;
+    let err = f
+        .controller
+        .update_policy_fragment(&PolicyFragment("package fragment.x".into()))
+        .await
+        .expect_err("no policy");
+    assert!(
+        matches!(
+            &err,
+            ControllerError::InvalidArgument {
+                what: "policy fragment",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("without a security policy"),
+        "{err}"
+    );
+    assert!(f.script.calls().is_empty(), "{:?}", f.script.calls());
+    assert_eq!(f.controller.state(), State::Running);
+}
+
+#[tokio::test]
+async fn the_fragments_the_guest_took_are_listed_once_each_in_order() {
+    let f = Fakes::running_with(with_policy()).await;
+    for text in [
+        "package fragment.a",
+        "package fragment.b",
+        "package fragment.a",
+    ] {
+        f.controller
+            .update_policy_fragment(&PolicyFragment(text.into()))
+            .await
+            .expect("fragment");
+    }
+    assert_eq!(
+        f.controller.policy_fragments(),
+        [
+            PolicyFragment("package fragment.a".into()),
+            PolicyFragment("package fragment.b".into())
+        ]
+    );
 }
 
 #[tokio::test]
@@ -656,4 +713,54 @@ async fn a_host_update_error_propagates_and_keeps_running() {
         }
     ));
     assert_eq!(f.controller.state(), State::Running);
+}
+
+#[tokio::test]
+async fn the_resource_settings_follow_successful_updates_and_not_failed_ones() {
+    let f = Fakes::running().await;
+    let config = VmConfig::default();
+    let boot = f.controller.resources().expect("created");
+    assert_eq!(boot.memory_bytes, config.memory_mib << 20);
+    assert_eq!((boot.cpus, boot.cpu_group.as_deref()), (config.cpus, None));
+    assert_eq!(boot.cpu_limits, CpuLimits::default());
+
+    let g = uvm::testing::FAKE_MEMORY_GRANULARITY;
+    f.controller.update_memory(g + 1).await.expect("memory");
+    f.controller.update_cpus(3).await.expect("cpus");
+    f.controller
+        .update_cpu_limits(CpuLimits {
+            limit: Some(5_000),
+            weight: None,
+        })
+        .await
+        .expect("limit");
+    // A weight alone keeps the limit set before.
+    f.controller
+        .update_cpu_limits(CpuLimits {
+            limit: None,
+            weight: Some(300),
+        })
+        .await
+        .expect("weight");
+    f.controller.update_cpu_group("batch").await.expect("group");
+    // The second call of each fails.
+    f.script.fail_nth(Call::UpdateCpus, 2);
+    f.controller.update_cpus(4).await.expect_err("scripted");
+    f.script.fail_nth(Call::UpdateMemory, 2);
+    f.controller
+        .update_memory(8 * g)
+        .await
+        .expect_err("scripted");
+
+    let now = f.controller.resources().expect("running");
+    assert_eq!(now.memory_bytes, 2 * g);
+    assert_eq!(now.cpus, 3);
+    assert_eq!(
+        now.cpu_limits,
+        CpuLimits {
+            limit: Some(5_000),
+            weight: Some(300)
+        }
+    );
+    assert_eq!(now.cpu_group.as_deref(), Some("batch"));
 }

@@ -16,7 +16,7 @@ use uvm::seams::{
     DiskConfig, DiskMount, DiskSpec, ExecRequest, ShareConfig, ShareMount, ShareSpec,
 };
 use uvm_vm::{image_with, BootTimings, Vm, VmOptions};
-use uvmctl::mount_spec::{parse_mount_spec, MountSpec};
+use uvmctl::mount_spec::{absolute_host_path, parse_mount_spec, MountSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +88,11 @@ enum Action {
     },
     /// Change a running VM's memory, vCPUs, CPU cap or CPU group.
     Update(vms::UpdateArgs),
+    /// Add to a running VM's security policy (given at create with --policy).
+    Policy {
+        #[command(subcommand)]
+        command: vms::PolicyCommand,
+    },
     /// Make, change, remove and list CPU groups: caps (and cpusets) shared by the VMs in them.
     CpuGroup {
         #[command(subcommand)]
@@ -168,6 +173,10 @@ struct VmArgs {
     /// shares it read-only (enforced on the host and in the guest). Repeatable.
     #[arg(long = "share", value_name = "HOST_DIR:GUEST_PATH[:ro]", value_parser = parse_mount_spec)]
     shares: Vec<MountSpec>,
+    /// A Rego security policy (package uvmctl.policy) the guest agent enforces on every request
+    /// from start on: examples/policies/, docs/policy.md. Compiled before the VM boots.
+    #[arg(long, value_name = "FILE.rego", value_parser = absolute_host_path)]
+    policy: Option<std::path::PathBuf>,
 }
 
 impl VmArgs {
@@ -212,7 +221,22 @@ impl VmArgs {
                 .iter()
                 .map(|s| format!("--share={}", s.to_arg())),
         );
+        if let Some(policy) = &self.policy {
+            args.push(format!("--policy={}", policy.display()));
+        }
         args
+    }
+
+    /// The policy file's text, compiled: an error naming the file and the compiler's message.
+    fn security_policy(&self) -> anyhow::Result<Option<uvm::seams::SecurityPolicy>> {
+        let Some(path) = &self.policy else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the policy {}", path.display()))?;
+        uvm_policy::Policy::compile(&text)
+            .with_context(|| format!("the policy {} was not taken", path.display()))?;
+        Ok(Some(uvm::seams::SecurityPolicy(text)))
     }
 
     /// What the VM record says it was created with.
@@ -247,11 +271,13 @@ impl VmArgs {
             backend,
             disks: self.disks.iter().map(record).collect(),
             shares: self.shares.iter().map(record).collect(),
+            policy: self.policy.clone(),
         }
     }
 
-    fn options(&self) -> VmOptions {
-        VmOptions {
+    /// The VM's options, the policy read and compiled.
+    fn options(&self) -> anyhow::Result<VmOptions> {
+        Ok(VmOptions {
             memory_mib: self.memory,
             max_memory_mib: self.max_memory,
             cpus: self.cpus,
@@ -268,8 +294,9 @@ impl VmArgs {
             extra_cmdline: self.append.clone(),
             disks: self.disks.iter().map(disk_spec).collect(),
             shares: self.shares.iter().map(share_spec).collect(),
+            security_policy: self.security_policy()?,
             ..VmOptions::default()
-        }
+        })
     }
 }
 
@@ -394,6 +421,7 @@ fn main() -> ExitCode {
             Action::Events(args) => vms::events(args, &root()?).await,
             Action::Cp(args) => vms::cp(args, &root()?).await,
             Action::Update(args) => vms::update(args, &root()?).await,
+            Action::Policy { command } => vms::policy(command, &root()?).await,
             Action::Disk { command } => vms::disk(command, &root()?).await,
             Action::Share { command } => vms::share(command, &root()?).await,
             Action::CpuGroup { command } => uvmctl::cpu_groups::run(command),
@@ -441,7 +469,7 @@ fn parse_env(entry: &str) -> Result<String, String> {
 
 fn command_line(args: &CommandLineArgs) -> anyhow::Result<u8> {
     let image = args.vm.image()?;
-    let lines = uvm_vm::command_lines(&image, &args.vm.options(), &args.runtime_dir)?;
+    let lines = uvm_vm::command_lines(&image, &args.vm.options()?, &args.runtime_dir)?;
     if args.json {
         println!("{}", serde_json::to_string(&lines)?);
     } else {
@@ -454,7 +482,7 @@ fn command_line(args: &CommandLineArgs) -> anyhow::Result<u8> {
 
 async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let image = args.vm.image()?;
-    let vm = Vm::new(&image, args.vm.options());
+    let vm = Vm::new(&image, args.vm.options()?);
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 

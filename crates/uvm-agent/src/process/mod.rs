@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use tokio::sync::{watch, Notify};
 
 pub use output::OutputBuf;
-pub use spawn::{ExecSpec, DEFAULT_PATH};
+pub use spawn::{program_path, ExecSpec, DEFAULT_PATH};
 pub use stdin::Stdin;
 
 use crate::error::ApiError;

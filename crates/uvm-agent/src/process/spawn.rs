@@ -72,6 +72,18 @@ impl ExecSpec {
     }
 }
 
+/// The file `spec` runs: `args[0]` resolved in the process's own `PATH` as the spawn resolves
+/// it, or `args[0]` as given when nothing of that name is found (the spawn then fails).
+pub fn program_path(spec: &ExecSpec) -> String {
+    let program = spec.args.first().map_or("", String::as_str);
+    let env = super::posix_spawn::child_env(spec);
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    super::posix_spawn::resolve(program, path).unwrap_or_else(|_| program.to_owned())
+}
+
 /// A started process: its pid and our ends of its stdio.
 #[derive(Debug)]
 pub struct Spawned {

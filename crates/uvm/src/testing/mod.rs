@@ -741,7 +741,17 @@ impl Fakes {
 
     /// A controller with a running VM; the call log is cleared.
     pub async fn running() -> Fakes {
-        let f = Fakes::created().await;
+        Fakes::running_with(VmConfig::default()).await
+    }
+
+    /// A controller with a VM created with `config` and running; the call log is cleared.
+    pub async fn running_with(config: VmConfig) -> Fakes {
+        let f = Fakes::new();
+        f.controller
+            .create_vm(config)
+            .await
+            .expect("create on fakes");
+        f.guest.obey_shutdown(f.vm());
         f.controller.start_vm().await.expect("start on fakes");
         assert_eq!(f.controller.state(), State::Running);
         f.script.clear_log();

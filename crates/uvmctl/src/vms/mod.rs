@@ -166,6 +166,8 @@ pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
+    // What the supervisor would refuse, refused before it starts.
+    args.vm.security_policy()?;
     let exe = std::env::current_exe().context("locating the uvmctl binary")?;
     let mut argv = vec![
         exe.into_os_string(),
@@ -220,8 +222,12 @@ pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
         Some(fd) => uvm_supervisor::Ready::from_inherited(fd)?,
         None => uvm_supervisor::Ready::none(),
     };
-    let image = match args.vm.image() {
-        Ok(image) => image,
+    let prepared = args
+        .vm
+        .image()
+        .and_then(|image| Ok((image, args.vm.options()?)));
+    let (image, options) = match prepared {
+        Ok(prepared) => prepared,
         Err(e) => {
             ready.fail(&format!("{e:#}"))?;
             return Err(e);
@@ -231,7 +237,7 @@ pub async fn supervise(args: SuperviseArgs, root: &Path) -> anyhow::Result<u8> {
         root: root.to_path_buf(),
         id: args.id,
         name: args.name,
-        options: args.vm.options(),
+        options,
         image,
         config: args.vm.config_record(),
         tether: args.tether_to,
@@ -529,4 +535,41 @@ pub async fn update(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
         println!("cpu group {group_id}");
     }
     Ok(0)
+}
+
+/// `uvmctl policy`.
+#[derive(clap::Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Add a Rego fragment (a module in a package of its own) to a running VM's security
+    /// policy: its rules add to the policy's, never replace them.
+    #[command(after_help = "Example:\n  uvmctl policy add-fragment web ./more-commands.rego")]
+    AddFragment {
+        /// The VM: its name, its id, or a unique prefix of its id.
+        id: String,
+        /// The fragment's file.
+        file: PathBuf,
+    },
+}
+
+pub async fn policy(command: PolicyCommand, root: &Path) -> anyhow::Result<u8> {
+    match command {
+        PolicyCommand::AddFragment { id, file } => {
+            let fragment = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the fragment {}", file.display()))?;
+            let target = Target::find(root, &id)?;
+            target
+                .client()
+                .await?
+                .update_policy_fragment(
+                    target.request(v1::UpdatePolicyFragmentRequest { fragment }),
+                )
+                .await
+                .map_err(|s| {
+                    status_error(s)
+                        .context(format!("the fragment {} was not taken", file.display()))
+                })?;
+            println!("{}", target.id);
+            Ok(0)
+        }
+    }
 }

@@ -215,6 +215,29 @@ fn merge_live(value: &mut Value, live: &v1::InspectResponse) {
             json!({"code": exit.code, "signal": exit.signal, "reason": exit.reason}),
         );
     }
+    if let Some(r) = &live.resources {
+        map.insert(
+            "resources".into(),
+            json!({
+                "memory_mib": r.memory_mib,
+                "cpus": r.cpus,
+                // As `update --cpu-limit` takes it; none: no cap.
+                "cpu_limit_percent": r.cpu_limit_per_10000.map(|l| f64::from(l) / 100.0),
+                "cpu_weight": r.cpu_weight,
+                "cpu_group": (!r.cpu_group.is_empty()).then_some(&r.cpu_group),
+            }),
+        );
+    }
+    if !live.cgroup.is_empty() {
+        map.insert("cgroup".into(), json!(live.cgroup));
+    }
+    map.insert(
+        "policy".into(),
+        match &live.policy {
+            Some(p) => json!({"enforced": true, "sha256": p.sha256, "fragments": p.fragments}),
+            None => json!({"enforced": false}),
+        },
+    );
     if let Some(devices) = &live.devices {
         map.insert(
             "devices".into(),
