@@ -30,6 +30,9 @@ impl Command for DeviceAdd {
     type Output = Empty;
 }
 
+/// How often `unplug` asks again while the guest is still powering a fresh slot up.
+const UNPLUG_RETRY: Duration = Duration::from_millis(100);
+
 /// QMP `device_del`: ask for the device's removal (`DEVICE_DELETED` says it happened).
 #[derive(Serialize)]
 pub(crate) struct DeviceDel {
@@ -145,17 +148,30 @@ impl QemuVm {
         let mut events = self.shared().events.subscribe();
         let start = Instant::now();
         let del = DeviceDel { id: id.to_owned() };
-        match self.qmp_run(operation, &del).await {
-            Err(HostError::Gone) => return Ok(Unplugged::QemuGone),
-            Err(e) => return Err(e),
-            Ok(Qmp::Done(Empty {})) => {}
-            Ok(Qmp::Refused { class, .. }) if class == "DeviceNotFound" => {
-                return Ok(Unplugged::Removed)
-            }
-            // QEMU refuses a second request while the guest has not answered the first.
-            Ok(Qmp::Refused { desc, .. }) if desc.contains("already in the process of unplug") => {}
-            Ok(Qmp::Refused { class, desc }) => {
-                return Err(refused(operation, "device_del", &class, &desc))
+        loop {
+            match self.qmp_run(operation, &del).await {
+                Err(HostError::Gone) => return Ok(Unplugged::QemuGone),
+                Err(e) => return Err(e),
+                Ok(Qmp::Done(Empty {})) => break,
+                Ok(Qmp::Refused { class, .. }) if class == "DeviceNotFound" => {
+                    return Ok(Unplugged::Removed)
+                }
+                // QEMU refuses a second request while the guest has not answered the first.
+                Ok(Qmp::Refused { desc, .. })
+                    if desc.contains("already in the process of unplug") =>
+                {
+                    break
+                }
+                // A slot plugged moments ago: the guest's pciehp is still powering it up (its
+                // power indicator blinks for about a second). Ask again until the deadline.
+                Ok(Qmp::Refused { desc, .. })
+                    if desc.contains("power indicator blinking") && start.elapsed() < deadline =>
+                {
+                    tokio::time::sleep(UNPLUG_RETRY).await;
+                }
+                Ok(Qmp::Refused { class, desc }) => {
+                    return Err(refused(operation, "device_del", &class, &desc))
+                }
             }
         }
         loop {
