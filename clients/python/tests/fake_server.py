@@ -37,6 +37,7 @@ class FakeVmService(pb_grpc.VmServiceServicer):
         self.execs: list[ExecRecord] = []
         self.files: dict[str, tuple[int, bytes]] = {}
         self.copy_in_chunks: list[int] = []
+        self.fragments: list[str] = []
         self.lock = threading.Lock()
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -77,6 +78,18 @@ class FakeVmService(pb_grpc.VmServiceServicer):
         self._check_vm_id(context)
         self.cpus = request.cpus
         return pb.UpdateCpusResponse()
+
+    def UpdatePolicyFragment(self, request, context):
+        self._check_vm_id(context)
+        if "package" not in request.fragment:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the fragment does not compile")
+        if "package other" in request.fragment:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the policy's load_fragment rule does not allow a fragment in package \"other\"",
+            )
+        self.fragments.append(request.fragment)
+        return pb.UpdatePolicyFragmentResponse()
 
     def UpdateCpuLimits(self, request, context):
         self._check_vm_id(context)

@@ -88,6 +88,17 @@ def test_resource_updates_send_what_was_asked_and_refusals_are_typed(fake, fake_
     assert fake.service.cpu_limits == (None, 200)
 
 
+def test_a_policy_fragment_is_sent_whole_and_its_refusals_are_typed(fake, fake_vm):
+    fragment = 'package fragment.ls\nexec if input.program == "ls"\n'
+    fake_vm.add_policy_fragment(fragment)
+    assert fake.service.fragments == [fragment]
+    with pytest.raises(InvalidArgument, match="does not compile"):
+        fake_vm.add_policy_fragment("exec if {")
+    with pytest.raises(PermissionDenied, match="load_fragment"):
+        fake_vm.add_policy_fragment("package other\nexec := true\n")
+    assert fake.service.fragments == [fragment]
+
+
 def test_copies_unimplemented_by_the_server_are_unsupported(tmp_path):
     sup = FakeSupervisor(FakeVmService(copy_supported=False))
     vm = Vm("0123456789abcdef", sup.socket)

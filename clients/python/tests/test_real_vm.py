@@ -12,7 +12,15 @@ import threading
 import pytest
 
 from conftest import assert_root_empty, make_root, remove_empty_root
-from uvmctl_client import InvalidArgument, NotFound, Unavailable, UvmError, Vm, pb
+from uvmctl_client import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    UvmError,
+    Vm,
+    pb,
+)
 
 pytestmark = pytest.mark.real_vm
 
@@ -158,5 +166,23 @@ def test_remove_leaves_nothing_in_the_root(uvmctl_bin):
         assert_root_empty(root)
         with pytest.raises(UvmError):
             Vm(vm.id, vm.api_socket).inspect(timeout=5)
+    finally:
+        remove_empty_root(root)
+
+
+SANDBOX = os.path.join(os.path.dirname(__file__), "../../../examples/policies/sandbox.rego")
+
+
+def test_a_sandbox_policy_denies_sh_and_a_fragment_adds_ls(uvmctl_bin):
+    root = make_root()
+    try:
+        with Vm.create(root=root, uvmctl=uvmctl_bin, policy=SANDBOX) as vm:
+            assert vm.exec(["echo", "hi"]).stdout == b"hi\n"
+            with pytest.raises(PermissionDenied, match="uvmctl.policy.exec"):
+                vm.exec(["sh", "-c", "true"])
+            vm.add_policy_fragment('package fragment.ls\nexec if input.program == "ls"\n')
+            assert b"proc" in vm.exec(["ls", "/"]).stdout
+            assert vm.inspect().policy.fragments == 1
+        assert_root_empty(root)
     finally:
         remove_empty_root(root)

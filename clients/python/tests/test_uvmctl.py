@@ -70,6 +70,15 @@ def test_create_passes_the_options_and_connects(uvmctl):
     ]
 
 
+def test_a_policy_is_passed_as_an_absolute_path(uvmctl, tmp_path, monkeypatch):
+    (tmp_path / "p.rego").write_text("package uvmctl.policy\n")
+    monkeypatch.chdir(tmp_path)
+    Vm.create(start=False, policy="p.rego").remove(force=False)
+    assert uvmctl()[0] == [
+        "create", "--memory", "256", "--cpus", "1", "--policy", str(tmp_path / "p.rego"), "--json"
+    ]
+
+
 def test_defaults_pass_no_root_no_name_and_no_start_when_asked(uvmctl):
     Vm.create(start=False).remove(force=False)
     assert uvmctl() == [

@@ -148,11 +148,16 @@ class Vm:
         start: bool = True,
         root: str | os.PathLike[str] | None = None,
         *,
+        policy: str | os.PathLike[str] | None = None,
         uvmctl: str | None = None,
         timeout: float | None = None,
     ) -> Vm:
         """Creates a VM with ``uvmctl create [--root R] [--name N] --memory MIB --cpus N
-        [--start] --json`` and connects to it.
+        [--policy FILE] [--start] --json`` and connects to it.
+
+        ``policy`` is a Rego file (``package uvmctl.policy``, see ``examples/policies/``) the
+        guest enforces on every request from start on; one that does not compile fails the
+        create before the VM boots, with the compiler's message.
 
         ``root`` defaults to uvmctl's own (``$UVMCTL_ROOT``, else ``/run/uvmctl`` or
         ``$XDG_RUNTIME_DIR/uvmctl``); ``uvmctl`` to :func:`~uvmctl_client.find_uvmctl`. With
@@ -168,6 +173,8 @@ class Vm:
         if name is not None:
             args += ["--name", name]
         args += ["--memory", str(memory_mib), "--cpus", str(cpus)]
+        if policy is not None:
+            args += ["--policy", os.path.abspath(os.fspath(policy))]
         if start:
             args.append("--start")
         args.append("--json")
@@ -292,6 +299,18 @@ class Vm:
         if weight is not None:
             request.weight = weight
         self._unary(self._stub.UpdateCpuLimits, request, timeout)
+
+    def add_policy_fragment(self, fragment: str, timeout: float | None = None) -> None:
+        """Adds a Rego fragment (a module in a package of its own) to the security policy the
+        VM was created with: its rules add, never replace. Raises
+        :class:`~uvmctl_client.errors.InvalidArgument` for one that does not compile or a VM
+        without a policy, :class:`~uvmctl_client.errors.PermissionDenied` when the policy's
+        ``load_fragment`` rule refuses it."""
+        self._unary(
+            self._stub.UpdatePolicyFragment,
+            pb.UpdatePolicyFragmentRequest(fragment=fragment),
+            timeout,
+        )
 
     def exec(
         self,
