@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// Leave out memory hot-add (`update_memory` +256 MiB on a VM with a maximum; q35 only).
     #[arg(long)]
     pub no_resources: bool,
+    /// Leave out the security policy's cost (exec `true` under sandbox.rego against a VM
+    /// without a policy).
+    #[arg(long)]
+    pub no_policy: bool,
 }
 
 /// `--kernel`.
@@ -140,6 +144,9 @@ impl BenchArgs {
         }
         if self.no_resources {
             o.resources = None;
+        }
+        if self.no_policy {
+            o.policy = None;
         }
         o
     }

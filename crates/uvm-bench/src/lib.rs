@@ -18,7 +18,9 @@
 //!    `device_add` → visible in the guest, and reads in the guest on a disk and on a share
 //!    against the same file read on the host;
 //! 6. *memory hot-add* ([`resources`], q35): `update_memory` +256 MiB → plugged → the guest's
-//!    `MemTotal` shows it, and back.
+//!    `MemTotal` shows it, and back;
+//! 7. *the security policy* ([`policy`]): exec `true` under `sandbox.rego` against a VM
+//!    without a policy, in turn.
 //!
 //! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
 //! [`uvm_vm::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
@@ -31,6 +33,7 @@ pub mod floor;
 pub mod measure;
 pub mod phases;
 pub mod plot;
+pub mod policy;
 pub mod procs;
 pub mod report;
 pub mod resources;
@@ -138,6 +141,8 @@ pub struct BenchOptions {
     pub devices: Option<devices::DeviceOptions>,
     /// Memory hot-add (q35 only).
     pub resources: Option<resources::ResourceOptions>,
+    /// exec under a policy against none.
+    pub policy: Option<policy::PolicyOptions>,
 }
 
 impl BenchOptions {
@@ -161,6 +166,7 @@ impl BenchOptions {
             api: None,
             devices: Some(devices::DeviceOptions::new(quick)),
             resources: Some(resources::ResourceOptions::new(quick)),
+            policy: Some(policy::PolicyOptions::new(quick)),
         }
     }
 }
@@ -318,6 +324,22 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         Some(_) | None => None,
     };
 
+    // 7. The security policy's cost per exec.
+    let policy = match &opts.policy {
+        Some(pol_opts) => {
+            let r = policy::run(&image, &opts.vm, pol_opts).await?.summarize()?;
+            progress!(
+                opts,
+                "policy: exec true median {:.2} ms under sandbox.rego, {:.2} ms without ({:.3}×)",
+                r.sandbox.median,
+                r.none.median,
+                r.ratio()
+            );
+            Some(r)
+        }
+        None => None,
+    };
+
     let b = &exec.breakdown;
     let to_ms = |v: &[Duration]| v.iter().copied().map(stats::ms).collect::<Vec<_>>();
     let samples = [
@@ -399,6 +421,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         api,
         devices,
         resources,
+        policy,
         elapsed_s: began.elapsed().as_secs_f64(),
         samples,
     })

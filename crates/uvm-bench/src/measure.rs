@@ -198,7 +198,7 @@ pub async fn exec_session(
     result
 }
 
-async fn exec_true(vm: &Vm) -> Result<(), BenchError> {
+pub(crate) async fn exec_true(vm: &Vm) -> Result<(), BenchError> {
     let code = exec(vm, ExecRequest::new(["true"])).await?;
     if code != 0 {
         return Err(BenchError::WrongOutput {

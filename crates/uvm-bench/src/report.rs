@@ -80,6 +80,8 @@ pub struct BenchReport {
     pub devices: Option<super::devices::DeviceReport>,
     /// Memory hot-add, when measured (in the JSON as `resources`).
     pub resources: Option<super::resources::ResourceReport>,
+    /// exec under sandbox.rego against none, when measured (in the JSON as `policy`).
+    pub policy: Option<super::policy::PolicyReport>,
     /// Wall time of the whole run.
     pub elapsed_s: f64,
     /// Every sample, in ms, by measurement (in the JSON as `samples_ms`).
@@ -132,6 +134,9 @@ impl BenchReport {
         }
         if let Some(devices) = &self.devices {
             targets.extend(devices.targets());
+        }
+        if let Some(policy) = &self.policy {
+            targets.push(policy.target());
         }
         targets
     }
@@ -245,6 +250,12 @@ impl BenchReport {
                 .as_ref()
                 .map_or(Value::Null, super::resources::ResourceReport::to_json),
         );
+        o.insert(
+            "policy".into(),
+            self.policy
+                .as_ref()
+                .map_or(Value::Null, super::policy::PolicyReport::to_json),
+        );
         o.insert("elapsed_s".into(), json!(round(self.elapsed_s, 1)));
         let samples: Map<String, Value> = self
             .samples
@@ -346,6 +357,9 @@ impl BenchReport {
         }
         if let Some(resources) = &self.resources {
             t.push_str(&resources.table());
+        }
+        if let Some(policy) = &self.policy {
+            t.push_str(&policy.table());
         }
         let _ = writeln!(t, "\ntargets");
         for (name, target, value, met) in self.targets() {
@@ -550,6 +564,7 @@ pub(crate) mod tests {
             }),
             devices: None,
             resources: None,
+            policy: None,
             elapsed_s: 95.0,
             samples: [("floor".to_owned(), vec![1900.0, 1910.5])]
                 .into_iter()
