@@ -1,31 +1,25 @@
 # A code sandbox's policy: the host may run only `echo`, `cat` and `true` (by program name,
 # with any arguments, environment and working directory, from the system's own directories),
-# and mount shares only read-only and away from the guest's system directories, and end what
-# it started (SIGTERM, SIGKILL). Everything else the agent decides is refused: every other
+# mount shares only read-only and away from the guest's system directories, and end what it
+# started (SIGTERM, SIGKILL). Everything else the agent decides is refused: every other
 # program (`sh` included), disks, writable shares, copying files in or out, other signals,
-# stack dumps. Fragments in packages under
-# `fragment.` may add to it (say, one more command). The input document of each rule is in
-# docs/policy.md.
+# stack dumps. Fragments in packages under `fragment.` may add to it (say, one more command).
+# The input document of each rule is in docs/policy.md.
+#
+# The sets are written out in the rules rather than named: every decision evaluates its rule
+# afresh, and a named rule costs an evaluation of its own (under TCG, in the guest, a large
+# share of an exec's time; BENCHMARKS.md, "Security policy").
 package uvmctl.policy
 
 import rego.v1
 
-allowed_programs := {"echo", "cat", "true"}
-
-# Where the guest's own programs live (busybox's applets). A program of an allowed name
-# anywhere else (on a share, say) is not the guest's.
-system_dirs := {"/bin", "/sbin", "/usr/bin", "/usr/sbin"}
-
 default exec := false
 
+# `dir` is the directory of the file the agent will run: a program of an allowed name anywhere
+# else (on a share, say) is not the guest's.
 exec if {
-	input.program in allowed_programs
-	in_system_dir(input.path)
-}
-
-in_system_dir(path) if {
-	some dir in system_dirs
-	path == concat("/", [dir, input.program])
+	input.program in {"echo", "cat", "true"}
+	input.dir in {"/bin", "/sbin", "/usr/bin", "/usr/sbin"}
 }
 
 # Ending a program the policy let start gives the host nothing new (it can stop the VM), and
@@ -34,6 +28,8 @@ default signal := false
 
 signal if input.signal in {9, 15}
 
+# A share over the root or a system directory would replace what `exec` allows (or the
+# guest's own files): those, and everything under them, are refused.
 default mount_share := false
 
 mount_share if {
@@ -41,21 +37,12 @@ mount_share if {
 	not over_system(input.guest_path)
 }
 
-# The guest's root and system directories, and anything under them, are not for shares:
-# a share over /bin would replace the programs `exec` allows.
-protected := {"/bin", "/sbin", "/usr", "/lib", "/etc", "/init", "/dev", "/proc", "/sys"}
-
 over_system(path) if path == "/"
 
-over_system(path) if {
-	some dir in protected
-	path == dir
-}
-
-over_system(path) if {
-	some dir in protected
-	startswith(path, concat("", [dir, "/"]))
-}
+over_system(path) if strings.any_prefix_match(
+	concat("", [path, "/"]),
+	{"/bin/", "/sbin/", "/usr/", "/lib/", "/etc/", "/init/", "/dev/", "/proc/", "/sys/"},
+)
 
 # Unmounting what mount_share allowed gives nothing new to the host.
 default unmount_share := false

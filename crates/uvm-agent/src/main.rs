@@ -13,7 +13,7 @@ const USAGE: &str = "usage: uvm-agent [--listen ADDR] [--announce CID:PORT | --n
   --listen ADDR       ttrpc address (default vsock://-1:1024; also unix:///path)
   --announce CID:PORT where to announce readiness (default 2:1025)
   --no-announce       do not announce
-usage: uvm-agent probe uevents | probe read FILE [--random N] [--drop-cache]
+usage: uvm-agent probe uevents | probe read FILE [--random N] [--drop-cache] | probe policy [N]
   measuring tools for `uvmctl bench` (not as PID 1)";
 
 fn main() -> ExitCode {

@@ -77,13 +77,20 @@ fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// The input of [`Rule::Exec`]: `path` is the file the agent will execute.
+/// The input of [`Rule::Exec`]: `path` is the file the agent will execute, `dir` its directory.
 pub fn exec_input(spec: &ExecSpec) -> Value {
     let program = spec.args.first().map_or("", |a| base_name(a));
+    let path = crate::process::program_path(spec);
+    let dir = match path.rsplit_once('/') {
+        Some(("", _)) => "/",
+        Some((dir, _)) => dir,
+        None => "",
+    };
     json!({
         "args": spec.args,
         "program": program,
-        "path": crate::process::program_path(spec),
+        "dir": dir,
+        "path": path,
         "env": spec.env,
         "cwd": if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() },
         "terminal": spec.terminal,
@@ -235,6 +242,9 @@ mod tests {
         let input = exec_input(&spec(&["/usr/bin/env", "true"]));
         assert_eq!(input["program"], "env");
         assert_eq!(input["path"], "/usr/bin/env");
+        assert_eq!(input["dir"], "/usr/bin");
+        assert_eq!(exec_input(&spec(&["/init"]))["dir"], "/");
+        assert_eq!(exec_input(&spec(&["no-such-program"]))["dir"], "");
         assert_eq!(input["cwd"], "/");
         assert_eq!(input["args"], json!(["/usr/bin/env", "true"]));
     }

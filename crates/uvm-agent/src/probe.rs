@@ -12,6 +12,10 @@
 //!   `--drop-cache` the file's cached pages are dropped (`posix_fadvise(DONTNEED)`) before each
 //!   pass, so each read reaches the file system's device (in a guest: the virtual disk or the
 //!   share's daemon); readahead is off for the random pass and on for the sequential one.
+//! - `probe policy [N]`: compiles `examples/policies/sandbox.rego` (built in) and makes `N`
+//!   (default 1000) decisions of an allowed exec of `true`, as `ExecProcess` makes them (input
+//!   built, rule evaluated); prints `compile_ms=… decision_us=…`: what the policy costs where
+//!   it runs.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -31,11 +35,15 @@ const SEQUENTIAL_BLOCK: usize = 1 << 20;
 pub fn main(args: &[String]) -> u8 {
     let result = match args.first().map(String::as_str) {
         Some("uevents") if args.len() == 1 => uevents(),
+        Some("policy") if args.len() <= 2 => match args.get(1).map_or(Ok(1000), |n| n.parse()) {
+            Ok(n) if n > 0 => policy(n),
+            _ => return usage("policy takes a positive count"),
+        },
         Some("read") => match ReadArgs::parse(&args[1..]) {
             Ok(read) => read.run().map(|r| println!("{r}")),
             Err(msg) => return usage(&msg),
         },
-        _ => return usage("expected `uevents` or `read FILE`"),
+        _ => return usage("expected `uevents`, `read FILE` or `policy [N]`"),
     };
     match result {
         Ok(()) => 0,
@@ -49,9 +57,44 @@ pub fn main(args: &[String]) -> u8 {
 fn usage(msg: &str) -> u8 {
     eprintln!(
         "uvm-agent probe: {msg}\nusage: uvm-agent probe uevents\n       \
-         uvm-agent probe read FILE [--random N] [--drop-cache]"
+         uvm-agent probe read FILE [--random N] [--drop-cache]\n       \
+         uvm-agent probe policy [N]"
     );
     2
+}
+
+/// Times compiling sandbox.rego and `n` decisions of an allowed exec under it.
+fn policy(n: u32) -> io::Result<()> {
+    use crate::policy::{exec_input, Guard};
+    const SANDBOX: &str = include_str!("../../../examples/policies/sandbox.rego");
+    let guard = Guard::default();
+    let t = Instant::now();
+    guard
+        .set(SANDBOX)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let compiled = t.elapsed();
+    let spec = crate::process::ExecSpec {
+        args: vec!["true".into()],
+        ..crate::process::ExecSpec::default()
+    };
+    let decide = || {
+        guard
+            .check(uvm_policy::Rule::Exec, || exec_input(&spec))
+            .map_err(|e| io::Error::other(e.to_string()))
+    };
+    // The first decision translates the code (under TCG) and fills the caches.
+    decide()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        decide()?;
+    }
+    let per = t.elapsed() / n;
+    println!(
+        "compile_ms={:.2} decision_us={:.1}",
+        compiled.as_secs_f64() * 1e3,
+        per.as_secs_f64() * 1e6
+    );
+    Ok(())
 }
 
 /// Prints every uevent until stdout goes away.

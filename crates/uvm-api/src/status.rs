@@ -77,6 +77,7 @@ pub fn host_code(err: &HostError) -> Code {
     match err {
         HostError::Unsupported { .. } => Code::Unimplemented,
         HostError::InvalidInput { .. } => Code::InvalidArgument,
+        HostError::NotFound { .. } => Code::NotFound,
         HostError::Failed { .. } => Code::Internal,
         HostError::Io { .. } => Code::Internal,
         HostError::Timeout { .. } => Code::DeadlineExceeded,
@@ -265,7 +266,7 @@ mod tests {
 
     #[test]
     fn every_host_error_has_its_code_in_every_wrapper() {
-        let cases: [(fn() -> HostError, Code); 6] = [
+        let cases: [(fn() -> HostError, Code); 7] = [
             (
                 || HostError::Unsupported {
                     backend: "qemu",
@@ -279,6 +280,13 @@ mod tests {
                     message: "too big".into(),
                 },
                 Code::InvalidArgument,
+            ),
+            (
+                || HostError::NotFound {
+                    what: "cpu group",
+                    name: "batch".into(),
+                },
+                Code::NotFound,
             ),
             (
                 || HostError::Failed {

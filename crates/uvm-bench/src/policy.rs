@@ -25,7 +25,7 @@ impl PolicyOptions {
     /// The counts of a normal run, or of `--quick`.
     pub fn new(quick: bool) -> PolicyOptions {
         PolicyOptions {
-            execs: if quick { 20 } else { 50 },
+            execs: if quick { 40 } else { 100 },
         }
     }
 }

@@ -43,7 +43,8 @@ pub const BASE_PACKAGE: &str = "uvmctl.policy";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Rule {
     /// Start a process. Input: `args` (argv), `program` (the last component of `args[0]`),
-    /// `path` (the file the agent will execute, resolved in the process's `PATH`), `env`
+    /// `path` (the file the agent will execute, resolved in the process's `PATH`; `args[0]`
+    /// when nothing of that name is found), `dir` (the directory of `path`, `""` for none), `env`
     /// (`KEY=VALUE` strings), `cwd` (`"/"` when the request leaves it empty), `terminal`,
     /// `stdin` (booleans).
     Exec,
@@ -226,7 +227,7 @@ impl Policy {
                 Err(PolicyError::FragmentExists { package })
             };
         }
-        let input = serde_json::json!({ "package": package });
+        let input = Value::from(serde_json::json!({ "package": package }));
         match eval(&mut self.engine, &self.base, Rule::LoadFragment, &input) {
             Ok(true) => {}
             Ok(false) => {
@@ -253,10 +254,11 @@ impl Policy {
     /// Decides a request of class `rule` with `input` (the documented input document):
     /// allowed when the base policy's rule, or a fragment's, is `true`.
     pub fn decide(&mut self, rule: Rule, input: &serde_json::Value) -> Result<(), Denial> {
+        let input = Value::from(input.clone());
         let mut failure = None;
         let fragments = self.fragments.iter().filter(|_| rule != Rule::LoadFragment);
         for module in std::iter::once(&self.base).chain(fragments) {
-            match eval(&mut self.engine, module, rule, input) {
+            match eval(&mut self.engine, module, rule, &input) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => failure = failure.or(Some(e)),
@@ -270,16 +272,11 @@ impl Policy {
 }
 
 /// Whether `module`'s `rule` is exactly `true` for `input`; an evaluation error as text.
-fn eval(
-    engine: &mut Engine,
-    module: &Module,
-    rule: Rule,
-    input: &serde_json::Value,
-) -> Result<bool, String> {
+fn eval(engine: &mut Engine, module: &Module, rule: Rule, input: &Value) -> Result<bool, String> {
     if !module.rules.contains(&rule) {
         return Ok(false);
     }
-    engine.set_input(Value::from(input.clone()));
+    engine.set_input(input.clone());
     let value = engine
         .eval_rule(format!("data.{}.{}", module.package, rule.name()))
         .map_err(|e| format!("{} in {}: {e}", rule.name(), module.source))?;

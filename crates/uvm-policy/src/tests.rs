@@ -10,8 +10,9 @@ fn sandbox() -> Policy {
 }
 
 fn exec(program: &str, path: &str) -> serde_json::Value {
+    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
     json!({
-        "args": [program, "hello"], "program": program, "path": path,
+        "args": [program, "hello"], "program": program, "path": path, "dir": dir,
         "env": ["HOME=/root"], "cwd": "/", "terminal": false, "stdin": false,
     })
 }

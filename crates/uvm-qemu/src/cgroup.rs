@@ -123,9 +123,9 @@ pub(crate) fn host_error(operation: &'static str, e: CgroupError) -> HostError {
             what,
             message: format!("{value:?} is not a plain relative cgroup path"),
         },
-        e @ CgroupError::NoGroup { .. } => HostError::InvalidInput {
+        CgroupError::NoGroup { name } => HostError::NotFound {
             what: "cpu group",
-            message: e.to_string(),
+            name,
         },
         CgroupError::InvalidValue { what, value } => HostError::InvalidInput {
             what,

@@ -304,11 +304,11 @@ async fn real_vm_controller_starts_and_terminates_a_qemu_vm() {
         c.update_memory(100 << 20).await.expect("update_memory"),
         100 << 20
     );
-    // A group that does not exist is bad input (the VM has a cgroup: CI runs as root).
+    // A group that does not exist is a typed NotFound (the VM has a cgroup: CI runs as root).
     assert!(matches!(
         c.update_cpu_group("no-such-group").await,
         Err(uvm::ControllerError::Host {
-            source: uvm::HostError::InvalidInput { .. },
+            source: uvm::HostError::NotFound { .. },
             ..
         })
     ));

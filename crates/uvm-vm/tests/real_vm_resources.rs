@@ -231,7 +231,19 @@ async fn real_vm_memory_grows_with_virtio_mem_shrinks_back_and_mem_total_follows
         .update_memory(1 << 30)
         .await
         .expect_err("above the maximum");
-    assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            uvm::ControllerError::Host {
+                source: uvm::HostError::NotFound {
+                    what: "cpu group",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(c.state(), State::Running);
     assert!(mib(mem_total().await) <= mib(before) + 1.0);
     c.terminate_vm().await.expect("terminate");
@@ -304,13 +316,25 @@ async fn real_vm_a_cpu_group_shared_by_two_vms_caps_their_sum_and_is_kept_while_
     let guard = GroupGuard(group.clone());
     let (a, _ra) = booted(|_| {}).await;
     let (b, _rb) = booted(|_| {}).await;
-    // An unknown group is bad input, and changes nothing.
+    // An unknown group is a typed NotFound, and changes nothing.
     let e = a
         .controller
         .update_cpu_group("no-such-group")
         .await
         .expect_err("unknown group");
-    assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            uvm::ControllerError::Host {
+                source: uvm::HostError::NotFound {
+                    what: "cpu group",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     for vm in [&a, &b] {
         vm.controller
             .update_cpu_group(&name)

@@ -24,6 +24,15 @@ pub enum HostError {
         /// Why it is wrong.
         message: String,
     },
+    /// Something the request names does not exist on the host (e.g. a CPU group); nothing was
+    /// changed.
+    #[error("{what} {name:?} does not exist")]
+    NotFound {
+        /// What kind of thing (`cpu group`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
     /// The operation was attempted and failed; the backend's own error is the source, its
     /// causes kept (a plain message where there is no deeper cause).
     #[error("{operation} failed")]

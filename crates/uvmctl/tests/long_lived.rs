@@ -200,7 +200,11 @@ fn real_vm_lifecycle_across_invocations_keeps_guest_state_and_the_modes() {
     // A CPU group that does not exist: said, and nothing moved.
     let out = root.run(&["update", "life", "--cpu-group", "no-such-group"]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(stderr(&out).contains("no cpu group"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(r#"cpu group "no-such-group" does not exist"#),
+        "{}",
+        stderr(&out)
+    );
 
     assert!(
         root.ok(&["logs", "life"]).contains("uvm-agent"),

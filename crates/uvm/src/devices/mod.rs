@@ -441,7 +441,10 @@ impl Reach {
                 tracing::warn!(what, error = %crate::error_chain(e), "teardown: the host VM is gone; skipping its other steps");
                 self.host = false;
             }
-            HostError::InvalidInput { .. } | HostError::Failed { .. } | HostError::Io { .. } => {
+            HostError::InvalidInput { .. }
+            | HostError::NotFound { .. }
+            | HostError::Failed { .. }
+            | HostError::Io { .. } => {
                 tracing::warn!(what, error = %crate::error_chain(e), "teardown: a host step failed; going on");
             }
         }

@@ -217,7 +217,8 @@ pub trait VmResources: Send + Sync {
     /// Move the VM into the host CPU group `group_id` (non-empty).
     ///
     /// # Errors
-    /// [`HostError::Unsupported`] where the backend has no CPU groups, or the move failed.
+    /// [`HostError::NotFound`] for a group that does not exist, [`HostError::Unsupported`]
+    /// where the backend has no CPU groups, or the move failed.
     async fn set_cpu_group(&self, group_id: &str) -> Result<(), HostError>;
     /// Apply CPU caps and weights.
     ///
