@@ -3,8 +3,9 @@
 # mount shares only read-only and away from the guest's system directories, and end what it
 # started (SIGTERM, SIGKILL). Everything else the agent decides is refused: every other
 # program (`sh` included), disks, writable shares, copying files in or out, other signals,
-# stack dumps. Fragments in packages under `fragment.` may add to it (say, one more command).
-# The input document of each rule is in docs/policy.md.
+# stack dumps. It takes no fragments: whoever holds the VM's API could otherwise lift it (see
+# the end for how to take exactly the fragments you name). The input document of each rule is
+# in docs/policy.md. Note that `cat` with any arguments prints any file the guest can read.
 #
 # The sets are written out in the rules rather than named: every decision evaluates its rule
 # afresh, and a named rule costs an evaluation of its own (under TCG, in the guest, a large
@@ -49,6 +50,6 @@ default unmount_share := false
 
 unmount_share if not over_system(input.guest_path)
 
+# No fragments. To take exactly the ones you name, list their digests (sha256sum FILE):
+#   load_fragment if input.sha256 in {"<sha256 of the fragment's text>"}
 default load_fragment := false
-
-load_fragment if startswith(input.package, "fragment.")

@@ -173,14 +173,19 @@ def test_remove_leaves_nothing_in_the_root(uvmctl_bin):
 SANDBOX = os.path.join(os.path.dirname(__file__), "../../../examples/policies/sandbox.rego")
 
 
-def test_a_sandbox_policy_denies_sh_and_a_fragment_adds_ls(uvmctl_bin):
+def test_a_sandbox_policy_denies_sh_and_a_fragment_adds_ls(uvmctl_bin, tmp_path):
     root = make_root()
+    policy = tmp_path / "policy.rego"
+    with open(SANDBOX) as f:
+        policy.write_text(f.read() + '\nload_fragment if startswith(input.package, "fragment.")\n')
     try:
-        with Vm.create(root=root, uvmctl=uvmctl_bin, policy=SANDBOX) as vm:
+        with Vm.create(root=root, uvmctl=uvmctl_bin, policy=policy) as vm:
             assert vm.exec(["echo", "hi"]).stdout == b"hi\n"
             with pytest.raises(PermissionDenied, match="uvmctl.policy.exec"):
                 vm.exec(["sh", "-c", "true"])
-            vm.add_policy_fragment('package fragment.ls\nexec if input.program == "ls"\n')
+            vm.add_policy_fragment(
+                'package fragment.ls\nexec if {\n\tinput.program == "ls"\n\tinput.dir == "/bin"\n}\n'
+            )
             assert b"proc" in vm.exec(["ls", "/"]).stdout
             assert vm.inspect().policy.fragments == 1
         assert_root_empty(root)

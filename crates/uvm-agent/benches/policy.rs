@@ -57,7 +57,11 @@ fn policy(c: &mut Criterion) {
 
     // The base denies `ls`; the fourth of four fragments allows it: every module is asked.
     let fragments = Guard::default();
-    fragments.set(SANDBOX).expect("sandbox.rego compiles");
+    fragments
+        .set(&format!(
+            "{SANDBOX}\nload_fragment if startswith(input.package, \"fragment.\")\n"
+        ))
+        .expect("sandbox.rego and load_fragment compile");
     for (i, program) in ["vi", "top", "ps", "ls"].iter().enumerate() {
         fragments
             .add_fragment(&format!(

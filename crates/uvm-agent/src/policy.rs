@@ -59,13 +59,19 @@ impl Guard {
     }
 
     /// Decides a request of class `rule`; `input` builds its input document, only when a
-    /// policy is in force. A denial is logged in the guest.
+    /// policy is in force, and outside the lock (it may look at the file system). A denial is
+    /// logged in the guest.
     pub fn check(&self, rule: Rule, input: impl FnOnce() -> Value) -> Result<(), ApiError> {
+        // A policy is set once, at start, before any decided request: none now is none later.
+        if !self.enforced() {
+            return Ok(());
+        }
+        let input = input();
         let mut slot = lock(&self.policy);
         let Some(policy) = slot.as_mut() else {
             return Ok(());
         };
-        policy.decide(rule, &input()).map_err(|denial| {
+        policy.decide(rule, &input).map_err(|denial| {
             warn!("{denial}");
             ApiError::Denied(denial)
         })
@@ -80,7 +86,10 @@ fn base_name(path: &str) -> &str {
 /// The input of [`Rule::Exec`]: `path` is the file the agent will execute, `dir` its directory.
 pub fn exec_input(spec: &ExecSpec) -> Value {
     let program = spec.args.first().map_or("", |a| base_name(a));
-    let path = crate::process::program_path(spec);
+    let path = spec
+        .program
+        .clone()
+        .unwrap_or_else(|| crate::process::program_path(spec));
     let dir = match path.rsplit_once('/') {
         Some(("", _)) => "/",
         Some((dir, _)) => dir,
@@ -217,12 +226,14 @@ mod tests {
     #[test]
     fn a_fragment_needs_a_policy_and_adds_to_it() {
         let guard = Guard::default();
+        let open_to_fragments =
+            format!("{SANDBOX}\nload_fragment if startswith(input.package, \"fragment.\")\n");
         let fragment = "package fragment.tools\nexec if input.program == \"ls\"";
         assert!(matches!(
             guard.add_fragment(fragment),
             Err(ApiError::NoPolicy)
         ));
-        guard.set(SANDBOX).expect("sandbox");
+        guard.set(&open_to_fragments).expect("sandbox");
         let ls = || exec_input(&spec(&["ls", "/"]));
         assert!(guard.check(Rule::Exec, ls).is_err());
         guard.add_fragment(fragment).expect("fragment");
@@ -230,11 +241,38 @@ mod tests {
         guard.check(Rule::Exec, ls).expect("ls allowed now");
         let refused = guard
             .add_fragment("package elsewhere\nexec := true")
-            .expect_err("sandbox loads fragment.* only");
+            .expect_err("this policy loads fragment.* only");
         assert_eq!(
             refused.code(),
             uvm_agent_proto::ttrpc::Code::PERMISSION_DENIED
         );
+    }
+
+    #[test]
+    fn an_allowed_name_found_first_in_a_path_outside_the_system_directories_is_denied() {
+        let dir = tempfile::tempdir().expect("dir");
+        let echo = dir.path().join("echo");
+        std::fs::write(&echo, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&echo, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let mut spec = spec(&["echo", "hi"]);
+        spec.env = vec![format!("PATH={}:/bin", dir.path().display())];
+        spec.program = Some(crate::process::program_path(&spec));
+        let input = exec_input(&spec);
+        assert_eq!(input["path"], echo.display().to_string());
+        assert_eq!(input["dir"], dir.path().display().to_string());
+        let guard = Guard::default();
+        guard.set(SANDBOX).expect("sandbox");
+        assert!(guard.check(Rule::Exec, || input).is_err());
+    }
+
+    #[test]
+    fn a_relative_program_is_made_absolute_against_the_working_directory() {
+        let mut spec = spec(&["bin/echo"]);
+        spec.cwd = "/".into();
+        assert_eq!(crate::process::program_path(&spec), "/bin/echo");
+        spec.args = vec!["./bin/echo".into()];
+        assert_eq!(crate::process::program_path(&spec), "/bin/echo");
     }
 
     #[test]

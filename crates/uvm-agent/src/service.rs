@@ -27,6 +27,7 @@ use crate::error::ApiError;
 use crate::files::{FileLimits, Files};
 use crate::mounts::disk::{self, Location, Sysfs};
 use crate::mounts::share;
+use crate::mounts::Decide;
 use crate::policy::{self, Guard};
 use crate::power::{self, ShutdownAction};
 use crate::process::{ExecSpec, Processes};
@@ -52,7 +53,7 @@ pub struct AgentService {
     boot: Arc<BootTimes>,
     config: ServiceConfig,
     sysfs: Sysfs,
-    policy: Guard,
+    policy: Arc<Guard>,
 }
 
 impl AgentService {
@@ -64,7 +65,7 @@ impl AgentService {
             boot,
             config,
             sysfs: Sysfs::default(),
-            policy: Guard::default(),
+            policy: Arc::default(),
         }
     }
 
@@ -304,15 +305,18 @@ impl agent_ttrpc::Agent for AgentService {
         req: ExecRequest,
     ) -> ttrpc::Result<ExecResponse> {
         let size = terminal_size(req.size.as_ref())?;
-        let spec = ExecSpec {
+        let mut spec = ExecSpec {
             args: req.args,
             env: req.env,
             cwd: req.cwd,
             terminal: req.terminal,
             stdin: req.stdin,
             size,
+            program: None,
         };
         spec.validate()?;
+        // Resolved once: the policy decides on the very file the spawn runs.
+        spec.program = Some(crate::process::program_path(&spec));
         self.policy
             .check(Rule::Exec, || policy::exec_input(&spec))?;
         let proc = self.procs.start(&spec)?;
@@ -452,10 +456,23 @@ impl agent_ttrpc::Agent for AgentService {
     }
 
     async fn mount_disk(&self, _ctx: &TtrpcContext, req: MountDiskRequest) -> ttrpc::Result<Empty> {
+        // Decided on the path asked for (before anything is made), and again on where the
+        // mount lands when a symlink leads elsewhere.
         self.policy
             .check(Rule::MountDisk, || policy::mount_disk_input(&req))?;
+        let guard = self.policy.clone();
+        let (asked, mut input) = (req.guest_path.clone(), policy::mount_disk_input(&req));
         let mount = disk_mount(req)?;
-        disk::mount_disk(&self.sysfs, &mount).await?;
+        let decide: Decide = Box::new(move |resolved| {
+            if resolved == std::path::Path::new(&asked) {
+                return Ok(());
+            }
+            guard.check(Rule::MountDisk, move || {
+                input["guest_path"] = resolved.display().to_string().into();
+                input
+            })
+        });
+        disk::mount_disk(&self.sysfs, &mount, decide).await?;
         Ok(Empty::new())
     }
 
@@ -481,6 +498,8 @@ impl agent_ttrpc::Agent for AgentService {
         _ctx: &TtrpcContext,
         req: MountShareRequest,
     ) -> ttrpc::Result<Empty> {
+        // Decided on the path asked for (before anything is made), and again on where the
+        // mount lands when a symlink leads elsewhere.
         self.policy.check(Rule::MountShare, || {
             policy::mount_share_input(
                 &req.tag,
@@ -489,9 +508,26 @@ impl agent_ttrpc::Agent for AgentService {
                 req.read_only,
             )
         })?;
+        let guard = self.policy.clone();
+        let (tag, transport, read_only) =
+            (req.tag.clone(), req.transport.enum_value(), req.read_only);
+        let asked = req.guest_path.clone();
+        let decide: Decide = Box::new(move |resolved| {
+            if resolved == std::path::Path::new(&asked) {
+                return Ok(());
+            }
+            guard.check(Rule::MountShare, || {
+                policy::mount_share_input(
+                    &tag,
+                    transport,
+                    &resolved.display().to_string(),
+                    read_only,
+                )
+            })
+        });
         let req = share_request(req)?;
         let (tag, path) = (req.tag.clone(), req.guest_path.clone());
-        blocking_mount(move || share::mount_share(&req)).await?;
+        blocking_mount(move || share::mount_share(&req, decide)).await?;
         info!("share {tag:?} mounted at {path}");
         Ok(Empty::new())
     }

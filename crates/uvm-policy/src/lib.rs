@@ -10,8 +10,8 @@
 //!   the base policy denies is allowed when a fragment's rule of the same name is `true`.
 //!   Fragments never change what the base allows: they are evaluated apart from it, in
 //!   packages that can neither hold nor shadow the base's rules. Loading one is itself decided
-//!   by the base policy's `load_fragment` rule (input: `{"package": "fragment.package"}`), so
-//!   a policy that defines none accepts no fragments.
+//!   by the base policy's `load_fragment` rule (input: the fragment's `package` and `sha256`),
+//!   so a policy that defines none accepts no fragments.
 //!
 //! The input document of each rule is documented on [`Rule`] and in `docs/policy.md`; the
 //! agent builds it from the request. [`Policy::compile`] is what the host runs before a VM
@@ -68,7 +68,8 @@ pub enum Rule {
     ReadFile,
     /// Dump the agent's and its processes' stacks. Input: `{}`.
     DumpStacks,
-    /// Load a policy fragment (base policy only). Input: `package`.
+    /// Load a policy fragment (base policy only). Input: `package`, `sha256` (of the
+    /// fragment's text, lower-case hex: a policy can accept exactly the fragments it names).
     LoadFragment,
 }
 
@@ -227,7 +228,8 @@ impl Policy {
                 Err(PolicyError::FragmentExists { package })
             };
         }
-        let input = Value::from(serde_json::json!({ "package": package }));
+        let input =
+            Value::from(serde_json::json!({ "package": package, "sha256": sha256_hex(text) }));
         match eval(&mut self.engine, &self.base, Rule::LoadFragment, &input) {
             Ok(true) => {}
             Ok(false) => {
@@ -308,15 +310,36 @@ fn load(
         what,
         message: e.to_string(),
     };
-    let data_package = engine
+    engine
         .add_policy(source.to_owned(), text.to_owned())
         .map_err(compile)?;
     engine.set_input(Value::new_object());
     engine.eval_modules(false).map_err(compile)?;
-    let package = data_package
-        .strip_prefix("data.")
-        .unwrap_or(&data_package)
-        .to_owned();
+    // The package as the evaluator sees it (escapes decoded, quoted parts whole), and plain
+    // identifiers only: a quoted or escaped part (`uvmctl["p\u006flicy"]`) would otherwise be
+    // one package to these checks and another to the evaluator.
+    let components = engine
+        .get_policy_package_components()
+        .map_err(compile)?
+        .into_iter()
+        .find(|p| p.source_file == source)
+        .map(|p| p.components)
+        .unwrap_or_default();
+    let plain = |c: &String| {
+        c.chars()
+            .next()
+            .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+            && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+    };
+    if components.is_empty() || !components.iter().all(plain) {
+        return Err(PolicyError::Compile {
+            what,
+            message: format!(
+                "package {components:?}: each part of a package name must be a plain identifier"
+            ),
+        });
+    }
+    let package = components.join(".");
     let mut rules = BTreeSet::new();
     for rule in Rule::ALL {
         if engine

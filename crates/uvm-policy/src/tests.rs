@@ -9,6 +9,14 @@ fn sandbox() -> Policy {
     Policy::compile(SANDBOX).expect("sandbox.rego compiles")
 }
 
+/// sandbox.rego as a policy that accepts fragments under `fragment.` (it accepts none itself).
+fn sandbox_with_fragments() -> Policy {
+    Policy::compile(&format!(
+        "{SANDBOX}\nload_fragment if startswith(input.package, \"fragment.\")\n"
+    ))
+    .expect("compiles")
+}
+
 fn exec(program: &str, path: &str) -> serde_json::Value {
     let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
     json!({
@@ -178,7 +186,7 @@ fn a_rule_that_is_not_exactly_true_or_fails_to_evaluate_denies() {
 
 #[test]
 fn a_fragment_adds_a_command_and_never_takes_one_away() {
-    let mut p = sandbox();
+    let mut p = sandbox_with_fragments();
     assert!(p.decide(Rule::Exec, &exec("ls", "/bin/ls")).is_err());
     let fragment = "package fragment.tools\nexec if input.program == \"ls\"\n";
     assert_eq!(p.add_fragment(fragment), Ok(FragmentLoad::Added));
@@ -200,7 +208,7 @@ fn a_fragment_adds_a_command_and_never_takes_one_away() {
 
 #[test]
 fn a_fragment_that_does_not_compile_is_refused_and_changes_nothing() {
-    let mut p = sandbox();
+    let mut p = sandbox_with_fragments();
     p.add_fragment("package fragment.a\nexec if input.program == \"ls\"")
         .expect("first fragment");
     let err = p
@@ -248,7 +256,16 @@ fn a_fragment_in_or_around_the_base_package_is_refused() {
 
 #[test]
 fn the_base_policy_decides_which_fragments_load() {
+    // sandbox.rego takes none: whoever holds the API cannot lift it.
     let mut p = sandbox();
+    assert_eq!(
+        p.add_fragment("package fragment.x\nexec := true"),
+        Err(PolicyError::FragmentRefused {
+            package: "fragment.x".into(),
+            reason: None
+        })
+    );
+    let mut p = sandbox_with_fragments();
     assert_eq!(
         p.add_fragment("package other\nexec := true"),
         Err(PolicyError::FragmentRefused {
@@ -256,6 +273,18 @@ fn the_base_policy_decides_which_fragments_load() {
             reason: None
         })
     );
+    // A policy can name the very fragments it takes, by digest.
+    let ls = "package fragment.ls\nexec if input.program == \"ls\"\n";
+    let mut pinned = Policy::compile(&format!(
+        "package uvmctl.policy\nload_fragment if input.sha256 == \"{}\"\n",
+        sha256_hex(ls)
+    ))
+    .expect("compiles");
+    assert_eq!(pinned.add_fragment(ls), Ok(FragmentLoad::Added));
+    assert!(matches!(
+        pinned.add_fragment("package fragment.ls2\nexec := true"),
+        Err(PolicyError::FragmentRefused { .. })
+    ));
     let mut strict = Policy::compile("package uvmctl.policy\nexec := true").expect("compiles");
     assert!(matches!(
         strict.add_fragment("package fragment.x\nread_file := true"),
@@ -266,7 +295,7 @@ fn the_base_policy_decides_which_fragments_load() {
 
 #[test]
 fn the_same_fragment_again_is_a_no_op_and_a_different_one_for_its_package_is_refused() {
-    let mut p = sandbox();
+    let mut p = sandbox_with_fragments();
     let text = "package fragment.tools\nexec if input.program == \"ls\"";
     assert_eq!(p.add_fragment(text), Ok(FragmentLoad::Added));
     assert_eq!(p.add_fragment(text), Ok(FragmentLoad::AlreadyLoaded));
@@ -280,8 +309,57 @@ fn the_same_fragment_again_is_a_no_op_and_a_different_one_for_its_package_is_ref
 }
 
 #[test]
+fn a_package_is_checked_as_the_evaluator_reads_it() {
+    let mut p = Policy::compile(ALLOW_ALL).expect("allow-all");
+    // An escape that spells the base's package is the base's package.
+    assert_eq!(
+        p.add_fragment("package uvmctl[\"p\\u006flicy\"]\nexec := true"),
+        Err(PolicyError::FragmentPackage {
+            package: "uvmctl.policy".into()
+        })
+    );
+    // One that spells a package already loaded is that package.
+    p.add_fragment("package fragment.tools\nexec := true")
+        .expect("loads");
+    assert_eq!(
+        p.add_fragment("package fragment[\"t\\u006fols\"]\nread_file := true"),
+        Err(PolicyError::FragmentExists {
+            package: "fragment.tools".into()
+        })
+    );
+    // A part that is no identifier is refused.
+    assert!(matches!(
+        p.add_fragment("package fragment[\"a.b\"]\nexec := true"),
+        Err(PolicyError::Compile { .. })
+    ));
+    assert_eq!(p.fragments().collect::<Vec<_>>(), ["fragment.tools"]);
+}
+
+#[test]
+fn a_fragment_is_not_asked_about_loading_fragments() {
+    let mut p = Policy::compile(ALLOW_ALL).expect("allow-all");
+    p.add_fragment("package fragment.no\nload_fragment := false")
+        .expect("loads");
+    // decide() asks the base alone for this rule.
+    assert_eq!(
+        p.decide(Rule::LoadFragment, &json!({"package": "x"})),
+        Ok(())
+    );
+    let mut strict = Policy::compile(
+        "package uvmctl.policy\nload_fragment if input.package == \"fragment.yes\"",
+    )
+    .expect("compiles");
+    strict
+        .add_fragment("package fragment.yes\nload_fragment := true")
+        .expect("loads");
+    assert!(strict
+        .decide(Rule::LoadFragment, &json!({"package": "other"}))
+        .is_err());
+}
+
+#[test]
 fn a_fragment_cannot_answer_for_load_fragment() {
-    let mut p = sandbox();
+    let mut p = sandbox_with_fragments();
     p.add_fragment("package fragment.open\nload_fragment := true")
         .expect("loads");
     assert!(matches!(

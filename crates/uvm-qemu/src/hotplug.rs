@@ -164,10 +164,15 @@ impl QemuVm {
                 }
                 // A slot plugged moments ago: the guest's pciehp is still powering it up (its
                 // power indicator blinks for about a second). Ask again until the deadline.
-                Ok(Qmp::Refused { desc, .. })
-                    if desc.contains("power indicator blinking") && start.elapsed() < deadline =>
-                {
-                    tokio::time::sleep(UNPLUG_RETRY).await;
+                Ok(Qmp::Refused { desc, .. }) if desc.contains("power indicator blinking") => {
+                    let left = deadline.saturating_sub(start.elapsed());
+                    if left.is_zero() {
+                        return Err(HostError::Timeout {
+                            operation,
+                            after: deadline,
+                        });
+                    }
+                    tokio::time::sleep(UNPLUG_RETRY.min(left)).await;
                 }
                 Ok(Qmp::Refused { class, desc }) => {
                     return Err(refused(operation, "device_del", &class, &desc))

@@ -17,6 +17,8 @@ use uvm_util::error_chain;
 use uvm_vm::{default_image, Machine, Vm, VmOptions};
 
 const SANDBOX: &str = include_str!("../../../examples/policies/sandbox.rego");
+/// Makes sandbox.rego (which takes no fragments) take those under `fragment.`.
+const TAKE_FRAGMENTS: &str = "\nload_fragment if startswith(input.package, \"fragment.\")\n";
 
 fn require_prerequisites() {
     for name in ["qemu-system-x86_64", "vhost-device-vsock", "virtiofsd"] {
@@ -95,6 +97,15 @@ impl TestVm {
     /// Shares a new host directory (one per guest path: a directory shares one way only).
     async fn add_share(&self, read_only: bool, guest_path: &str) -> Result<(), ControllerError> {
         let host_path = self.shares.path().join(guest_path.trim_start_matches('/'));
+        self.add_share_from(host_path, read_only, guest_path).await
+    }
+
+    async fn add_share_from(
+        &self,
+        host_path: PathBuf,
+        read_only: bool,
+        guest_path: &str,
+    ) -> Result<(), ControllerError> {
         std::fs::create_dir_all(&host_path).expect("host directory");
         let share = ShareConfig {
             host_path,
@@ -131,7 +142,7 @@ fn assert_denied<T: std::fmt::Debug>(t: &TestVm, result: Result<T, ControllerErr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_vm_sandbox_policy_allows_what_it_names_and_denies_every_other_request_class() {
-    let t = booted_with_policy(SANDBOX).await;
+    let t = booted_with_policy(&format!("{SANDBOX}{TAKE_FRAGMENTS}")).await;
     let guest = t.vm.controller.guest_info().expect("connected");
     assert!(
         guest.capabilities.names.iter().any(|c| c == "policy"),
@@ -184,6 +195,14 @@ async fn real_vm_sandbox_policy_allows_what_it_names_and_denies_every_other_requ
     );
     assert_denied(&t, t.add_share(false, "/mnt/rw").await, "mount_share");
     assert_denied(&t, t.add_share(true, "/bin").await, "mount_share");
+    // A symlink the host puts on a share cannot carry a mount onto /bin: the policy decides on
+    // where the path leads.
+    std::os::unix::fs::symlink("/bin", t.shares.path().join("mnt/ro/l")).expect("symlink");
+    let over_bin = t
+        .add_share_from(t.shares.path().join("other"), true, "/mnt/ro/l")
+        .await;
+    assert_denied(&t, over_bin, "mount_share");
+    assert!(t.exec(&["echo", "still"]).await.is_ok());
     let shares = t.vm.controller.devices().shares;
     assert_eq!(shares.len(), 1, "only the allowed share stays: {shares:?}");
 
@@ -226,7 +245,7 @@ async fn real_vm_sandbox_policy_allows_what_it_names_and_denies_every_other_requ
     let fragment = |text: &str| PolicyFragment(text.to_owned());
     t.vm.controller
         .update_policy_fragment(&fragment(
-            "package fragment.tools\nexec if input.program == \"ls\"",
+            "package fragment.tools\nexec if {\n input.program == \"ls\"\n input.dir == \"/bin\"\n}",
         ))
         .await
         .expect("fragment");
@@ -252,7 +271,31 @@ async fn real_vm_sandbox_policy_allows_what_it_names_and_denies_every_other_requ
         .expect("files fragment");
     t.copy_in("/tmp/in.txt").await.expect("copy in allowed now");
     assert_denied(&t, t.copy_in("/root/in.txt").await, "write_file");
-    assert_eq!(t.vm.controller.policy_fragments().len(), 2);
+    // The classes sandbox.rego refuses outright, allowed by a fragment: each request then gets
+    // past the policy (a blank disk is then refused for having no filesystem, not by a rule).
+    t.vm.controller
+        .update_policy_fragment(&fragment(
+            "package fragment.more\nread_file := true\ndump_stacks := true\nmount_disk := true\n",
+        ))
+        .await
+        .expect("more fragment");
+    assert_eq!(t.copy_out("/tmp/in.txt").await.expect("copy out"), b"x\n");
+    assert!(!t
+        .vm
+        .controller
+        .dump_stacks()
+        .await
+        .expect("stacks")
+        .is_empty());
+    let added =
+        t.vm.controller
+            .add_disk(DiskConfig::raw(&image), DiskMount::at("/mnt/disk"))
+            .await
+            .expect_err("a blank disk has no filesystem");
+    let chain = error_chain(&added);
+    assert!(!chain.contains("denied by policy"), "{chain}");
+    assert!(chain.contains("no filesystem"), "{chain}");
+    assert_eq!(t.vm.controller.policy_fragments().len(), 3);
 
     t.finish().await;
 }

@@ -38,12 +38,21 @@ fn create_with_a_policy_that_does_not_compile_fails_before_anything_starts() {
 }
 
 #[test]
-fn real_vm_exec_denied_by_the_policy_exits_126_and_a_fragment_adds_a_command() {
+fn real_vm_exec_denied_by_the_policy_exits_126_and_only_a_named_fragment_adds_a_command() {
     require_prerequisites();
     let root = Root::new();
-    let sandbox = policies().join("sandbox.rego");
-    let sandbox = sandbox.to_str().expect("utf-8 path");
-    root.ok(&["create", "--name", "pol", "--policy", sandbox, "--start"]);
+    let dir = tempfile::tempdir().expect("scratch");
+    // sandbox.rego, taking exactly one fragment: the one whose digest it names.
+    let ls_text =
+        "package fragment.ls\nexec if {\n\tinput.program == \"ls\"\n\tinput.dir == \"/bin\"\n}\n";
+    let ls = write(dir.path(), "ls.rego", ls_text);
+    let sandbox_text = std::fs::read_to_string(policies().join("sandbox.rego")).expect("sandbox");
+    let text = format!(
+        "{sandbox_text}\nload_fragment if input.sha256 == \"{}\"\n",
+        uvm_policy::sha256_hex(ls_text)
+    );
+    let policy = write(dir.path(), "policy.rego", &text);
+    root.ok(&["create", "--name", "pol", "--policy", &policy, "--start"]);
 
     assert_eq!(root.ok(&["exec", "pol", "--", "echo", "hi"]), "hi\n");
     let out = root.run(&["exec", "pol", "--", "sh", "-c", "echo escaped"]);
@@ -55,12 +64,10 @@ fn real_vm_exec_denied_by_the_policy_exits_126_and_a_fragment_adds_a_command() {
     );
     assert!(out.stdout.is_empty());
 
-    let dir = tempfile::tempdir().expect("scratch");
-    let ls = write(
-        dir.path(),
-        "ls.rego",
-        "package fragment.ls\nexec if input.program == \"ls\"\n",
-    );
+    let other = write(dir.path(), "sh.rego", "package fragment.sh\nexec := true\n");
+    let out = root.run(&["policy", "add-fragment", "pol", &other]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("load_fragment"), "{}", stderr(&out));
     root.ok(&["policy", "add-fragment", "pol", &ls]);
     assert!(root
         .ok(&["exec", "pol", "--", "ls", "/"])
@@ -73,16 +80,21 @@ fn real_vm_exec_denied_by_the_policy_exits_126_and_a_fragment_adds_a_command() {
         "{}",
         stderr(&out)
     );
+    assert_eq!(
+        root.run(&["exec", "pol", "--", "sh", "-c", "true"])
+            .status
+            .code(),
+        Some(126)
+    );
 
     let inspect = root.inspect("pol");
-    let text = std::fs::read_to_string(sandbox).expect("sandbox.rego");
     assert_eq!(inspect["policy"]["enforced"], true);
     assert_eq!(
         inspect["policy"]["sha256"].as_str(),
         Some(uvm_policy::sha256_hex(&text).as_str())
     );
     assert_eq!(inspect["policy"]["fragments"], 1);
-    assert_eq!(inspect["config"]["policy"].as_str(), Some(sandbox));
+    assert_eq!(inspect["config"]["policy"].as_str(), Some(policy.as_str()));
     assert_eq!(inspect["resources"]["memory_mib"], 256);
     assert_eq!(inspect["resources"]["cpus"], 1);
     root.ok(&["rm", "-f", "pol"]);

@@ -305,7 +305,8 @@ class Vm:
         VM was created with: its rules add, never replace. Raises
         :class:`~uvmctl_client.errors.InvalidArgument` for one that does not compile or a VM
         without a policy, :class:`~uvmctl_client.errors.PermissionDenied` when the policy's
-        ``load_fragment`` rule refuses it."""
+        ``load_fragment`` rule refuses it, :class:`~uvmctl_client.errors.FailedPrecondition` when
+        a different fragment has its package."""
         self._unary(
             self._stub.UpdatePolicyFragment,
             pb.UpdatePolicyFragmentRequest(fragment=fragment),

@@ -18,7 +18,7 @@ use nix::mount::mount;
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 
 use super::uevent::Uevents;
-use super::{mount_table, mounted_at, parse_options, path, prepare_mount_point};
+use super::{mount_table, mounted_at, parse_options, path, prepare_mount_point, Decide};
 use crate::error::ApiError;
 use crate::info;
 
@@ -417,7 +417,7 @@ fn filesystem(node: &Path, asked: Option<&str>) -> Result<&'static str, ApiError
 /// [`ApiError::InvalidArgument`] for a guest path, type or options that fail the checks;
 /// [`ApiError::NoDevice`] / [`ApiError::NoFilesystem`] when the device, its partition or a
 /// filesystem is missing; [`ApiError::Busy`]; [`ApiError::Mount`] with the kernel's reason.
-pub async fn mount_disk(sysfs: &Sysfs, req: &DiskMount) -> Result<(), ApiError> {
+pub async fn mount_disk(sysfs: &Sysfs, req: &DiskMount, decide: Decide) -> Result<(), ApiError> {
     const FIELD: &str = "guest_path";
     let target = path::check_mount_point(FIELD, &req.guest_path)?;
     let options = parse_options(req.read_only, &req.options)?;
@@ -431,7 +431,8 @@ pub async fn mount_disk(sysfs: &Sysfs, req: &DiskMount) -> Result<(), ApiError> 
         let node = device_node(&name, dev)?;
         let fs = filesystem(&node, req.fs_type.as_deref())?;
         let target = prepare_mount_point(FIELD, &target)?;
-        if let Some(there) = mounted_at(&mount_table()?, &target) {
+        decide(&target.path)?;
+        if let Some(there) = mounted_at(&mount_table()?, &target.path) {
             if there.dev == dev {
                 return Ok(());
             }
@@ -440,7 +441,14 @@ pub async fn mount_disk(sysfs: &Sysfs, req: &DiskMount) -> Result<(), ApiError> 
             });
         }
         let data = (!options.data.is_empty()).then_some(options.data.as_str());
-        mount(Some(&node), &target, Some(fs), options.flags, data).map_err(|e| {
+        mount(
+            Some(&node),
+            &target.syscall_path(),
+            Some(fs),
+            options.flags,
+            data,
+        )
+        .map_err(|e| {
             let source = io::Error::from(e);
             match e {
                 Errno::EACCES | Errno::EROFS if !req.read_only => ApiError::Mount {

@@ -12,8 +12,11 @@ use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::{AsRawFd as _, OwnedFd};
+
 use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags, MsFlags};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 use uvm_agent_proto::MAX_MOUNT_OPTIONS_BYTES;
 
 use crate::error::ApiError;
@@ -149,13 +152,55 @@ pub fn parse_options(read_only: bool, options: &[String]) -> Result<MountOptions
     })
 }
 
+/// The security policy's say on a mount, given the mount point with its symlinks resolved (what
+/// the mount will land on), before anything is mounted.
+pub type Decide = Box<dyn FnOnce(&Path) -> Result<(), ApiError> + Send>;
+
+/// Where a mount goes: the mount point with its symlinks resolved, held open so that the mount
+/// lands on the very directory that was checked (and that the security policy decided on),
+/// whatever happens to the path in between.
+#[derive(Debug)]
+pub struct MountTarget {
+    /// The mount point, symlinks resolved.
+    pub path: PathBuf,
+    /// The directory, opened `O_PATH` without following any symlink.
+    dir: OwnedFd,
+}
+
+impl MountTarget {
+    /// Opens `path` (absolute, symlinks resolved) without following a symlink anywhere on it:
+    /// a component that became one since it was resolved fails the open.
+    fn open(path: PathBuf) -> io::Result<MountTarget> {
+        let dir = rustix::fs::openat2(
+            rustix::fs::CWD,
+            &path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )?;
+        Ok(MountTarget { path, dir })
+    }
+
+    /// What `mount(2)` is given: the open directory's `/proc/self/fd` link, which the kernel
+    /// follows to that directory and nowhere else.
+    pub fn syscall_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
+    }
+
+    /// The same path opened again, now that something is mounted on it: its `syscall_path`
+    /// reaches the new mount (to remount it).
+    pub fn reopen(&self) -> io::Result<MountTarget> {
+        MountTarget::open(self.path.clone())
+    }
+}
+
 /// Makes `path` (checked) and its parents, and resolves it: the mount goes where its symlinks
-/// lead, which must pass the same rules.
+/// lead, which must pass the same rules, and is held open there ([`MountTarget`]).
 ///
 /// # Errors
-/// [`ApiError::Mount`] when it cannot be made or resolved, [`ApiError::InvalidArgument`] when
-/// it leads somewhere a mount may not go or is not a directory.
-pub fn prepare_mount_point(field: &'static str, path: &Path) -> Result<PathBuf, ApiError> {
+/// [`ApiError::Mount`] when it cannot be made, resolved or opened, [`ApiError::InvalidArgument`]
+/// when it leads somewhere a mount may not go or is not a directory.
+pub fn prepare_mount_point(field: &'static str, path: &Path) -> Result<MountTarget, ApiError> {
     let failed = |op, source| ApiError::Mount {
         op,
         target: path.display().to_string(),
@@ -170,7 +215,12 @@ pub fn prepare_mount_point(field: &'static str, path: &Path) -> Result<PathBuf, 
             format!("{} is not a directory", resolved.display()),
         ));
     }
-    Ok(resolved)
+    MountTarget::open(resolved).map_err(|e| {
+        failed(
+            "open the mount point (did it change while it was resolved?)",
+            e,
+        )
+    })
 }
 
 /// Unmounts what is mounted at `guest_path` — never lazily: a mount in use is
@@ -294,8 +344,12 @@ garbage
     fn a_mount_point_is_made_and_a_link_into_proc_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let made = dir.path().join("a/b");
-        let resolved = prepare_mount_point("guest_path", &made).expect("made");
-        assert!(resolved.is_dir());
+        let target = prepare_mount_point("guest_path", &made).expect("made");
+        assert!(target.path.is_dir());
+        assert_eq!(
+            std::fs::canonicalize(target.syscall_path()).expect("the fd's directory"),
+            std::fs::canonicalize(&made).expect("made")
+        );
         let link = dir.path().join("sneaky");
         std::os::unix::fs::symlink("/proc/self", &link).expect("link");
         assert!(matches!(

@@ -31,7 +31,7 @@ use uvm_agent_proto::ttrpc::Code;
 
 use crate::error::ApiError;
 use crate::mounts::path::check_mount_point;
-use crate::mounts::unescape;
+use crate::mounts::{unescape, Decide, MountTarget};
 
 /// `msize` of 9p mounts: the largest message, so the largest single read or write. The kernel's
 /// virtio transport takes up to about 500 KiB; 256 KiB keeps each request's buffers modest.
@@ -236,9 +236,11 @@ fn check_tag(tag: &str) -> Result<(), ShareError> {
 /// Invalid tag or path ([`Code::INVALID_ARGUMENT`]), no device in time
 /// ([`Code::NOT_FOUND`]), something else mounted there ([`Code::UNAVAILABLE`]), or the mount
 /// failed (its errno decides the code).
-pub fn mount_share(req: &ShareRequest) -> Result<(), ApiError> {
+pub fn mount_share(req: &ShareRequest, decide: Decide) -> Result<(), ApiError> {
     check_tag(&req.tag)?;
-    let path = mount_point(&req.guest_path)?;
+    let target = mount_point(&req.guest_path)?;
+    decide(&target.path)?;
+    let path = target.path.clone();
     let shown = path.display().to_string();
     let table = MountTable::read()?;
     if let Some(top) = table.top_at(&path) {
@@ -268,7 +270,7 @@ pub fn mount_share(req: &ShareRequest) -> Result<(), ApiError> {
     };
     if req.transport == Transport::NineP {
         if let Some(first) = table.find_share(fstype, &req.tag) {
-            return Ok(bind_mount(&first.mount_point, &path, flags).map_err(failed)?);
+            return Ok(bind_mount(&first.mount_point, &target, flags).map_err(failed)?);
         }
     }
     // Listen before the first attempt, so a device that appears in between is not missed.
@@ -283,7 +285,7 @@ pub fn mount_share(req: &ShareRequest) -> Result<(), ApiError> {
     loop {
         match mount(
             Some(req.tag.as_str()),
-            &path,
+            &target.syscall_path(),
             Some(fstype),
             flags,
             data.as_deref(),
@@ -356,26 +358,38 @@ pub fn unmount_share(guest_path: &str) -> Result<(), ApiError> {
 }
 
 /// Check `guest_path`, make it, and check where it really leads (a symlink in the guest must
-/// not carry the mount onto a refused place).
-fn mount_point(guest_path: &str) -> Result<PathBuf, ApiError> {
+/// not carry the mount onto a refused place); held open there ([`MountTarget`]).
+fn mount_point(guest_path: &str) -> Result<MountTarget, ApiError> {
     let checked = check_mount_point("guest_path", guest_path)?;
-    let made = |source| ShareError::MountPoint {
-        path: checked.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(&checked).map_err(made)?;
-    let real = std::fs::canonicalize(&checked).map_err(made)?;
-    check_mount_point("guest_path", &real.to_string_lossy())
+    super::prepare_mount_point("guest_path", &checked)
 }
 
 /// Bind the mount at `from` onto `to`; `flags` beyond the bind (read-only, nosuid, nodev) need
-/// a remount of the new mount.
-fn bind_mount(from: &Path, to: &Path, flags: MsFlags) -> Result<(), Errno> {
-    mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+/// a remount of the new mount, reached by opening the mount point again.
+fn bind_mount(from: &Path, to: &MountTarget, flags: MsFlags) -> Result<(), Errno> {
+    mount(
+        Some(from),
+        &to.syscall_path(),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
     let remount = flags | MsFlags::MS_BIND | MsFlags::MS_REMOUNT;
-    if let Err(e) = mount(None::<&str>, to, None::<&str>, remount, None::<&str>) {
+    let remounted = to
+        .reopen()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+    let result = remounted.and_then(|new| {
+        mount(
+            None::<&str>,
+            &new.syscall_path(),
+            None::<&str>,
+            remount,
+            None::<&str>,
+        )
+    });
+    if let Err(e) = result {
         // Do not leave a bind with the wrong flags behind.
-        let _ = umount2(to, MntFlags::UMOUNT_NOFOLLOW);
+        let _ = umount2(&to.path, MntFlags::UMOUNT_NOFOLLOW);
         return Err(e);
     }
     Ok(())
@@ -597,7 +611,7 @@ mod tests {
             wait: Duration::ZERO,
         };
         assert!(matches!(
-            mount_share(&req),
+            mount_share(&req, Box::new(|_| panic!("not asked for a bad path"))),
             Err(ApiError::InvalidArgument {
                 field: "guest_path",
                 ..
@@ -610,5 +624,39 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn the_policy_is_asked_about_where_a_symlink_leads_and_its_no_mounts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("real dir");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).expect("link");
+        let req = ShareRequest {
+            tag: "t".into(),
+            transport: Transport::VirtioFs,
+            guest_path: link.display().to_string(),
+            read_only: true,
+            wait: Duration::ZERO,
+        };
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = asked.clone();
+        let refused = mount_share(
+            &req,
+            Box::new(move |resolved| {
+                *uvm_util::lock(&seen) = Some(resolved.to_path_buf());
+                Err(ApiError::invalid("guest_path", "refused by the test"))
+            }),
+        );
+        assert!(matches!(refused, Err(ApiError::InvalidArgument { .. })));
+        assert_eq!(
+            uvm_util::lock(&asked).clone(),
+            Some(std::fs::canonicalize(&real).expect("real"))
+        );
+        assert!(MountTable::read()
+            .expect("mountinfo")
+            .top_at(&std::fs::canonicalize(&real).expect("real"))
+            .is_none());
     }
 }

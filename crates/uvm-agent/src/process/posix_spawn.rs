@@ -169,7 +169,10 @@ pub(crate) fn spawn_piped(spec: &ExecSpec) -> io::Result<Spawned> {
         .iter()
         .find(|(k, _)| k == "PATH")
         .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-    let program = resolve(&spec.args[0], path_var)?;
+    let program = match spec.program.as_deref() {
+        Some(resolved) if resolved.contains('/') => resolved.to_owned(),
+        _ => resolve(&spec.args[0], path_var)?,
+    };
     let program = cstring(&program)?;
     let argv: Vec<CString> = spec
         .args

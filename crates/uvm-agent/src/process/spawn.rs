@@ -31,6 +31,10 @@ pub struct ExecSpec {
     pub stdin: bool,
     /// The terminal's initial size (rows, columns); `None` leaves 80×24.
     pub size: Option<(u16, u16)>,
+    /// The file to run, resolved once ([`program_path`]) so that what the security policy
+    /// decided on is what runs; `None` (or a name without `/`, when nothing was found): the
+    /// spawn resolves `args[0]` itself.
+    pub program: Option<String>,
 }
 
 impl ExecSpec {
@@ -72,8 +76,9 @@ impl ExecSpec {
     }
 }
 
-/// The file `spec` runs: `args[0]` resolved in the process's own `PATH` as the spawn resolves
-/// it, or `args[0]` as given when nothing of that name is found (the spawn then fails).
+/// The file `spec` runs: `args[0]` resolved in the process's own `PATH` as `execvp` would,
+/// made absolute against the process's working directory; `args[0]` as given when nothing of
+/// that name is found (the spawn then fails, saying why).
 pub fn program_path(spec: &ExecSpec) -> String {
     let program = spec.args.first().map_or("", String::as_str);
     let env = super::posix_spawn::child_env(spec);
@@ -81,7 +86,18 @@ pub fn program_path(spec: &ExecSpec) -> String {
         .iter()
         .find(|(k, _)| k == "PATH")
         .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
-    super::posix_spawn::resolve(program, path).unwrap_or_else(|_| program.to_owned())
+    match super::posix_spawn::resolve(program, path) {
+        Ok(found) if found.starts_with('/') => found,
+        Ok(relative) => {
+            let cwd = if spec.cwd.is_empty() { "/" } else { &spec.cwd };
+            format!(
+                "{}/{}",
+                cwd.trim_end_matches('/'),
+                relative.trim_start_matches("./")
+            )
+        }
+        Err(_) => program.to_owned(),
+    }
 }
 
 /// A started process: its pid and our ends of its stdio.
@@ -139,8 +155,14 @@ fn spawn_on_terminal(
     spec: &ExecSpec,
     spawn_err: impl Fn(io::Error) -> ApiError,
 ) -> Result<Spawned, ApiError> {
-    let mut cmd = Command::new(&spec.args[0]);
-    cmd.args(&spec.args[1..])
+    let program = spec
+        .program
+        .as_deref()
+        .filter(|p| p.contains('/'))
+        .unwrap_or(&spec.args[0]);
+    let mut cmd = Command::new(program);
+    cmd.arg0(&spec.args[0])
+        .args(&spec.args[1..])
         .env_clear()
         .envs(super::posix_spawn::child_env(spec));
     cmd.current_dir(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
