@@ -39,9 +39,9 @@ struct TestVm {
     shares: tempfile::TempDir,
 }
 
-async fn booted_with_policy(policy: &str) -> TestVm {
+/// A runtime root, and the options of a q35 VM under `policy` with its runtime there.
+fn options(policy: &str) -> (tempfile::TempDir, VmOptions) {
     require_prerequisites();
-    let image = default_image().expect("build the guest image");
     let root = tempfile::Builder::new()
         .prefix("uvmp")
         .tempdir_in("/tmp")
@@ -58,6 +58,12 @@ async fn booted_with_policy(policy: &str) -> TestVm {
         share_hotplug_ports: Some(4),
         ..VmOptions::default()
     };
+    (root, options)
+}
+
+async fn booted_with_policy(policy: &str) -> TestVm {
+    let image = default_image().expect("build the guest image");
+    let (root, options) = options(policy);
     let t = TestVm {
         vm: Vm::new(&image, options),
         root,
@@ -304,21 +310,8 @@ async fn real_vm_sandbox_policy_allows_what_it_names_and_denies_every_other_requ
 async fn real_vm_a_policy_the_guest_refuses_fails_the_start_and_leaves_nothing() {
     // Compiles nowhere: the host's check is bypassed here (VmOptions takes it as given), so the
     // agent's own refusal is what fails the start.
-    require_prerequisites();
     let image = default_image().expect("build the guest image");
-    let root = tempfile::Builder::new()
-        .prefix("uvmp")
-        .tempdir_in("/tmp")
-        .expect("runtime root");
-    let options = VmOptions {
-        runtime_root: Some(root.path().to_path_buf()),
-        timeouts: Timeouts {
-            guest_connect: Duration::from_secs(90),
-            ..Timeouts::default()
-        },
-        security_policy: Some(SecurityPolicy("package elsewhere\nexec := true".into())),
-        ..VmOptions::default()
-    };
+    let (root, options) = options("package elsewhere\nexec := true");
     let vm = Vm::new(&image, options);
     let err = vm.boot().await.expect_err("the agent refuses the policy");
     assert!(

@@ -231,19 +231,7 @@ async fn real_vm_memory_grows_with_virtio_mem_shrinks_back_and_mem_total_follows
         .update_memory(1 << 30)
         .await
         .expect_err("above the maximum");
-    assert!(
-        matches!(
-            &e,
-            uvm::ControllerError::Host {
-                source: uvm::HostError::NotFound {
-                    what: "cpu group",
-                    ..
-                },
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(format!("{e:?}").contains("InvalidInput"), "{e:?}");
     assert_eq!(c.state(), State::Running);
     assert!(mib(mem_total().await) <= mib(before) + 1.0);
     c.terminate_vm().await.expect("terminate");
