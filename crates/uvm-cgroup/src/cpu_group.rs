@@ -200,16 +200,7 @@ impl CpuGroup {
         let Some(parent) = dirs.first().and_then(|d| d.path.parent()) else {
             return Vec::new();
         };
-        let mut names: Vec<String> = std::fs::read_dir(parent)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        subdirectories(parent)
     }
 
     /// Its name.
@@ -332,16 +323,7 @@ impl CpuGroup {
         let Some(first) = self.dirs.first() else {
             return Vec::new();
         };
-        let mut names: Vec<String> = std::fs::read_dir(&first.path)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
+        subdirectories(&first.path)
     }
 
     /// What its cap has held back, its VMs together.
@@ -536,27 +518,30 @@ fn mount_of(d: &Dir) -> PathBuf {
     mount
 }
 
+/// The names of the directories in `dir`, sorted; none when it cannot be read.
+fn subdirectories(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::V1Hierarchy;
 
     fn fake_v1() -> (tempfile::TempDir, Layout) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let hierarchies = ["cpu,cpuacct", "cpuset", "memory", "pids", "freezer"]
-            .iter()
-            .map(|name| {
-                let mount = dir.path().join(name);
-                std::fs::create_dir(&mount).expect("hierarchy");
-                V1Hierarchy {
-                    mount,
-                    controllers: name.split(',').map(str::to_owned).collect(),
-                }
-            })
-            .collect();
+        let (dir, layout) =
+            crate::testing::fake_v1(&["cpu,cpuacct", "cpuset", "memory", "pids", "freezer"]);
         std::fs::write(dir.path().join("cpuset/cpuset.cpus"), "0-1\n").expect("cpus");
         std::fs::write(dir.path().join("cpuset/cpuset.mems"), "0\n").expect("mems");
-        (dir, Layout::V1 { hierarchies })
+        (dir, layout)
     }
 
     #[test]

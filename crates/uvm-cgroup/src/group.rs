@@ -643,19 +643,7 @@ mod tests {
     }
 
     fn fake_v1() -> (tempfile::TempDir, Layout) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let hierarchies = ["cpu,cpuacct", "memory", "pids", "freezer"]
-            .iter()
-            .map(|name| {
-                let mount = dir.path().join(name);
-                std::fs::create_dir(&mount).expect("hierarchy");
-                V1Hierarchy {
-                    mount,
-                    controllers: name.split(',').map(str::to_owned).collect(),
-                }
-            })
-            .collect();
-        (dir, Layout::V1 { hierarchies })
+        crate::testing::fake_v1(&["cpu,cpuacct", "memory", "pids", "freezer"])
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub mod cpu_group;
 mod group;
 pub mod layout;
 pub mod limits;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 
