@@ -81,6 +81,9 @@ pub const DEFAULT_DEVICE_WAIT_MS: u32 = 5_000;
 pub const MAX_DEVICE_WAIT_MS: u32 = 60_000;
 /// Bound on one `MountDiskRequest`'s options, together (Linux's mount data is one page).
 pub const MAX_MOUNT_OPTIONS_BYTES: usize = 4000;
+/// Bound on the addresses, routes, nameservers, search domains or hosts lines of one network
+/// request (each list on its own).
+pub const MAX_NETWORK_ITEMS: usize = 64;
 /// Bound on the entropy seed of one `Handshake`.
 pub const MAX_ENTROPY_BYTES: usize = 512;
 /// Bound on one line of the announce stream (longer lines are truncated).
@@ -103,6 +106,10 @@ pub mod capabilities {
     pub const EXEC_OUTPUT_LINGER: &str = "exec-output-linger";
     /// `DumpStacks`.
     pub const DUMP_STACKS: &str = "dump-stacks";
+    /// `ConfigureInterface`, `DeconfigureInterface`, `ConfigureDns`.
+    pub const NETWORK: &str = "network";
+    /// `WaitPciDevice`.
+    pub const PCI: &str = "pci";
     /// `GuestStats`.
     pub const STATS: &str = "stats";
     /// `Shutdown`.

@@ -229,6 +229,18 @@ pub enum ApiError {
     /// `AddPolicyFragment` without a policy.
     #[error("no security policy is set: a fragment adds to one")]
     NoPolicy,
+    /// A netlink request failed (the kernel's refusal, or the socket).
+    #[error("cannot {op} {target}: {reason}")]
+    Network {
+        /// What was attempted.
+        op: &'static str,
+        /// The interface or object.
+        target: String,
+        /// The kernel's errno, 0 when there was none.
+        errno: i32,
+        /// What netlink said.
+        reason: String,
+    },
     /// A `/proc` file could not be read or understood.
     #[error("cannot read {what}")]
     Proc {
@@ -284,6 +296,14 @@ impl ApiError {
                 PolicyError::FragmentRefused { .. } => Code::PERMISSION_DENIED,
             },
             ApiError::PolicySet | ApiError::NoPolicy => Code::FAILED_PRECONDITION,
+            ApiError::Network { errno, .. } => match *errno {
+                libc::EINVAL | libc::ERANGE | libc::EAFNOSUPPORT | libc::ENETUNREACH => {
+                    Code::INVALID_ARGUMENT
+                }
+                libc::ENODEV | libc::ENOENT => Code::NOT_FOUND,
+                libc::EPERM | libc::EACCES => Code::PERMISSION_DENIED,
+                _ => Code::INTERNAL,
+            },
             ApiError::Pty { .. }
             | ApiError::Resize { .. }
             | ApiError::StdinWrite { .. }

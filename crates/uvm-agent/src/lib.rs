@@ -15,6 +15,7 @@ pub mod error;
 pub mod files;
 pub mod modules;
 pub mod mounts;
+pub mod network;
 pub mod policy;
 pub mod power;
 pub mod probe;

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use uvm_agent_proto::agent::{
-    disk_location, AddPolicyFragmentRequest, BootMarks, DiskLocation, DumpStacksResponse,
+    disk_location, AddPolicyFragmentRequest, BootMarks, ConfigureDnsRequest,
+    ConfigureInterfaceRequest, DeconfigureInterfaceRequest, DiskLocation, DumpStacksResponse,
     EjectDiskRequest, Empty, ExecRequest, ExecResponse, FileHandle, GuestStatsResponse,
     HandshakeRequest, HandshakeResponse, MountDiskRequest, MountShareRequest, OpenReadRequest,
     OpenReadResponse, OpenWriteRequest, OutputStream, ProcessRef, ReadChunkRequest,
     ReadChunkResponse, ReadOutputRequest, ReadOutputResponse, ResizeRequest, SetPolicyRequest,
-    SignalRequest, TerminalSize, UnmountDiskRequest, UnmountShareRequest, WaitResponse,
-    WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
+    SignalRequest, TerminalSize, UnmountDiskRequest, UnmountShareRequest, WaitPciDeviceRequest,
+    WaitResponse, WriteChunkRequest, WriteStdinRequest, WriteStdinResponse,
 };
 use uvm_agent_proto::ttrpc::r#async::transport::Listener;
 use uvm_agent_proto::ttrpc::r#async::{Server, TtrpcContext};
@@ -119,6 +120,8 @@ impl AgentService {
             capabilities::DISKS,
             capabilities::SHARES,
             capabilities::POLICY,
+            capabilities::NETWORK,
+            capabilities::PCI,
         ]
         .map(str::to_owned)
         .to_vec();
@@ -544,6 +547,48 @@ impl agent_ttrpc::Agent for AgentService {
         let shown = path.clone();
         blocking_mount(move || share::unmount_share(&path)).await?;
         info!("share at {shown} unmounted");
+        Ok(Empty::new())
+    }
+
+    async fn configure_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureInterfaceRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::network::configure_interface(&req).await?;
+        info!("interface {} configured: {:?}", req.mac, req.addresses);
+        Ok(Empty::new())
+    }
+
+    async fn deconfigure_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeconfigureInterfaceRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::network::deconfigure_interface(&req).await?;
+        info!("interface {} deconfigured", req.mac);
+        Ok(Empty::new())
+    }
+
+    async fn configure_dns(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureDnsRequest,
+    ) -> ttrpc::Result<Empty> {
+        tokio::task::spawn_blocking(move || {
+            crate::network::configure_dns(std::path::Path::new("/"), &req)
+        })
+        .await
+        .map_err(|e| ttrpc::Error::Others(format!("the resolver task failed: {e}")))??;
+        Ok(Empty::new())
+    }
+
+    async fn wait_pci_device(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitPciDeviceRequest,
+    ) -> ttrpc::Result<Empty> {
+        crate::network::wait_pci_device(std::path::Path::new("/sys"), &req).await?;
         Ok(Empty::new())
     }
 

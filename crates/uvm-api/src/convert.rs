@@ -13,8 +13,10 @@ use crate::status::ApiError;
 use crate::v1;
 
 mod devices;
+mod network;
 
 pub use devices::{disk_request, share_request};
+pub use network::{nic_netns, pci_address, route_text};
 
 /// A protobuf duration for `d`, saturating at protobuf's maximum (about 10,000 years).
 pub fn duration(d: Duration) -> prost_types::Duration {
@@ -60,6 +62,7 @@ impl From<StartStep> for v1::StartStep {
             StartStep::ConnectGuest => v1::StartStep::ConnectGuest,
             StartStep::ApplySecurityPolicy => v1::StartStep::ApplySecurityPolicy,
             StartStep::MountDevices => v1::StartStep::MountDevices,
+            StartStep::ConfigureNetwork => v1::StartStep::ConfigureNetwork,
         }
     }
 }
@@ -88,6 +91,10 @@ impl From<Operation> for v1::Operation {
             Operation::RemoveDisk => v1::Operation::RemoveDisk,
             Operation::AddShare => v1::Operation::AddShare,
             Operation::RemoveShare => v1::Operation::RemoveShare,
+            Operation::AddNic => v1::Operation::AddNic,
+            Operation::RemoveNic => v1::Operation::RemoveNic,
+            Operation::AddPciDevice => v1::Operation::AddPciDevice,
+            Operation::RemovePciDevice => v1::Operation::RemovePciDevice,
             Operation::VmExited => v1::Operation::VmExited,
         }
     }
@@ -219,7 +226,7 @@ impl From<&GuestInfo> for v1::BootTimings {
 /// The controller's part of the configuration; `backend_options` is the supervisor's to fill in.
 impl From<VmConfig> for v1::VmConfig {
     fn from(config: VmConfig) -> v1::VmConfig {
-        v1::VmConfig {
+        let mut out = v1::VmConfig {
             memory_mib: config.memory_mib,
             max_memory_mib: config.max_memory_mib,
             cpus: config.cpus,
@@ -228,8 +235,36 @@ impl From<VmConfig> for v1::VmConfig {
             backend_options: Default::default(),
             disks: config.disks.iter().map(Into::into).collect(),
             shares: config.shares.iter().map(Into::into).collect(),
-        }
+            ..v1::VmConfig::default()
+        };
+        set_network(&mut out, &config.network);
+        out
     }
+}
+
+/// Fills `config`'s network fields from `network`.
+pub fn set_network(config: &mut v1::VmConfig, network: &uvm::seams::NetworkConfig) {
+    use uvm::seams::NetworkMode;
+    config.network_mode = match &network.mode {
+        NetworkMode::None => "none",
+        NetworkMode::User { .. } => "user",
+        NetworkMode::Namespace { .. } => "netns",
+    }
+    .to_owned();
+    config.netns = match &network.mode {
+        NetworkMode::Namespace { path } => path.display().to_string(),
+        NetworkMode::None | NetworkMode::User { .. } => String::new(),
+    };
+    config.publish = match &network.mode {
+        NetworkMode::User { publish } => publish.iter().map(ToString::to_string).collect(),
+        NetworkMode::None | NetworkMode::Namespace { .. } => Vec::new(),
+    };
+    config.nameservers = network
+        .dns
+        .nameservers
+        .iter()
+        .map(ToString::to_string)
+        .collect();
 }
 
 impl From<&uvm::ResourceSettings> for v1::Resources {

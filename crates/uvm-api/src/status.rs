@@ -58,7 +58,11 @@ pub fn device_code(err: &DeviceError) -> Code {
         }
         DeviceError::GuestPathInUse { .. } => Code::AlreadyExists,
         DeviceError::WritableShareRefused { .. } => Code::PermissionDenied,
-        DeviceError::UnknownReservation { .. } | DeviceError::NotFound { .. } => Code::NotFound,
+        DeviceError::UnknownReservation { .. }
+        | DeviceError::NotFound { .. }
+        | DeviceError::UnknownNic { .. }
+        | DeviceError::UnknownDevice { .. } => Code::NotFound,
+        DeviceError::Incomplete { first, .. } => device_code(first),
         DeviceError::Host { source, .. } => host_code(source),
         DeviceError::Guest { source, .. } => guest_code(source),
     }

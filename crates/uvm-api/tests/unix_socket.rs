@@ -272,6 +272,48 @@ impl VmService for TestVm {
         unimplemented("ListDevices")
     }
 
+    async fn add_nic(
+        &self,
+        _: Request<v1::AddNicRequest>,
+    ) -> Result<Response<v1::AddNicResponse>, Status> {
+        unimplemented("AddNic")
+    }
+
+    async fn remove_nic(
+        &self,
+        _: Request<v1::RemoveNicRequest>,
+    ) -> Result<Response<v1::RemoveNicResponse>, Status> {
+        unimplemented("RemoveNic")
+    }
+
+    async fn list_nics(
+        &self,
+        _: Request<v1::ListNicsRequest>,
+    ) -> Result<Response<v1::ListNicsResponse>, Status> {
+        unimplemented("ListNics")
+    }
+
+    async fn add_pci_device(
+        &self,
+        _: Request<v1::AddPciDeviceRequest>,
+    ) -> Result<Response<v1::AddPciDeviceResponse>, Status> {
+        unimplemented("AddPciDevice")
+    }
+
+    async fn remove_pci_device(
+        &self,
+        _: Request<v1::RemovePciDeviceRequest>,
+    ) -> Result<Response<v1::RemovePciDeviceResponse>, Status> {
+        unimplemented("RemovePciDevice")
+    }
+
+    async fn list_pci_devices(
+        &self,
+        _: Request<v1::ListPciDevicesRequest>,
+    ) -> Result<Response<v1::ListPciDevicesResponse>, Status> {
+        unimplemented("ListPciDevices")
+    }
+
     async fn remove(
         &self,
         _: Request<v1::RemoveRequest>,

@@ -23,6 +23,7 @@ mod exec;
 mod files;
 mod hybrid;
 mod link;
+mod network;
 mod shares;
 
 pub use link::{GuestLinkConfig, LinkMarks, LogSlice, VsockGuest};

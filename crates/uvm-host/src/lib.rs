@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod net;
 pub mod process;
 pub mod socket;
 pub mod tsc;

@@ -24,6 +24,8 @@ mod disks;
 mod error;
 mod hotplug;
 mod memory;
+mod network;
+pub use network::USER_DNS;
 mod qmp;
 mod shares;
 mod stale;
@@ -87,6 +89,9 @@ impl std::str::FromStr for Machine {
         }
     }
 }
+
+/// Spare PCIe root ports of a q35 VM for hot-added NICs and PCI devices, by default.
+pub const DEFAULT_DEVICE_HOTPLUG_PORTS: u8 = 1;
 
 /// Spare PCIe root ports of a q35 VM for hot-added shares, by default.
 pub const DEFAULT_SHARE_HOTPLUG_PORTS: u8 = 2;
@@ -188,6 +193,9 @@ pub struct QemuConfig {
     /// Spare PCIe root ports a q35 VM gets at create for hot-added shares (each cold share gets
     /// a port of its own besides). Each costs a little boot time (BENCHMARKS.md).
     pub share_hotplug_ports: u8,
+    /// Spare PCIe root ports a q35 VM gets for hot-added NICs and assigned PCI devices (each
+    /// cold NIC gets a port of its own besides).
+    pub device_hotplug_ports: u8,
     /// The guest kernel (an uncompressed `vmlinux` boots fastest: PVH entry).
     pub kernel: PathBuf,
     /// The guest initramfs (the agent is its `/init`).
@@ -230,6 +238,7 @@ impl QemuConfig {
             vhost_vsock: find_binary("vhost-device-vsock"),
             virtiofsd: Some(find_binary("virtiofsd")).filter(|p| is_executable(p)),
             share_hotplug_ports: DEFAULT_SHARE_HOTPLUG_PORTS,
+            device_hotplug_ports: DEFAULT_DEVICE_HOTPLUG_PORTS,
             kernel,
             initramfs,
             accel: Accel::Auto,

@@ -374,11 +374,36 @@ impl QmpClient {
         self.round_trip("(raw)", id, line).await
     }
 
+    /// Run `command` with `fd` passed along (`SCM_RIGHTS` on the line's first byte), as
+    /// `getfd` needs: QEMU keeps its copy under the command's name.
+    pub(crate) async fn execute_with_fd<C: Command>(
+        &self,
+        command: &C,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<C::Output, QmpError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let line = request_line(command, id)?;
+        let value = self.round_trip_fd(C::NAME, id, line, Some(fd)).await?;
+        serde_json::from_value(value).map_err(|e| QmpError::Protocol {
+            message: format!("unexpected return of {}: {e}", C::NAME),
+        })
+    }
+
     async fn round_trip(
         &self,
         command: &'static str,
         id: u64,
         line: Vec<u8>,
+    ) -> Result<Value, QmpError> {
+        self.round_trip_fd(command, id, line, None).await
+    }
+
+    async fn round_trip_fd(
+        &self,
+        command: &'static str,
+        id: u64,
+        line: Vec<u8>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<Value, QmpError> {
         let (tx, rx) = oneshot::channel();
         {
@@ -390,8 +415,15 @@ impl QmpClient {
         }
         let written = {
             let mut writer = self.writer.lock().await;
-            match writer.write_all(&line).await {
-                Ok(()) => writer.flush().await,
+            let rest = match fd {
+                None => Ok(&line[..]),
+                Some(fd) => send_with_fd(&writer, &line, fd).await.map(|n| &line[n..]),
+            };
+            match rest {
+                Ok(rest) => match writer.write_all(rest).await {
+                    Ok(()) => writer.flush().await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             }
         };
@@ -408,6 +440,40 @@ impl QmpClient {
                 desc,
             }),
             Ok(Ok(value)) => Ok(value),
+        }
+    }
+}
+
+/// Sends what of `line` one `sendmsg` takes, with `fd` attached; returns how much went.
+async fn send_with_fd(
+    writer: &OwnedWriteHalf,
+    line: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let stream: &UnixStream = writer.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space =
+                [std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd];
+            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(std::io::Error::other("no room for the fd"));
+            }
+            rustix::net::sendmsg(
+                stream,
+                &[std::io::IoSlice::new(line)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -134,16 +134,20 @@ fn qemu_opt(value: &str) -> String {
     value.replace(',', ",,")
 }
 
+/// QEMU's switch from ACPI PCI hotplug to the guest's native PCIe hotplug (pciehp): with
+/// QEMU's default ACPI hotplug the root ports would offer the guest no hotplug slot at all.
+pub(crate) fn acpi_hotplug_off() -> [String; 2] {
+    [
+        "-global".to_owned(),
+        "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".to_owned(),
+    ]
+}
+
 /// QEMU's arguments for the root ports and the cold shares of `plan`.
 pub(crate) fn qemu_args(plan: &SharePlan, machine: Machine, paths: &RuntimePaths) -> Vec<String> {
     let mut args = Vec::new();
     if plan.ports > 0 {
-        // The guest kernel runs PCIe hotplug natively (pciehp); with QEMU's default ACPI
-        // hotplug the root ports would offer the guest no hotplug slot at all.
-        args.extend([
-            "-global".to_owned(),
-            "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".to_owned(),
-        ]);
+        args.extend(acpi_hotplug_off());
     }
     for port in 0..plan.ports {
         args.extend([

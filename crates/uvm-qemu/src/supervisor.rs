@@ -359,6 +359,8 @@ pub(crate) struct Launch {
     pub helpers: Vec<HelperLaunch>,
     pub qemu_program: PathBuf,
     pub qemu_args: Vec<String>,
+    /// Fds QEMU inherits at their numbers (taps named on its command line).
+    pub qemu_fds: Vec<std::os::fd::RawFd>,
 }
 
 /// What `start` gets back: QEMU's QMP socket, connected (not yet negotiated).
@@ -471,12 +473,20 @@ fn start_children(
         &launch.vsock_program,
         &launch.vsock_args,
         &paths.vhost_log,
+        &[],
     )?;
     children.insert(Which::Vsock, vsock);
     // The helpers start beside vhost-device-vsock; QEMU connects to all of them at its start.
     for helper in &launch.helpers {
         let which = Which::Helper(helper.id);
-        let child = spawn_child(shared, which, &helper.program, &helper.args, &helper.log)?;
+        let child = spawn_child(
+            shared,
+            which,
+            &helper.program,
+            &helper.args,
+            &helper.log,
+            &[],
+        )?;
         children.insert(which, child);
     }
     let vhost_socket = paths.vhost_socket.clone();
@@ -497,6 +507,7 @@ fn start_children(
         &launch.qemu_program,
         &launch.qemu_args,
         &paths.qemu_log,
+        &launch.qemu_fds,
     )?);
     let qmp_socket = paths.qmp_socket.clone();
     // Connecting to QMP is harmless (it is the real connection), so it is its own probe.
@@ -528,11 +539,23 @@ fn spawn_child(
     program: &Path,
     args: &[String],
     log_path: &Path,
+    inherit: &[std::os::fd::RawFd],
 ) -> Result<Child, QemuError> {
     let mut cmd = tethered_command(program, args, log_path).map_err(|source| QemuError::Io {
         operation: "create a process log",
         source,
     })?;
+    if !inherit.is_empty() {
+        let fds = inherit.to_vec();
+        // SAFETY: `inherit_in_child` only calls fcntl(2) (async-signal-safe); the Vec was
+        // allocated before the fork and is only read.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                fds.iter()
+                    .try_for_each(|fd| uvm_host::net::inherit_in_child(*fd))
+            });
+        }
+    }
     if let Some(joiner) = uvm_util::lock(&shared.joiner).clone() {
         // SAFETY: `Joiner::join` only makes write(2) calls on descriptors opened before the
         // fork; it allocates nothing and takes no lock (async-signal-safe).
@@ -807,7 +830,14 @@ fn start_helper(
     )
     .map_err(io("watch the runtime directory"))?;
     let which = Which::Helper(launch.id);
-    let child = spawn_child(shared, which, &launch.program, &launch.args, &launch.log)?;
+    let child = spawn_child(
+        shared,
+        which,
+        &launch.program,
+        &launch.args,
+        &launch.log,
+        &[],
+    )?;
     let pid = child.id();
     children.insert(which, child);
     let socket = launch.socket.clone();

@@ -21,6 +21,7 @@ use crate::cmdline::{
 };
 use crate::disks::{self, DiskTable};
 use crate::error::QemuError;
+use crate::network::Network;
 use crate::qmp::{QmpClient, QmpError, QmpEvent, QmpObserver, QueryBalloon, Quit};
 use crate::shares::{self, ShareHost, Shares};
 use crate::stats;
@@ -250,12 +251,27 @@ impl QemuBackend {
                 return Err(e);
             }
         };
+        // The NICs given at create: taps made and joined in their namespace now, so that a
+        // namespace that does not hold is refused before anything runs.
+        let cold_net = match Network::cold(c.machine, c.device_hotplug_ports, config) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = placement.release();
+                return Err(e);
+            }
+        };
+        let mut qemu_args = self.qemu_args(&paths, config);
+        if plan.ports == 0 && cold_net.network.ports() > 0 {
+            qemu_args.extend(shares::acpi_hotplug_off());
+        }
+        qemu_args.extend(cold_net.args);
         let launch = Launch {
             vsock_program: c.vhost_vsock.clone(),
             vsock_args: vhost_vsock_command_line(&paths),
             helpers,
             qemu_program: c.qemu.clone(),
-            qemu_args: self.qemu_args(&paths, config),
+            qemu_args,
+            qemu_fds: cold_net.fds,
         };
         let runtime_dir = dir.keep();
         tracing::info!(dir = %runtime_dir.display(), "VM created");
@@ -273,6 +289,7 @@ impl QemuBackend {
             vcpus: std::sync::atomic::AtomicU32::new(config.cpus),
             max_cpus: config.max_cpus.unwrap_or(config.cpus),
             shares: Shares::new(&share_host, &plan),
+            network: cold_net.network,
             launch,
             runtime_dir,
             qmp: tokio::sync::Mutex::new(None),
@@ -446,6 +463,8 @@ pub struct QemuVm {
     max_cpus: u32,
     /// Its shared directories.
     pub(crate) shares: Shares,
+    /// Its NICs and assigned PCI devices.
+    pub(crate) network: Network,
     launch: Launch,
     runtime_dir: PathBuf,
     /// The negotiated QMP connection; (re)made on demand while QEMU runs.
@@ -877,6 +896,8 @@ impl VmLifetime for QemuVm {
             }
         }
         self.qmp.lock().await.take();
+        // QEMU is gone and its tap fds with it: the namespaces' redirects and our fds go.
+        self.network.release_async().await;
         // Every child is reaped; whatever else got into the cgroup dies with it.
         let cgroup = lock(&self.placement).cgroup().cloned();
         if let Some(cg) = cgroup {
@@ -1027,6 +1048,8 @@ impl Drop for QemuVm {
     /// Children must not outlive their VM: kill them (the supervisor thread reaps them within
     /// moments) and remove the runtime directory and the cgroup, if `release` did not.
     fn drop(&mut self) {
+        // The namespaces' redirects are ours to remove, released or not (a no-op after release).
+        self.network.release();
         let cgroup = lock(&self.placement).cgroup().cloned();
         let released = *self.shared.subscribe_done().borrow()
             && !self.runtime_dir.exists()

@@ -27,6 +27,7 @@ impl Fixture {
             vhost_vsock: "/bin/true".into(),
             virtiofsd: None,
             share_hotplug_ports: 0,
+            device_hotplug_ports: 0,
             kernel: self.files.path().join("vmlinux"),
             initramfs: self.files.path().join("initramfs"),
             accel: crate::Accel::Tcg,

@@ -50,7 +50,9 @@ impl VmApi {
             backend_options: s.config.backend.clone().into_iter().collect(),
             disks: s.vm.options.disks.iter().map(Into::into).collect(),
             shares: s.vm.options.shares.iter().map(Into::into).collect(),
+            ..v1::VmConfig::default()
         };
+        uvm_api::convert::set_network(&mut config, &uvm_vm::network_config(&s.vm.options.network));
         config.backend_options.retain(|_, v| !v.is_empty());
         let boot = guest.as_ref().map(|g| {
             let mut boot = v1::BootTimings::from(g);
@@ -90,6 +92,8 @@ impl VmApi {
                 .qemu_vm()
                 .map(|q| q.cgroup_description())
                 .unwrap_or_default(),
+            network: Some((&c.network()).into()),
+            pci_devices: c.pci_devices().iter().map(Into::into).collect(),
         }
     }
 
@@ -427,6 +431,93 @@ impl VmService for VmApi {
     ) -> Result<Response<v1::ListDevicesResponse>, Status> {
         Ok(Response::new(v1::ListDevicesResponse {
             devices: Some((&self.shared.vm.controller.devices()).into()),
+        }))
+    }
+
+    async fn add_nic(
+        &self,
+        request: Request<v1::AddNicRequest>,
+    ) -> Result<Response<v1::AddNicResponse>, Status> {
+        let netns = uvm_api::convert::nic_netns(request.get_ref())?;
+        let c = &self.shared.vm.controller;
+        let r = c.add_nics(&netns).await;
+        let shown = netns.display().to_string();
+        let ids = self
+            .device_changed(r, v1::Operation::AddNic, String::new(), shown)
+            .await?;
+        let nics = c
+            .network()
+            .nics
+            .iter()
+            .filter(|n| ids.contains(&n.nic.id))
+            .map(Into::into)
+            .collect();
+        Ok(Response::new(v1::AddNicResponse { nics }))
+    }
+
+    async fn remove_nic(
+        &self,
+        request: Request<v1::RemoveNicRequest>,
+    ) -> Result<Response<v1::RemoveNicResponse>, Status> {
+        let nic = request.into_inner().nic;
+        let r = self.shared.vm.controller.remove_nic(&nic).await;
+        self.device_changed(r, v1::Operation::RemoveNic, String::new(), nic)
+            .await?;
+        Ok(Response::new(v1::RemoveNicResponse {}))
+    }
+
+    async fn list_nics(
+        &self,
+        _: Request<v1::ListNicsRequest>,
+    ) -> Result<Response<v1::ListNicsResponse>, Status> {
+        Ok(Response::new(v1::ListNicsResponse {
+            network: Some((&self.shared.vm.controller.network()).into()),
+        }))
+    }
+
+    async fn add_pci_device(
+        &self,
+        request: Request<v1::AddPciDeviceRequest>,
+    ) -> Result<Response<v1::AddPciDeviceResponse>, Status> {
+        let address = uvm_api::convert::pci_address(request.get_ref())?;
+        let c = &self.shared.vm.controller;
+        let r = c.add_pci_device(address).await;
+        let id = self
+            .device_changed(
+                r,
+                v1::Operation::AddPciDevice,
+                String::new(),
+                address.to_string(),
+            )
+            .await?;
+        let device = c.pci_devices().iter().find(|d| d.id == id).map(Into::into);
+        Ok(Response::new(v1::AddPciDeviceResponse { device }))
+    }
+
+    async fn remove_pci_device(
+        &self,
+        request: Request<v1::RemovePciDeviceRequest>,
+    ) -> Result<Response<v1::RemovePciDeviceResponse>, Status> {
+        let id = request.into_inner().id;
+        let r = self.shared.vm.controller.remove_pci_device(&id).await;
+        self.device_changed(r, v1::Operation::RemovePciDevice, String::new(), id)
+            .await?;
+        Ok(Response::new(v1::RemovePciDeviceResponse {}))
+    }
+
+    async fn list_pci_devices(
+        &self,
+        _: Request<v1::ListPciDevicesRequest>,
+    ) -> Result<Response<v1::ListPciDevicesResponse>, Status> {
+        Ok(Response::new(v1::ListPciDevicesResponse {
+            devices: self
+                .shared
+                .vm
+                .controller
+                .pci_devices()
+                .iter()
+                .map(Into::into)
+                .collect(),
         }))
     }
 

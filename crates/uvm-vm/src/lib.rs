@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uvm::seams::{DiskSpec, HostVm, SecurityPolicy, ShareSpec, VmBackend, VmConfig};
+use uvm::seams::{
+    DiskSpec, HostVm, NetworkConfig, NetworkMode, SecurityPolicy, ShareSpec, VmBackend, VmConfig,
+};
 use uvm::{Controller, ControllerError, HostError, Timeouts};
 use uvm_guest::{GuestLinkConfig, VsockGuest};
 use uvm_image::{Image, ImageError, ImageSpec, KernelFlavor};
@@ -62,6 +64,9 @@ pub struct VmOptions {
     /// The Rego policy the guest enforces from start on ([`VmConfig::security_policy`]),
     /// compiled by the caller already (`uvm_policy::Policy::compile`).
     pub security_policy: Option<SecurityPolicy>,
+    /// Its network from the start ([`VmConfig::network`]); user-mode networking without
+    /// nameservers gets slirp's resolver.
+    pub network: NetworkConfig,
 }
 
 impl Default for VmOptions {
@@ -81,6 +86,7 @@ impl Default for VmOptions {
             nine_p_shares: false,
             share_hotplug_ports: None,
             security_policy: None,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -154,8 +160,19 @@ pub fn vm_config(options: &VmOptions) -> VmConfig {
         security_policy: options.security_policy.clone(),
         disks: options.disks.clone(),
         shares: options.shares.clone(),
+        network: network_config(&options.network),
         ..VmConfig::default()
     }
+}
+
+/// `network` as the controller takes it: user-mode networking without nameservers gets
+/// slirp's resolver (10.0.2.3), which forwards to the host's.
+pub fn network_config(network: &NetworkConfig) -> NetworkConfig {
+    let mut out = network.clone();
+    if matches!(out.mode, NetworkMode::User { .. }) && out.dns.nameservers.is_empty() {
+        out.dns.nameservers.push(uvm_qemu::USER_DNS.into());
+    }
+    out
 }
 
 /// One utility VM: its controller and the concrete pieces under it.

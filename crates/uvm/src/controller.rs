@@ -364,6 +364,7 @@ impl Controller {
                 id: self.inner.id.clone(),
                 source,
             })?;
+        devices.network.add_cold(vm.cold_nics());
         let mut core = self.core();
         core.vm = Some(vm);
         core.resources = Some(ResourceSettings {

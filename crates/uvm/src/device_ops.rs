@@ -23,15 +23,17 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{lock, Controller, Timeouts};
+use crate::devices::network::{NetworkController, NetworkInfo};
 use crate::devices::scsi::{DiskInfo, ScsiController};
 use crate::devices::shares::{ShareController, ShareInfo};
+use crate::devices::vpci::{PciInfo, VpciController};
 use crate::devices::{
     check_mount_path, Deadlines, DeviceError, DiskReservation, Reach, ShareReservation,
 };
 use crate::error::{ControllerError, HostError, SeamError};
 use crate::seams::{
-    DiskConfig, DiskMount, GuestMounts, HostDevices, HostVm, ScsiSlot, ShareConfig, ShareMount,
-    VmConfig,
+    DiskConfig, DiskMount, Guest, GuestMounts, HostDevices, HostVm, PciAddress, ScsiSlot,
+    ShareConfig, ShareMount, VmConfig,
 };
 use crate::state::Operation;
 
@@ -59,6 +61,9 @@ enum Attachment {
 pub(crate) struct DeviceSet {
     scsi: ScsiController,
     shares: ShareController,
+    pub(crate) network: NetworkController,
+    vpci: VpciController,
+    deadlines: Deadlines,
     attached: Mutex<BTreeMap<String, Attachment>>,
     /// The devices given at create, in order: mounted by `start_vm`.
     cold: Vec<Attachment>,
@@ -78,6 +83,9 @@ impl DeviceSet {
         let mut set = DeviceSet {
             scsi: ScsiController::new(config.scsi_controllers, deadlines),
             shares: ShareController::new(config.no_writable_shares, deadlines),
+            network: NetworkController::new(config.network.dns.clone(), deadlines),
+            vpci: VpciController::new(deadlines),
+            deadlines,
             attached: Mutex::new(BTreeMap::new()),
             cold: Vec::new(),
         };
@@ -254,18 +262,77 @@ impl DeviceSet {
         Ok(())
     }
 
-    /// Everything down, guest first, host second; tolerant of either being gone. Afterwards the
-    /// books are empty.
-    pub(crate) async fn teardown(
+    async fn add_pci(
         &self,
-        host: &dyn HostDevices,
-        guest: &dyn GuestMounts,
-        mut reach: Reach,
-    ) {
+        host: &dyn HostVm,
+        guest: &dyn Guest,
+        address: PciAddress,
+    ) -> Result<String, DeviceError> {
+        let location = match self.vpci.reservation(address) {
+            Some(_) => None,
+            None => Some(
+                crate::devices::host_call(
+                    "probe PCI device",
+                    self.deadlines.host,
+                    host.probe_pci(address),
+                )
+                .await
+                .map_err(|source| DeviceError::Host {
+                    step: "probe PCI device",
+                    source,
+                })?,
+            ),
+        };
+        let id = match location {
+            Some(location) => self.vpci.reserve(address, location),
+            None => self
+                .vpci
+                .reservation(address)
+                .ok_or_else(|| DeviceError::UnknownDevice {
+                    id: address.to_string(),
+                })?,
+        };
+        if let Err(e) = self.vpci.add(&id, host, guest).await {
+            // A failed host add is gone already; a failed guest wait left the host side. A
+            // refusal (a device a previous call left AssignedInvalid) changed nothing.
+            let refused = matches!(e, DeviceError::WrongDeviceState { .. });
+            let left = !refused && self.vpci.snapshot().into_iter().any(|d| d.id == id);
+            if let Err(undo) = match left {
+                true => self.vpci.remove(&id, host).await,
+                false => Ok(()),
+            } {
+                tracing::warn!(id, error = %crate::error_chain(&undo), "removing a PCI device after a failed add failed; remove it to retry");
+            }
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Setup of the network: the NICs the backend plugged cold, then the resolver.
+    pub(crate) async fn configure_network(
+        &self,
+        host: &dyn HostVm,
+        guest: &dyn Guest,
+    ) -> Result<(), DeviceError> {
+        self.network.setup(host, guest).await
+    }
+
+    /// Everything down, guest first, host second; tolerant of either being gone. Afterwards the
+    /// books are empty. NICs go first (a guest losing its network mid-way is harmless, a disk
+    /// losing its filesystem is not), and once the VM is gone they are only forgotten: the
+    /// backend's release removes what carried them.
+    pub(crate) async fn teardown(&self, host: &dyn HostVm, guest: &dyn Guest, mut reach: Reach) {
+        if reach.host {
+            if let Err(e) = self.network.teardown(host, guest, &mut reach).await {
+                tracing::warn!(error = %crate::error_chain(&e), "network teardown incomplete; the VM's release removes the rest");
+            }
+        }
+        self.network.forget();
         self.scsi.teardown_guest(host, guest, &mut reach).await;
         self.shares.teardown_guest(guest, &mut reach).await;
         self.scsi.teardown_host(host, guest, &mut reach).await;
         self.shares.teardown_host(host, &mut reach).await;
+        self.vpci.teardown(host, &mut reach).await;
         lock(&self.attached).clear();
     }
 
@@ -291,8 +358,11 @@ impl DeviceError {
             | DeviceError::WritableShareRefused { .. }
             | DeviceError::WrongDeviceState { .. }
             | DeviceError::UnknownReservation { .. }
+            | DeviceError::UnknownNic { .. }
+            | DeviceError::UnknownDevice { .. }
+            | DeviceError::Incomplete { .. }
             | DeviceError::NotFound { .. }) => SeamError::Host(HostError::Failed {
-                operation: "mount devices",
+                operation: "set up devices",
                 source: Box::new(other),
             }),
         }
@@ -378,11 +448,95 @@ impl Controller {
         self.until_cancelled(op, &cancel, work).await
     }
 
+    /// Hot-add a NIC for every interface of the network namespace at `netns` (the CNI model:
+    /// someone else made it, with a veth, addresses, routes and MTU), each plugged then
+    /// configured in the guest, the primary first. All or nothing. Returns the new NICs' ids.
+    /// Running only.
+    ///
+    /// # Errors
+    /// [`ControllerError::WrongState`] outside Running; [`ControllerError::Device`] with the
+    /// host's refusal of the namespace ([`HostError::InvalidInput`]: missing, not a network
+    /// namespace, no usable interface — nothing changed), the network's state
+    /// ([`DeviceError::WrongDeviceState`]), or the failing step's error (every NIC of the call
+    /// unwound); [`ControllerError::Cancelled`].
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "add_nics", netns = %netns.display()))]
+    pub async fn add_nics(&self, netns: &std::path::Path) -> Result<Vec<String>, ControllerError> {
+        let op = Operation::AddNic;
+        let _dev = self.inner.device_lock.lock().await;
+        let (vm, devices, cancel) = self.device_guard(op)?;
+        let guest = self.inner.guest.clone();
+        let work = devices.network.add_nics(netns, &*vm, &*guest);
+        self.until_cancelled(op, &cancel, work).await
+    }
+
+    /// Deconfigure the NIC `id` in the guest and unplug it (its tap and filters go). Running
+    /// only; retryable.
+    ///
+    /// # Errors
+    /// [`ControllerError::WrongState`] outside Running; [`ControllerError::Device`] with
+    /// [`DeviceError::UnknownNic`] or the failing step's error; [`ControllerError::Cancelled`].
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "remove_nic", nic = id))]
+    pub async fn remove_nic(&self, id: &str) -> Result<(), ControllerError> {
+        let op = Operation::RemoveNic;
+        let _dev = self.inner.device_lock.lock().await;
+        let (vm, devices, cancel) = self.device_guard(op)?;
+        let guest = self.inner.guest.clone();
+        let work = devices.network.remove_nic(id, &*vm, &*guest);
+        self.until_cancelled(op, &cancel, work).await
+    }
+
+    /// Assign the host PCI device at `address` to the VM (VFIO): the backend's probe first,
+    /// which refuses what the host cannot do before anything changes, then Reserve (the same
+    /// device is the same reservation) and AddToVM (reference-counted). Returns the device's id.
+    /// Running only. A failed add is removed again where it left something (AssignedInvalid).
+    ///
+    /// # Errors
+    /// [`ControllerError::WrongState`]; [`ControllerError::Device`] with the probe's
+    /// [`HostError::Unsupported`] (no IOMMU groups, …) or [`HostError::InvalidInput`] (no such
+    /// device, not bound to vfio-pci), or the failing step's error; [`ControllerError::Cancelled`].
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "add_pci_device", address = %address))]
+    pub async fn add_pci_device(&self, address: PciAddress) -> Result<String, ControllerError> {
+        let op = Operation::AddPciDevice;
+        let _dev = self.inner.device_lock.lock().await;
+        let (vm, devices, cancel) = self.device_guard(op)?;
+        let guest = self.inner.guest.clone();
+        let work = devices.add_pci(&*vm, &*guest, address);
+        self.until_cancelled(op, &cancel, work).await
+    }
+
+    /// Drop one reference on the assigned device `id`; at the last, remove it from the VM.
+    /// Running only; retryable (a failed removal leaves it AssignedInvalid).
+    ///
+    /// # Errors
+    /// [`ControllerError::WrongState`]; [`ControllerError::Device`] with
+    /// [`DeviceError::UnknownDevice`] or the host's error; [`ControllerError::Cancelled`].
+    #[tracing::instrument(skip_all, fields(vm = %self.inner.id, op = "remove_pci_device", id))]
+    pub async fn remove_pci_device(&self, id: &str) -> Result<(), ControllerError> {
+        let op = Operation::RemovePciDevice;
+        let _dev = self.inner.device_lock.lock().await;
+        let (vm, devices, cancel) = self.device_guard(op)?;
+        let work = devices.vpci.remove(id, &*vm);
+        self.until_cancelled(op, &cancel, work).await
+    }
+
     /// The VM's disks and shares with their mounts and states, for inspect. Empty before create
     /// and once Terminated. Never waits behind another operation.
     pub fn devices(&self) -> Devices {
         let devices = self.core().devices.clone();
         devices.map(|d| d.snapshot()).unwrap_or_default()
+    }
+
+    /// The VM's network and its NICs with their states, for inspect. NotConfigured before the
+    /// start; never waits behind another operation.
+    pub fn network(&self) -> NetworkInfo {
+        let devices = self.core().devices.clone();
+        devices.map(|d| d.network.snapshot()).unwrap_or_default()
+    }
+
+    /// The PCI devices assigned to the VM, for inspect. Never waits behind another operation.
+    pub fn pci_devices(&self) -> Vec<PciInfo> {
+        let devices = self.core().devices.clone();
+        devices.map(|d| d.vpci.snapshot()).unwrap_or_default()
     }
 
     /// Guard for device operations: Running, and the VM, its books and its device token.

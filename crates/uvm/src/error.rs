@@ -139,6 +139,14 @@ pub enum GuestRequest {
     UnmountShare,
     /// Asking the guest to power off.
     Shutdown,
+    /// Configuring a network interface.
+    ConfigureInterface,
+    /// Deconfiguring a network interface.
+    DeconfigureInterface,
+    /// Writing the resolver and hosts files.
+    ConfigureDns,
+    /// Waiting for an assigned PCI device.
+    WaitPciDevice,
 }
 
 impl GuestRequest {
@@ -169,6 +177,10 @@ impl GuestRequest {
             GuestRequest::MountShare => "mount a share",
             GuestRequest::UnmountShare => "unmount a share",
             GuestRequest::Shutdown => "shut down",
+            GuestRequest::ConfigureInterface => "configure a network interface",
+            GuestRequest::DeconfigureInterface => "deconfigure a network interface",
+            GuestRequest::ConfigureDns => "configure DNS",
+            GuestRequest::WaitPciDevice => "wait for a PCI device",
         }
     }
 }

@@ -152,6 +152,15 @@ impl Controller {
         }
 
         let devices = self.core().devices.clone();
+        if let Some(devices) = &devices {
+            devices
+                .configure_network(&**vm, &*inner.guest)
+                .await
+                .map_err(|e| failed(StartStep::ConfigureNetwork)(e.into_seam()))?;
+            if devices.network.has_setup_work() {
+                progress(StartStep::ConfigureNetwork);
+            }
+        }
         if let Some(devices) = devices {
             devices
                 .mount_cold(&**vm, &*inner.guest)

@@ -98,13 +98,21 @@ pub enum Operation {
     AddShare,
     /// [`crate::Controller::remove_share`].
     RemoveShare,
+    /// [`crate::Controller::add_nics`].
+    AddNic,
+    /// [`crate::Controller::remove_nic`].
+    RemoveNic,
+    /// [`crate::Controller::add_pci_device`].
+    AddPciDevice,
+    /// [`crate::Controller::remove_pci_device`].
+    RemovePciDevice,
     /// Not a request: the background waiter saw the VM process end.
     VmExited,
 }
 
 impl Operation {
     /// Every operation, for tables and property tests.
-    pub const ALL: [Operation; 22] = [
+    pub const ALL: [Operation; 26] = [
         Operation::Create,
         Operation::Start,
         Operation::Terminate,
@@ -126,6 +134,10 @@ impl Operation {
         Operation::RemoveDisk,
         Operation::AddShare,
         Operation::RemoveShare,
+        Operation::AddNic,
+        Operation::RemoveNic,
+        Operation::AddPciDevice,
+        Operation::RemovePciDevice,
         Operation::VmExited,
     ];
 }
@@ -155,6 +167,10 @@ impl Operation {
             Operation::RemoveDisk => "remove_disk",
             Operation::AddShare => "add_share",
             Operation::RemoveShare => "remove_share",
+            Operation::AddNic => "add_nic",
+            Operation::RemoveNic => "remove_nic",
+            Operation::AddPciDevice => "add_pci_device",
+            Operation::RemovePciDevice => "remove_pci_device",
             Operation::VmExited => "vm_exited",
         }
     }
@@ -246,7 +262,11 @@ pub const fn plan(state: State, op: Operation) -> Plan {
         | O::AddDisk
         | O::RemoveDisk
         | O::AddShare
-        | O::RemoveShare => match state {
+        | O::RemoveShare
+        | O::AddNic
+        | O::RemoveNic
+        | O::AddPciDevice
+        | O::RemovePciDevice => match state {
             S::Running => Plan::stay(S::Running),
             S::NotCreated | S::Created | S::Terminated | S::Invalid => Plan::Refuse,
         },
@@ -323,6 +343,8 @@ pub enum StartStep {
     ConnectGuest,
     /// Handing the configured security policy to the guest.
     ApplySecurityPolicy,
+    /// Configuring the NICs given at create and the resolver in the guest.
+    ConfigureNetwork,
     /// Mounting the disks and shares given at create in the guest.
     MountDevices,
 }
@@ -334,6 +356,7 @@ impl fmt::Display for StartStep {
             StartStep::StartVm => "start VM",
             StartStep::ConnectGuest => "connect guest",
             StartStep::ApplySecurityPolicy => "apply security policy",
+            StartStep::ConfigureNetwork => "configure network",
             StartStep::MountDevices => "mount devices",
         })
     }

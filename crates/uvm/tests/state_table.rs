@@ -59,7 +59,11 @@ fn expected(op: Operation) -> [Plan; 5] {
         | O::AddDisk
         | O::RemoveDisk
         | O::AddShare
-        | O::RemoveShare => running_only,
+        | O::RemoveShare
+        | O::AddNic
+        | O::RemoveNic
+        | O::AddPciDevice
+        | O::RemovePciDevice => running_only,
         O::StartTime => [R, R, stay(S::Running), stay(S::Terminated), R],
         O::ExitStatus => [R, R, R, stay(S::Terminated), R],
         O::VmExited => [N, N, run(S::Terminated, S::Invalid), N, N],

@@ -52,8 +52,10 @@
 //! - Disks given at create are born Attached, shares Added (the backend plugged them cold), so
 //!   Map only mounts them; hcsshim reserves the rootfs slot only, with `ReserveForRootfs`.
 
+pub mod network;
 pub mod scsi;
 pub mod shares;
+pub mod vpci;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -300,6 +302,29 @@ pub enum DeviceError {
         what: &'static str,
         /// The guest path asked for.
         guest_path: String,
+    },
+    /// No NIC has this id.
+    #[error("no NIC {id}")]
+    UnknownNic {
+        /// The id asked for.
+        id: String,
+    },
+    /// No assigned PCI device has this id.
+    #[error("no PCI device {id}")]
+    UnknownDevice {
+        /// The id asked for.
+        id: String,
+    },
+    /// A teardown went through everything but some of it failed.
+    #[error("{what}: {failures} step(s) failed")]
+    Incomplete {
+        /// What was torn down.
+        what: &'static str,
+        /// How many parts failed.
+        failures: usize,
+        /// The first failure.
+        #[source]
+        first: Box<DeviceError>,
     },
     /// A host call failed.
     #[error("{step} failed on the host")]

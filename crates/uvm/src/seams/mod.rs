@@ -2,9 +2,9 @@
 //! whole. The QEMU backend and the vsock guest link implement them; so do the fakes in `testing`.
 //!
 //! Host side: [`VmBackend`] creates a [`HostVm`] = [`VmLifetime`] + [`VmResources`] +
-//! [`HostDevices`].
+//! [`HostDevices`] + [`HostNetwork`] + [`HostPci`].
 //! Guest side: [`Guest`] = [`GuestConnection`] + [`GuestExec`] + [`GuestDiagnostics`] + [`GuestPolicy`]
-//! + [`GuestFiles`] + [`GuestMounts`] + [`GuestPower`].
+//! + [`GuestFiles`] + [`GuestMounts`] + [`GuestNetwork`] + [`GuestPci`] + [`GuestPower`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,11 +17,18 @@ use crate::error::{GuestError, HostError};
 use crate::state::VmExit;
 
 mod devices;
+mod network;
+mod pci;
 pub use devices::{
     cold_disk_slot, cold_share_tag, DiskCache, DiskConfig, DiskFormat, DiskLocation, DiskMount,
     DiskSpec, GuestMounts, HostDevices, ScsiSlot, ShareConfig, ShareMount, ShareSpec,
     ShareTransport,
 };
+pub use network::{
+    DnsConfig, Endpoint, GuestNetwork, HostNetwork, IpNet, MacAddress, NetworkConfig, NetworkMode,
+    Nic, NicBacking, PortPublish, Protocol, Route,
+};
+pub use pci::{GuestPci, HostPci, PciAddress, PciLocation};
 
 /// What the caller asks for when creating a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +52,8 @@ pub struct VmConfig {
     pub shares: Vec<ShareSpec>,
     /// Refuse writable shares (read-only ones pass).
     pub no_writable_shares: bool,
+    /// Its network from the start.
+    pub network: NetworkConfig,
 }
 
 impl Default for VmConfig {
@@ -59,6 +68,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             shares: Vec::new(),
             no_writable_shares: false,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -242,8 +252,8 @@ pub trait VmResources: Send + Sync {
 }
 
 /// The whole host-side VM, as the controller drives it.
-pub trait HostVm: VmLifetime + VmResources + HostDevices {}
-impl<T: VmLifetime + VmResources + HostDevices + ?Sized> HostVm for T {}
+pub trait HostVm: VmLifetime + VmResources + HostDevices + HostNetwork + HostPci {}
+impl<T: VmLifetime + VmResources + HostDevices + HostNetwork + HostPci + ?Sized> HostVm for T {}
 
 /// Capabilities the guest advertised in its handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -543,7 +553,15 @@ pub trait GuestPower: Send + Sync {
 
 /// The whole guest side, as the controller drives it.
 pub trait Guest:
-    GuestConnection + GuestExec + GuestDiagnostics + GuestPolicy + GuestFiles + GuestMounts + GuestPower
+    GuestConnection
+    + GuestExec
+    + GuestDiagnostics
+    + GuestPolicy
+    + GuestFiles
+    + GuestMounts
+    + GuestNetwork
+    + GuestPci
+    + GuestPower
 {
 }
 impl<
@@ -553,6 +571,8 @@ impl<
             + GuestPolicy
             + GuestFiles
             + GuestMounts
+            + GuestNetwork
+            + GuestPci
             + GuestPower
             + ?Sized,
     > Guest for T

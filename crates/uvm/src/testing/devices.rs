@@ -84,7 +84,7 @@ impl FakeVm {
         d.shares.clear();
     }
     /// A device call on a VM whose process ended finds it gone.
-    fn alive(&self) -> Result<(), HostError> {
+    pub(super) fn alive(&self) -> Result<(), HostError> {
         if self.has_exited() {
             return Err(HostError::Gone);
         }

@@ -26,10 +26,12 @@ use crate::Rejection;
 
 mod devices;
 mod files;
+mod network;
 mod power;
 use crate::{Controller, Timeouts};
 pub use devices::FakeMount;
 pub use files::FAKE_COPY_CHUNK;
+pub use network::fake_endpoint;
 pub use power::GUEST_SHUTDOWN_REASON;
 
 /// Every call a fake records.
@@ -99,6 +101,26 @@ pub enum Call {
     MountShare,
     /// `GuestMounts::unmount_share`.
     UnmountShare,
+    /// `HostNetwork::namespace_endpoints`.
+    NamespaceEndpoints,
+    /// `HostNetwork::add_nic`.
+    AddNic,
+    /// `HostNetwork::remove_nic`.
+    RemoveNic,
+    /// `GuestNetwork::configure_interface`.
+    ConfigureInterface,
+    /// `GuestNetwork::deconfigure_interface`.
+    DeconfigureInterface,
+    /// `GuestNetwork::configure_dns`.
+    ConfigureDns,
+    /// `HostPci::probe_pci`.
+    ProbePci,
+    /// `HostPci::add_pci`.
+    AddPci,
+    /// `HostPci::remove_pci`.
+    RemovePci,
+    /// `GuestPci::wait_pci_device`.
+    WaitPciDevice,
 }
 
 impl Call {
@@ -136,6 +158,16 @@ impl Call {
             Call::EjectDisk => "eject_disk",
             Call::MountShare => "mount_share",
             Call::UnmountShare => "unmount_share",
+            Call::NamespaceEndpoints => "namespace_endpoints",
+            Call::AddNic => "add_nic",
+            Call::RemoveNic => "remove_nic",
+            Call::ConfigureInterface => "configure_interface",
+            Call::DeconfigureInterface => "deconfigure_interface",
+            Call::ConfigureDns => "configure_dns",
+            Call::ProbePci => "probe_pci",
+            Call::AddPci => "add_pci",
+            Call::RemovePci => "remove_pci",
+            Call::WaitPciDevice => "wait_pci_device",
         }
     }
 
@@ -159,6 +191,10 @@ impl Call {
             Call::MountShare => Some(GuestRequest::MountShare),
             Call::UnmountShare => Some(GuestRequest::UnmountShare),
             Call::Shutdown => Some(GuestRequest::Shutdown),
+            Call::ConfigureInterface => Some(GuestRequest::ConfigureInterface),
+            Call::DeconfigureInterface => Some(GuestRequest::DeconfigureInterface),
+            Call::ConfigureDns => Some(GuestRequest::ConfigureDns),
+            Call::WaitPciDevice => Some(GuestRequest::WaitPciDevice),
             Call::Create
             | Call::Start
             | Call::Terminate
@@ -174,7 +210,13 @@ impl Call {
             | Call::AttachDisk
             | Call::DetachDisk
             | Call::AddShare
-            | Call::RemoveShare => None,
+            | Call::RemoveShare
+            | Call::NamespaceEndpoints
+            | Call::AddNic
+            | Call::RemoveNic
+            | Call::ProbePci
+            | Call::AddPci
+            | Call::RemovePci => None,
         }
     }
 }
@@ -318,6 +360,7 @@ impl Script {
 pub struct FakeBackend {
     script: Script,
     vms: Mutex<Vec<Arc<FakeVm>>>,
+    net: Arc<Mutex<network::FakeHostNet>>,
 }
 
 impl FakeBackend {
@@ -326,6 +369,7 @@ impl FakeBackend {
         FakeBackend {
             script,
             vms: Mutex::new(Vec::new()),
+            net: Arc::default(),
         }
     }
     /// The most recently created VM.
@@ -338,6 +382,7 @@ impl FakeBackend {
 impl VmBackend for FakeBackend {
     async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
         self.script.host(Call::Create).await?;
+        let net = self.vm_net(config)?;
         let vm = Arc::new(FakeVm {
             id: id.to_string(),
             config: config.clone(),
@@ -346,6 +391,7 @@ impl VmBackend for FakeBackend {
             successful_releases: Mutex::new(0),
             memory: Mutex::new(None),
             devices: Mutex::new(devices::FakeDevices::cold(config)),
+            net: Mutex::new(net),
         });
         lock(&self.vms).push(vm.clone());
         Ok(vm)
@@ -363,6 +409,7 @@ pub struct FakeVm {
     successful_releases: Mutex<usize>,
     memory: Mutex<Option<u64>>,
     devices: Mutex<devices::FakeDevices>,
+    net: Mutex<network::FakeVmNet>,
 }
 
 impl FakeVm {
@@ -427,6 +474,7 @@ impl VmLifetime for FakeVm {
         self.script.host(Call::Release).await?;
         // The VM process is gone, and what was attached to it with it.
         self.forget_devices();
+        self.forget_network();
         self.exit(VmExit {
             code: None,
             signal: Some(9),
@@ -495,6 +543,7 @@ pub struct FakeGuest {
     script: Script,
     state: Mutex<GuestLinkState>,
     mounts: Mutex<devices::FakeMounts>,
+    net: Mutex<network::FakeGuestNet>,
     closed: watch::Sender<u64>,
 }
 
@@ -524,6 +573,7 @@ impl FakeGuest {
                 powers_off: None,
             }),
             mounts: Mutex::default(),
+            net: Mutex::default(),
             closed: watch::channel(0).0,
         }
     }

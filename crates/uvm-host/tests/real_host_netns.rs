@@ -1,0 +1,141 @@
+//! Taps in a network namespace this test makes and removes itself (a veth pair, addresses in
+//! 10.200.0.0/16 only inside it): the interfaces are read as a NIC would carry them, a tap is
+//! joined both ways with tc, and detaching leaves the namespace as it was. Needs root.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use uvm_host::net::{Namespace, TAP_PREFIX};
+
+/// A namespace with a veth `eth0` (10.200.77.2/24, default via .1, MTU 1400) whose peer stays
+/// on the host; removed on drop.
+struct TestNs {
+    name: String,
+    host_end: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestNs {
+    fn new(tag: &str) -> TestNs {
+        let name = format!("uvmtest-{tag}-{}", std::process::id());
+        let host_end = format!("uvh{}", std::process::id() % 100_000);
+        ip(&["netns", "add", &name]);
+        let ns = TestNs { name, host_end };
+        ip(&[
+            "link",
+            "add",
+            &ns.host_end,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns.name,
+        ]);
+        let n = ns.name.as_str();
+        ip(&["-n", n, "link", "set", "eth0", "mtu", "1400", "up"]);
+        ip(&["-n", n, "addr", "add", "10.200.77.2/24", "dev", "eth0"]);
+        ip(&["-n", n, "route", "add", "default", "via", "10.200.77.1"]);
+        ns
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+    fn tc(&self, what: &str, dev: &str) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "tc", what, "show", "dev", dev, "ingress",
+            ])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_end])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+#[test]
+fn real_host_a_namespace_interface_is_read_joined_to_a_tap_and_detached_cleanly() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let t = TestNs::new("tap");
+    let ns = Namespace::open(&t.path()).expect("open");
+    let ifaces = ns.interfaces().expect("interfaces");
+    assert_eq!(ifaces.len(), 1, "{ifaces:?}");
+    let eth0 = &ifaces[0];
+    assert_eq!(eth0.name, "eth0");
+    assert_eq!(eth0.mtu, 1400);
+    assert_eq!(
+        eth0.addresses,
+        vec![("10.200.77.2".parse().expect("a test value"), 24)]
+    );
+    assert_eq!(
+        eth0.routes,
+        vec![(None, Some("10.200.77.1".parse().expect("a test value")))]
+    );
+
+    let tap = ns.attach(eth0).expect("attach");
+    assert!(tap.name.starts_with(TAP_PREFIX), "{}", tap.name);
+    assert!(t.tc("filter", "eth0").contains("mirred"), "eth0 redirects");
+    assert!(
+        t.tc("filter", &tap.name).contains("mirred"),
+        "the tap redirects"
+    );
+    // The tap is never offered as an endpoint.
+    assert_eq!(ns.interfaces().expect("again").len(), 1);
+
+    ns.detach(eth0.index).expect("detach");
+    assert!(
+        !t.tc("filter", "eth0").contains("mirred"),
+        "eth0 is its own again"
+    );
+    ns.detach(eth0.index).expect("detach twice is harmless");
+    drop(tap);
+    let links = Command::new("ip")
+        .args(["-n", &t.name, "-o", "link"])
+        .output()
+        .expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains(TAP_PREFIX),
+        "the tap went with its fd"
+    );
+}
+
+#[test]
+fn real_host_a_namespace_without_interfaces_is_refused() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let name = format!("uvmtest-empty-{}", std::process::id());
+    ip(&["netns", "add", &name]);
+    let result = Namespace::open(&PathBuf::from(format!("/run/netns/{name}")))
+        .and_then(|ns| ns.interfaces());
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    let err = result.expect_err("only lo");
+    assert!(err.to_string().contains("no usable interface"), "{err}");
+}
