@@ -33,8 +33,9 @@ const NSFS_MAGIC: i64 = 0x6e73_6673;
 const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 /// `TUNSETIFF` = `_IOW('T', 202, int)`.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// `ETH_P_ALL`, as tc's `protocol all`.
-const ETH_P_ALL: u16 = 0x0003;
+/// `ETH_P_ALL`, as tc's `protocol all`: the kernel reads the filter's protocol in network
+/// byte order.
+const ETH_P_ALL: u16 = 0x0003_u16.to_be();
 
 /// Why a namespace or tap operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -100,7 +100,12 @@ fn real_host_a_namespace_interface_is_read_joined_to_a_tap_and_detached_cleanly(
 
     let tap = ns.attach(eth0).expect("attach");
     assert!(tap.name.starts_with(TAP_PREFIX), "{}", tap.name);
-    assert!(t.tc("filter", "eth0").contains("mirred"), "eth0 redirects");
+    let filter = t.tc("filter", "eth0");
+    assert!(filter.contains("mirred"), "eth0 redirects: {filter}");
+    assert!(
+        filter.contains("protocol all"),
+        "every packet, not one protocol: {filter}"
+    );
     assert!(
         t.tc("filter", &tap.name).contains("mirred"),
         "the tap redirects"
