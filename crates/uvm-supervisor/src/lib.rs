@@ -41,8 +41,8 @@ pub use incomplete::{incomplete, remove_abandoned, Incomplete, IncompleteError};
 pub use names::{resolve, NameError};
 pub use ready::{Ready, ReadyError};
 pub use record::{
-    read_record, ConfigRecord, DeviceRecord, MountRecord, MountSpecRecord, ProcessRecord,
-    RecordError, VmRecord,
+    read_record, ConfigRecord, DeviceRecord, MountRecord, MountSpecRecord, NetworkRecord,
+    ProcessRecord, RecordError, VmRecord,
 };
 pub use root::{check_root, ensure_root, resolve_root, RootError};
 pub use start::{start_supervisor, StartError, Started, SupervisorCommand};

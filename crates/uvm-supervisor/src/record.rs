@@ -73,6 +73,26 @@ pub struct ConfigRecord {
     /// The security policy file given at create (`--policy`); its text is the supervisor's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PathBuf>,
+    /// The network given at create (`--net`, `--netns`, `--publish`, `--dns`).
+    #[serde(default)]
+    pub network: NetworkRecord,
+}
+
+/// A VM's network as given at create.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// `none`, `user` or `netns` (an empty record reads as `none`).
+    #[serde(default)]
+    pub mode: String,
+    /// The namespace of `netns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// The published ports of `user`, as given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<String>,
+    /// The guest's nameservers, as given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
 }
 
 /// A disk or share given at create: a host path mounted at a guest path.
@@ -319,6 +339,7 @@ mod tests {
                 cpus: 1,
                 max_cpus: None,
                 policy: None,
+                network: NetworkRecord::default(),
                 backend: [("machine".to_string(), "q35".to_string())].into(),
                 disks: vec![MountSpecRecord {
                     host_path: "/images/data.img".into(),

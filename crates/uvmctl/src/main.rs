@@ -86,6 +86,16 @@ enum Action {
         #[command(subcommand)]
         command: vms::ShareCommand,
     },
+    /// Add NICs to a running VM from a network namespace, remove them, list them.
+    Nic {
+        #[command(subcommand)]
+        command: vms::NicCommand,
+    },
+    /// Assign host PCI devices (VFIO) to a running VM, take them out, list them.
+    Pci {
+        #[command(subcommand)]
+        command: vms::PciCommand,
+    },
     /// Change a running VM's memory, vCPUs, CPU cap or CPU group.
     Update(vms::UpdateArgs),
     /// Add to a running VM's security policy (given at create with --policy).
@@ -177,6 +187,32 @@ struct VmArgs {
     /// from start on: examples/policies/, docs/policy.md. Compiled before the VM boots.
     #[arg(long, value_name = "FILE.rego", value_parser = absolute_host_path)]
     policy: Option<std::path::PathBuf>,
+    /// Networking: none (the default), or user — user-mode networking inside QEMU (outbound
+    /// connectivity, a resolver, `--publish`), no host networking needed.
+    #[arg(long, value_enum, default_value_t = NetArg::None)]
+    net: NetArg,
+    /// One NIC per interface of this network namespace (made by someone else: a CNI plugin,
+    /// `ip netns add` + a veth), with its MAC, addresses, routes and MTU. Needs root.
+    #[arg(long, value_name = "PATH", value_parser = absolute_host_path, conflicts_with = "net")]
+    netns: Option<std::path::PathBuf>,
+    /// Publish a guest port on the host (`--net user` only): [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp],
+    /// on 127.0.0.1 unless HOST_IP says otherwise. Repeatable.
+    #[arg(long, value_name = "[HOST_IP:]HOST_PORT:GUEST_PORT[/PROTO]", value_parser = parse_publish)]
+    publish: Vec<uvm::seams::PortPublish>,
+    /// A nameserver for the guest's /etc/resolv.conf (default with --net user: QEMU's resolver,
+    /// 10.0.2.3). Repeatable.
+    #[arg(long, value_name = "IP")]
+    dns: Vec<std::net::IpAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum NetArg {
+    None,
+    User,
+}
+
+fn parse_publish(s: &str) -> Result<uvm::seams::PortPublish, String> {
+    s.parse()
 }
 
 impl VmArgs {
@@ -224,7 +260,39 @@ impl VmArgs {
         if let Some(policy) = &self.policy {
             args.push(format!("--policy={}", policy.display()));
         }
+        if self.net == NetArg::User {
+            args.push("--net=user".into());
+        }
+        if let Some(netns) = &self.netns {
+            args.push(format!("--netns={}", netns.display()));
+        }
+        args.extend(self.publish.iter().map(|p| format!("--publish={p}")));
+        args.extend(self.dns.iter().map(|d| format!("--dns={d}")));
         args
+    }
+
+    /// The network the VM starts with; `--publish` without `--net user` is refused.
+    fn network(&self) -> anyhow::Result<uvm::seams::NetworkConfig> {
+        use uvm::seams::NetworkMode;
+        let mode = match (&self.netns, self.net) {
+            (Some(path), _) => NetworkMode::Namespace { path: path.clone() },
+            (None, NetArg::User) => NetworkMode::User {
+                publish: self.publish.clone(),
+            },
+            (None, NetArg::None) => NetworkMode::None,
+        };
+        if !self.publish.is_empty() && !matches!(mode, NetworkMode::User { .. }) {
+            anyhow::bail!(
+                "--publish needs --net user (a namespace's ports are the namespace's to publish)"
+            );
+        }
+        Ok(uvm::seams::NetworkConfig {
+            mode,
+            dns: uvm::seams::DnsConfig {
+                nameservers: self.dns.clone(),
+                ..uvm::seams::DnsConfig::default()
+            },
+        })
     }
 
     /// The policy file's text, compiled: an error naming the file and the compiler's message.
@@ -272,6 +340,17 @@ impl VmArgs {
             disks: self.disks.iter().map(record).collect(),
             shares: self.shares.iter().map(record).collect(),
             policy: self.policy.clone(),
+            network: uvm_supervisor::NetworkRecord {
+                mode: match (&self.netns, self.net) {
+                    (Some(_), _) => "netns",
+                    (None, NetArg::User) => "user",
+                    (None, NetArg::None) => "none",
+                }
+                .into(),
+                netns: self.netns.clone(),
+                publish: self.publish.iter().map(ToString::to_string).collect(),
+                dns: self.dns.iter().map(ToString::to_string).collect(),
+            },
         }
     }
 
@@ -295,6 +374,7 @@ impl VmArgs {
             disks: self.disks.iter().map(disk_spec).collect(),
             shares: self.shares.iter().map(share_spec).collect(),
             security_policy: self.security_policy()?,
+            network: self.network()?,
             ..VmOptions::default()
         })
     }
@@ -424,6 +504,8 @@ fn main() -> ExitCode {
             Action::Policy { command } => vms::policy(command, &root()?).await,
             Action::Disk { command } => vms::disk(command, &root()?).await,
             Action::Share { command } => vms::share(command, &root()?).await,
+            Action::Nic { command } => vms::nic(command, &root()?).await,
+            Action::Pci { command } => vms::pci(command, &root()?).await,
             Action::CpuGroup { command } => uvmctl::cpu_groups::run(command),
             Action::DumpStacks(args) => vms::dump_stacks(args, &root()?).await,
             Action::Supervise(args) => vms::supervise(args, &root()?).await,

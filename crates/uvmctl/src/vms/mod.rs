@@ -5,6 +5,7 @@
 mod copy;
 mod devices;
 mod exec;
+mod network;
 mod show;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use uvm_supervisor::{names, read_record, Incomplete, VmRecord};
 pub use copy::{cp, CpArgs};
 pub use devices::{disk, share, DiskCommand, ShareCommand};
 pub use exec::{exec, ExecArgs};
+pub use network::{nic, pci, NicCommand, PciCommand};
 pub use show::{events, inspect, ps, stats, EventsArgs, InspectArgs, PsArgs, StatsArgs};
 
 use crate::VmArgs;

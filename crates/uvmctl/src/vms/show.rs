@@ -154,15 +154,23 @@ pub async fn inspect(args: InspectArgs, root: &Path) -> anyhow::Result<u8> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        let devices = match &mut value {
-            Value::Object(map) => map.remove("devices"),
-            _ => None,
+        let mut take = |key: &str| match &mut value {
+            Value::Object(map) => map
+                .remove(key)
+                .and_then(|d| d.as_array().cloned())
+                .unwrap_or_default(),
+            _ => Vec::new(),
         };
+        let (devices, nics, pci) = (take("devices"), take("nics"), take("pci_devices"));
         print_fields(&value, "");
-        let devices = devices
-            .and_then(|d| d.as_array().cloned())
-            .unwrap_or_default();
         super::devices::print_inspect_lines(&devices);
+        for line in super::network::nic_lines(&nics) {
+            println!("nics: {line}");
+        }
+        for d in &pci {
+            let s = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
+            println!("pci: {} {} {}", s("id"), s("address"), s("state"));
+        }
     }
     Ok(0)
 }
@@ -244,6 +252,23 @@ fn merge_live(value: &mut Value, live: &v1::InspectResponse) {
             Value::Array(super::devices::devices_json(devices)),
         );
     }
+    if let Some(network) = &live.network {
+        map.insert(
+            "network".into(),
+            json!(super::network::camel(
+                network.state().as_str_name(),
+                "NETWORK_STATE_"
+            )),
+        );
+        map.insert(
+            "nics".into(),
+            Value::Array(super::network::nics_json(network)),
+        );
+    }
+    map.insert(
+        "pci_devices".into(),
+        Value::Array(super::network::pci_json(&live.pci_devices)),
+    );
     let pids: serde_json::Map<String, Value> = live
         .processes
         .iter()
