@@ -179,13 +179,14 @@ setup_qemu() {
 # ---------------------------------------------------------------- Debian packages
 setup_debs() {
     local missing=() p
-    for p in busybox-static xz-utils cpio e2fsprogs xfsprogs dosfstools; do
+    # iproute2: the network tests and the benchmark make their own namespaces and veths.
+    for p in busybox-static xz-utils cpio e2fsprogs xfsprogs dosfstools iproute2; do
         pkg_installed "$p" || missing+=("$p")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_install "${missing[@]}"
     else
-        say "busybox-static, xz-utils, cpio, e2fsprogs, xfsprogs, dosfstools present"
+        say "busybox-static, xz-utils, cpio, e2fsprogs, xfsprogs, dosfstools, iproute2 present"
     fi
 }
 

@@ -191,3 +191,43 @@ def test_a_sandbox_policy_denies_sh_and_a_fragment_adds_ls(uvmctl_bin, tmp_path)
         assert_root_empty(root)
     finally:
         remove_empty_root(root)
+
+
+def test_user_mode_networking_publishes_a_guest_port_and_shows_its_nic(uvmctl_bin):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = make_root()
+    try:
+        with Vm.create(root=root, uvmctl=uvmctl_bin, net="user", publish=[f"{port}:8080"]) as vm:
+            script = "mkdir -p /w && echo from-python > /w/index.html && httpd -p 8080 -h /w"
+            assert vm.exec(["sh", "-c", script]).exit_code == 0
+            body = b""
+            deadline = time.monotonic() + 20
+            while b"from-python" not in body and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                        body = b"".join(iter(lambda: c.recv(4096), b""))
+                except OSError:
+                    time.sleep(0.2)
+            assert b"from-python" in body, body
+            network = vm.network()
+            assert network.state == pb.NETWORK_STATE_CONFIGURED
+            assert [n.id for n in network.nics] == ["nic0"]
+            assert network.nics[0].addresses == ["10.0.2.15/24"]
+            with pytest.raises(NotFound, match="nic9"):
+                vm.remove_nic("nic9")
+            with pytest.raises(InvalidArgument):
+                vm.add_nics("/proc/self/ns/mnt")
+        assert_root_empty(root)
+    finally:
+        remove_empty_root(root)
+
+
+def test_a_bad_network_mode_is_refused_before_uvmctl_runs(uvmctl_bin):
+    with pytest.raises(InvalidArgument, match="net must be"):
+        Vm.create(uvmctl=uvmctl_bin, net="bridge")

@@ -12,6 +12,8 @@
 //!   `--drop-cache` the file's cached pages are dropped (`posix_fadvise(DONTNEED)`) before each
 //!   pass, so each read reaches the file system's device (in a guest: the virtual disk or the
 //!   share's daemon); readahead is off for the random pass and on for the sequential one.
+//! - `probe tcp-serve PORT`: serves [`uvm_util::tcp_probe`] (round trips, throughput) on
+//!   `[::]:PORT` until killed: the network benchmark's guest end.
 //! - `probe policy [N]`: compiles `examples/policies/sandbox.rego` (built in) and makes `N`
 //!   (default 1000) decisions of an allowed exec of `true`, as `ExecProcess` makes them (input
 //!   built, rule evaluated); prints `compile_ms=… decision_us=…`: what the policy costs where
@@ -39,11 +41,16 @@ pub fn main(args: &[String]) -> u8 {
             Ok(n) if n > 0 => policy(n),
             _ => return usage("policy takes a positive count"),
         },
+        Some("tcp-serve") if args.len() == 2 => match args[1].parse::<u16>() {
+            Ok(port) => std::net::TcpListener::bind(("::", port))
+                .and_then(|l| uvm_util::tcp_probe::serve(&l)),
+            Err(_) => return usage("tcp-serve takes a port"),
+        },
         Some("read") => match ReadArgs::parse(&args[1..]) {
             Ok(read) => read.run().map(|r| println!("{r}")),
             Err(msg) => return usage(&msg),
         },
-        _ => return usage("expected `uevents`, `read FILE` or `policy [N]`"),
+        _ => return usage("expected `uevents`, `read FILE`, `policy [N]` or `tcp-serve PORT`"),
     };
     match result {
         Ok(()) => 0,
@@ -58,7 +65,8 @@ fn usage(msg: &str) -> u8 {
     eprintln!(
         "uvm-agent probe: {msg}\nusage: uvm-agent probe uevents\n       \
          uvm-agent probe read FILE [--random N] [--drop-cache]\n       \
-         uvm-agent probe policy [N]"
+         uvm-agent probe policy [N]\n       \
+         uvm-agent probe tcp-serve PORT"
     );
     2
 }

@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// without a policy).
     #[arg(long)]
     pub no_policy: bool,
+    /// Leave out networking (TCP round trips and throughput through a namespace NIC and
+    /// user-mode against a veth alone, NIC hot-add; needs root).
+    #[arg(long)]
+    pub no_network: bool,
 }
 
 /// `--kernel`.
@@ -147,6 +151,9 @@ impl BenchArgs {
         }
         if self.no_policy {
             o.policy = None;
+        }
+        if self.no_network {
+            o.network = None;
         }
         o
     }

@@ -21,6 +21,9 @@
 //!    `MemTotal` shows it, and back;
 //! 7. *the security policy* ([`policy`]): exec `true` under `sandbox.rego` against a VM
 //!    without a policy, in turn.
+//! 8. *networking* ([`network`]): TCP round trips and throughput guest ↔ host through a
+//!    namespace NIC and user-mode networking, against two namespaces over a veth alone; NIC
+//!    hot-add → configured in the guest.
 //!
 //! Modules: [`cli`] (arguments, output), [`floor`] (raw QEMU), [`measure`] (through
 //! [`uvm_vm::Vm`]), [`rpc`] (exec RPCs), [`phases`] (boot-phase breakdown), [`stats`], [`procs`]
@@ -31,6 +34,7 @@ pub mod cli;
 pub mod devices;
 pub mod floor;
 pub mod measure;
+pub mod network;
 pub mod phases;
 pub mod plot;
 pub mod policy;
@@ -143,6 +147,8 @@ pub struct BenchOptions {
     pub resources: Option<resources::ResourceOptions>,
     /// exec under a policy against none.
     pub policy: Option<policy::PolicyOptions>,
+    /// TCP through the NICs against a veth alone, NIC hot-add (root, q35).
+    pub network: Option<network::NetworkOptions>,
 }
 
 impl BenchOptions {
@@ -167,6 +173,7 @@ impl BenchOptions {
             devices: Some(devices::DeviceOptions::new(quick)),
             resources: Some(resources::ResourceOptions::new(quick)),
             policy: Some(policy::PolicyOptions::new(quick)),
+            network: Some(network::NetworkOptions::new(quick)),
         }
     }
 }
@@ -340,6 +347,32 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         None => None,
     };
 
+    // 8. Networking: TCP through each NIC against a veth alone, and NIC hot-add.
+    let root = rustix::process::geteuid().is_root();
+    let network = match &opts.network {
+        Some(net_opts) if machine == uvm_qemu::Machine::Q35 && root => {
+            let r = network::run(&image, &opts.vm, net_opts)
+                .await?
+                .summarize()?;
+            progress!(
+                opts,
+                "network: round trip median {:.3} ms veth, {:.3} ms namespace NIC ({:.2}×), {:.3} ms user-mode ({:.2}×); NIC hot-add {:.0} ms",
+                r.veth.rtt_ms.median,
+                r.netns.rtt_ms.median,
+                r.netns_rtt_ratio(),
+                r.user.rtt_ms.median,
+                r.user_rtt_ratio(),
+                r.hot_add_ms.median
+            );
+            Some(r)
+        }
+        Some(_) => {
+            progress!(opts, "network: not measured (needs root and q35)");
+            None
+        }
+        None => None,
+    };
+
     let b = &exec.breakdown;
     let to_ms = |v: &[Duration]| v.iter().copied().map(stats::ms).collect::<Vec<_>>();
     let samples = [
@@ -422,6 +455,7 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         devices,
         resources,
         policy,
+        network,
         elapsed_s: began.elapsed().as_secs_f64(),
         samples,
     })

@@ -82,6 +82,8 @@ pub struct BenchReport {
     pub resources: Option<super::resources::ResourceReport>,
     /// exec under sandbox.rego against none, when measured (in the JSON as `policy`).
     pub policy: Option<super::policy::PolicyReport>,
+    /// TCP through the NICs against a veth alone, NIC hot-add (in the JSON as `network`).
+    pub network: Option<super::network::NetworkReport>,
     /// Wall time of the whole run.
     pub elapsed_s: f64,
     /// Every sample, in ms, by measurement (in the JSON as `samples_ms`).
@@ -256,6 +258,12 @@ impl BenchReport {
                 .as_ref()
                 .map_or(Value::Null, super::policy::PolicyReport::to_json),
         );
+        o.insert(
+            "network".into(),
+            self.network
+                .as_ref()
+                .map_or(Value::Null, super::network::NetworkReport::to_json),
+        );
         o.insert("elapsed_s".into(), json!(round(self.elapsed_s, 1)));
         let samples: Map<String, Value> = self
             .samples
@@ -360,6 +368,9 @@ impl BenchReport {
         }
         if let Some(policy) = &self.policy {
             t.push_str(&policy.table());
+        }
+        if let Some(network) = &self.network {
+            t.push_str(&network.table());
         }
         let _ = writeln!(t, "\ntargets");
         for (name, target, value, met) in self.targets() {
@@ -565,6 +576,7 @@ pub(crate) mod tests {
             devices: None,
             resources: None,
             policy: None,
+            network: None,
             elapsed_s: 95.0,
             samples: [("floor".to_owned(), vec![1900.0, 1910.5])]
                 .into_iter()

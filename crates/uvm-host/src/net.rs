@@ -161,18 +161,24 @@ impl Namespace {
         &self.path
     }
 
-    /// Runs `f` with a netlink handle inside the namespace, on a thread of its own.
-    fn run<T, F, Fut>(&self, f: F) -> Result<T, NetError>
+    /// Runs `f` on a new thread that has entered the namespace (sockets it makes are the
+    /// namespace's); the caller joins it.
+    ///
+    /// # Errors
+    /// The thread could not be made; entering the namespace fails inside it.
+    pub fn spawn<T, F>(
+        &self,
+        f: F,
+    ) -> Result<std::thread::JoinHandle<Result<T, NetError>>, NetError>
     where
         T: Send + 'static,
-        F: FnOnce(Handle) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<T, NetError>>,
+        F: FnOnce() -> Result<T, NetError> + Send + 'static,
     {
         let fd = self
             .file
             .try_clone()
             .map_err(io("duplicate the namespace fd"))?;
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("uvm-netns".into())
             .spawn(move || {
                 // SAFETY: setns on this thread only, with a network namespace fd we hold.
@@ -182,20 +188,32 @@ impl Namespace {
                         source: std::io::Error::last_os_error(),
                     });
                 }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(io("start a runtime in the namespace"))?;
-                rt.block_on(async move {
-                    let (conn, handle, _) =
-                        rtnetlink::new_connection().map_err(io("open rtnetlink"))?;
-                    let task = tokio::spawn(conn);
-                    let out = f(handle).await;
-                    task.abort();
-                    out
-                })
+                f()
             })
-            .map_err(io("spawn the namespace thread"))?;
+            .map_err(io("spawn the namespace thread"))
+    }
+
+    /// Runs `f` with a netlink handle inside the namespace, on a thread of its own.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, NetError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Handle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, NetError>>,
+    {
+        let thread = self.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(io("start a runtime in the namespace"))?;
+            rt.block_on(async move {
+                let (conn, handle, _) =
+                    rtnetlink::new_connection().map_err(io("open rtnetlink"))?;
+                let task = tokio::spawn(conn);
+                let out = f(handle).await;
+                task.abort();
+                out
+            })
+        })?;
         thread.join().unwrap_or_else(|_| {
             Err(NetError::Io {
                 op: "run in the network namespace".into(),

@@ -94,8 +94,26 @@ impl QemuBackend {
     }
 
     /// The exact QEMU arguments this backend runs a VM with (machine, firmware, clock arguments
-    /// under TCG, root ports and cold shares): what the benchmark's "floor" runs by hand.
+    /// under TCG, root ports, cold shares, and the device ports and user-mode NIC): what the
+    /// benchmark's "floor" runs by hand. A namespace's NICs are left out (their taps exist
+    /// only once `create_vm` made them).
     pub fn qemu_args(&self, paths: &RuntimePaths, config: &VmConfig) -> Vec<String> {
+        let mut args = self.base_args(paths, config);
+        let mut printable = config.clone();
+        if let uvm::seams::NetworkMode::Namespace { .. } = printable.network.mode {
+            printable.network.mode = uvm::seams::NetworkMode::None;
+        }
+        match self.printable_network_args(&printable) {
+            Ok(net) => args.extend(net),
+            Err(e) => {
+                tracing::warn!(error = %uvm_util::error_chain(&e), "QEMU arguments without the network")
+            }
+        }
+        args
+    }
+
+    /// The arguments before the network's.
+    fn base_args(&self, paths: &RuntimePaths, config: &VmConfig) -> Vec<String> {
         let c = &self.config;
         let mut extra_cmdline = String::new();
         if let Some(clock) = &self.tcg_clock {
@@ -147,9 +165,45 @@ impl QemuBackend {
                 .chain(vhost_vsock_command_line(&paths))
                 .collect(),
             qemu: std::iter::once(program(&c.qemu))
-                .chain(self.qemu_args(&paths, config))
+                .chain(self.base_args(&paths, config))
+                .chain(self.printable_network_args(config)?)
                 .collect(),
         })
+    }
+
+    /// The network part of the QEMU arguments `create_vm` adds, for a VM whose NICs need
+    /// nothing made on the host (none, user-mode); a namespace's taps exist only once made.
+    fn printable_network_args(&self, config: &VmConfig) -> Result<Vec<String>, HostError> {
+        if let uvm::seams::NetworkMode::Namespace { path } = &config.network.mode {
+            return Err(invalid(
+                "network",
+                format!(
+                    "a VM in the namespace {} has taps made at create, which a printed command                      line cannot hold",
+                    path.display()
+                ),
+            ));
+        }
+        let cold = Network::cold(
+            self.config.machine,
+            self.config.device_hotplug_ports,
+            config,
+        )?;
+        Ok(self.network_args(config, cold.args, &cold.network))
+    }
+
+    /// The ACPI-hotplug switch when only the device ports need it, then `cold_args`.
+    fn network_args(
+        &self,
+        config: &VmConfig,
+        cold_args: Vec<String>,
+        network: &Network,
+    ) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.share_host().plan(config).ports == 0 && network.ports() > 0 {
+            args.extend(shares::acpi_hotplug_off());
+        }
+        args.extend(cold_args);
+        args
     }
 
     /// The checks that do not depend on where the VM's files go; the guest memory in bytes.
@@ -260,11 +314,8 @@ impl QemuBackend {
                 return Err(e);
             }
         };
-        let mut qemu_args = self.qemu_args(&paths, config);
-        if plan.ports == 0 && cold_net.network.ports() > 0 {
-            qemu_args.extend(shares::acpi_hotplug_off());
-        }
-        qemu_args.extend(cold_net.args);
+        let mut qemu_args = self.base_args(&paths, config);
+        qemu_args.extend(self.network_args(config, cold_net.args, &cold_net.network));
         let launch = Launch {
             vsock_program: c.vhost_vsock.clone(),
             vsock_args: vhost_vsock_command_line(&paths),

@@ -44,6 +44,8 @@ pub fn short_id(id: &str, len: usize) -> String {
     }
 }
 
+pub mod tcp_probe;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,11 +149,20 @@ class Vm:
         root: str | os.PathLike[str] | None = None,
         *,
         policy: str | os.PathLike[str] | None = None,
+        net: str = "none",
+        netns: str | os.PathLike[str] | None = None,
+        publish: list[str] | None = None,
+        dns: list[str] | None = None,
         uvmctl: str | None = None,
         timeout: float | None = None,
     ) -> Vm:
         """Creates a VM with ``uvmctl create [--root R] [--name N] --memory MIB --cpus N
-        [--policy FILE] [--start] --json`` and connects to it.
+        [--policy FILE] [--net user] [--netns PATH] [--publish SPEC]... [--dns IP]... [--start]
+        --json`` and connects to it.
+
+        ``net="user"`` gives the guest user-mode networking (outbound connectivity, a resolver)
+        with ``publish`` ports (``"[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]"``, on 127.0.0.1
+        unless told otherwise); ``netns`` one NIC per interface of that network namespace (root).
 
         ``policy`` is a Rego file (``package uvmctl.policy``, see ``examples/policies/``) the
         guest enforces on every request from start on; one that does not compile fails the
@@ -175,6 +184,16 @@ class Vm:
         args += ["--memory", str(memory_mib), "--cpus", str(cpus)]
         if policy is not None:
             args += ["--policy", os.path.abspath(os.fspath(policy))]
+        if net not in ("none", "user"):
+            raise InvalidArgument(f"net must be 'none' or 'user', not {net!r}")
+        if net == "user":
+            args += ["--net", "user"]
+        if netns is not None:
+            args += ["--netns", os.path.abspath(os.fspath(netns))]
+        for spec in publish or []:
+            args += ["--publish", spec]
+        for server in dns or []:
+            args += ["--dns", server]
         if start:
             args.append("--start")
         args.append("--json")
@@ -442,6 +461,34 @@ class Vm:
     def remove_share(self, guest_path: str, timeout: float | None = None) -> None:
         """Unmounts the share at ``guest_path`` and stops sharing it; as :meth:`remove_disk`."""
         self._unary(self._stub.RemoveShare, pb.RemoveShareRequest(guest_path=guest_path), timeout)
+
+    def add_nics(self, netns: str | os.PathLike[str], timeout: float | None = None) -> list[pb.Nic]:
+        """Adds a NIC for every interface of the network namespace ``netns`` (made absolute
+        here), each configured in the guest with that interface's MAC, addresses, routes and
+        MTU; RUNNING only, q35 only. Returns the new ``uvm.v1.Nic``s. A path that is not a
+        network namespace, or one without a usable interface, raises
+        :class:`~uvmctl_client.errors.InvalidArgument`."""
+        req = pb.AddNicRequest(netns=os.path.abspath(os.fspath(netns)))
+        return list(self._unary(self._stub.AddNic, req, timeout).nics)
+
+    def remove_nic(self, nic: str, timeout: float | None = None) -> None:
+        """Deconfigures the NIC ``nic`` (``"nic0"``) in the guest and unplugs it; an unknown one
+        raises :class:`~uvmctl_client.errors.NotFound`."""
+        self._unary(self._stub.RemoveNic, pb.RemoveNicRequest(nic=nic), timeout)
+
+    def network(self, timeout: float | None = None) -> pb.Network:
+        """The VM's network state and NICs (``uvm.v1.Network``)."""
+        return self._unary(self._stub.ListNics, pb.ListNicsRequest(), timeout).network
+
+    def add_pci_device(self, address: str, timeout: float | None = None) -> pb.PciDevice:
+        """Assigns the host PCI device at ``address`` (``"0000:03:00.0"``, VFIO); a host without
+        an IOMMU raises :class:`~uvmctl_client.errors.Unsupported` before anything changes."""
+        req = pb.AddPciDeviceRequest(address=address)
+        return self._unary(self._stub.AddPciDevice, req, timeout).device
+
+    def remove_pci_device(self, device_id: str, timeout: float | None = None) -> None:
+        """Drops one assignment of the device ``device_id`` (``"pci0"``); the last takes it out."""
+        self._unary(self._stub.RemovePciDevice, pb.RemovePciDeviceRequest(id=device_id), timeout)
 
     def devices(self, timeout: float | None = None) -> pb.Devices:
         """The VM's disks and shares with their states and mounts (``uvm.v1.Devices``)."""
