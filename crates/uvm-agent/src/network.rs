@@ -227,7 +227,11 @@ pub async fn configure_interface(req: &ConfigureInterfaceRequest) -> Result<(), 
             .await
             .map_err(netlink_err("add address to", shown.clone()))?;
     }
-    for route in &iface.routes {
+    // Routes on the link first: a gateway outside the interface's subnets (Calico's
+    // 169.254.1.1) is reachable only once its own link route is there.
+    let (on_link, via): (Vec<&Route>, Vec<&Route>) =
+        iface.routes.iter().partition(|r| r.gateway.is_none());
+    for route in on_link.into_iter().chain(via) {
         add_route(&handle, index, route, &shown).await?;
     }
     Ok(())

@@ -14,8 +14,6 @@
 //! too. No traffic leaves loopback and these namespaces.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use uvm::seams::{ExecRequest, NetworkConfig, NetworkMode, PortPublish, Protocol};
@@ -178,85 +176,6 @@ fn failed(what: &'static str, e: impl std::fmt::Display) -> BenchError {
     }
 }
 
-/// A namespace with veth `eth0` 10.200.<n>.2/24 whose host end is 10.200.<n>.1/24; removed
-/// on drop.
-struct BenchNs {
-    name: String,
-    host_end: String,
-}
-
-impl BenchNs {
-    fn new(n: u8) -> Result<BenchNs, BenchError> {
-        let pid = std::process::id() % 10_000;
-        let ns = BenchNs {
-            name: format!("uvmbench-{n}-{pid}"),
-            host_end: format!("uvb{n}-{pid}"),
-        };
-        let ip = |args: &[&str]| -> Result<(), BenchError> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| failed("run ip", e))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(failed(
-                    "set up a benchmark namespace",
-                    String::from_utf8_lossy(&out.stderr),
-                ))
-            }
-        };
-        ip(&["netns", "add", &ns.name])?;
-        ip(&[
-            "link",
-            "add",
-            &ns.host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns.name,
-        ])?;
-        ip(&["-n", &ns.name, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("10.200.{n}.2/24"),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.200.{n}.1/24"),
-            "dev",
-            &ns.host_end,
-        ])?;
-        ip(&["link", "set", &ns.host_end, "up"])?;
-        Ok(ns)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-}
-
-impl Drop for BenchNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_end])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// Round trips and transfers to `addr`, off the async threads.
 async fn measure(addr: SocketAddr, opts: &NetworkOptions) -> Result<PathSamples, BenchError> {
     let opts = opts.clone();
@@ -330,8 +249,11 @@ pub async fn run(
     options: &VmOptions,
     opts: &NetworkOptions,
 ) -> Result<NetworkSamples, BenchError> {
-    let ns = BenchNs::new(90)?;
-    let hot = BenchNs::new(91)?;
+    let make = |n| {
+        uvm_host::net::VethNamespace::new("uvmbench", "uvb", n)
+            .map_err(|e| failed("set up a benchmark namespace", e))
+    };
+    let (ns, hot) = (make(90)?, make(91)?);
     let mut samples = NetworkSamples::default();
 
     // The baseline: a server inside the namespace, the client on the host end.

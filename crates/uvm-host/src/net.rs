@@ -54,6 +54,13 @@ pub enum NetError {
         /// The namespace.
         path: PathBuf,
     },
+    /// The interface has an ingress qdisc already: another NIC (of this VM or another) carries
+    /// it, or someone's tc set-up uses it. Nothing was changed.
+    #[error("link {index} is in use: it has an ingress qdisc already (another NIC carries it, or a tc set-up of someone else's)")]
+    InUse {
+        /// The interface's index.
+        index: u32,
+    },
     /// A system call failed.
     #[error("cannot {op}")]
     Io {
@@ -246,14 +253,17 @@ impl Namespace {
         let (peer_index, mtu) = (peer.index, peer.mtu);
         self.run(move |handle| async move {
             let (fd, name) = open_tap()?;
-            match join(&handle, &name, peer_index, mtu).await {
+            let mut made_peer = false;
+            match join(&handle, &name, peer_index, mtu, &mut made_peer).await {
                 Ok(()) => Ok(Tap {
                     fd,
                     name,
                     peer_index,
                 }),
                 Err(e) => {
-                    let _ = del_ingress(&handle, peer_index).await;
+                    if made_peer {
+                        let _ = del_ingress(&handle, peer_index).await;
+                    }
                     Err(e)
                 }
             }
@@ -406,7 +416,17 @@ async fn link_index(handle: &Handle, name: &str) -> Result<u32, NetError> {
     }
 }
 
-async fn join(handle: &Handle, tap: &str, peer: u32, mtu: u32) -> Result<(), NetError> {
+/// Joins `tap` and `peer` both ways. The peer's ingress qdisc is made here, and an existing one
+/// (another NIC's redirect, someone's tc set-up) is refused as [`NetError::InUse`], never
+/// touched. On failure the caller removes the peer's qdisc only if `made_peer` says it was
+/// made here.
+async fn join(
+    handle: &Handle,
+    tap: &str,
+    peer: u32,
+    mtu: u32,
+    made_peer: &mut bool,
+) -> Result<(), NetError> {
     let tap_index = link_index(handle, tap).await?;
     handle
         .link()
@@ -416,13 +436,18 @@ async fn join(handle: &Handle, tap: &str, peer: u32, mtu: u32) -> Result<(), Net
         .map_err(nl(format!("bring {tap} up")))?;
     for (from, to) in [(peer, tap_index), (tap_index, peer)] {
         let from_i32 = i32::try_from(from).unwrap_or(i32::MAX);
-        handle
-            .qdisc()
-            .add(from_i32)
-            .ingress()
-            .execute()
-            .await
-            .map_err(nl(format!("add an ingress qdisc to link {from}")))?;
+        match handle.qdisc().add(from_i32).ingress().execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(m))
+                if from == peer && m.raw_code().abs() == libc::EEXIST =>
+            {
+                return Err(NetError::InUse { index: peer });
+            }
+            Err(e) => return Err(nl(format!("add an ingress qdisc to link {from}"))(e)),
+        }
+        if from == peer {
+            *made_peer = true;
+        }
         handle
             .traffic_filter(from_i32)
             .add()
@@ -453,6 +478,118 @@ async fn del_ingress(handle: &Handle, index: u32) -> Result<(), NetError> {
             Ok(())
         }
         Err(e) => Err(nl(format!("remove the ingress qdisc of link {index}"))(e)),
+    }
+}
+
+/// A network namespace with one veth pair, made with iproute2 for the tests and the benchmark
+/// (the CNI model's stand-in): `eth0` = `10.200.<n>.2/24` inside, with a default route via
+/// `10.200.<n>.1`, which is the host end's address. Both ends go on drop.
+#[derive(Debug)]
+pub struct VethNamespace {
+    name: String,
+    host_end: String,
+    n: u8,
+}
+
+impl VethNamespace {
+    /// Makes `<prefix>-<n>-<pid>` and its veth (host end `<short>-<n>-<pid>`, at most 15 bytes).
+    ///
+    /// # Errors
+    /// An `ip` command failed (not root, a name taken): its message. Whatever was made goes.
+    pub fn new(prefix: &str, short: &str, n: u8) -> Result<VethNamespace, NetError> {
+        let pid = std::process::id() % 10_000;
+        let ns = VethNamespace {
+            name: format!("{prefix}-{n}-{pid}"),
+            host_end: format!("{short}{n}-{pid}"),
+            n,
+        };
+        let inside = format!("{}/24", ns.guest_ip());
+        let outside = format!("{}/24", ns.host_ip());
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", &ns.name],
+            &[
+                "link",
+                "add",
+                &ns.host_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns.name,
+            ],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+            &["-n", &ns.name, "link", "set", "eth0", "up"],
+            &["-n", &ns.name, "addr", "add", &inside, "dev", "eth0"],
+            &[
+                "-n",
+                &ns.name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &ns.host_ip(),
+            ],
+            &["addr", "add", &outside, "dev", &ns.host_end],
+            &["link", "set", &ns.host_end, "up"],
+        ];
+        for args in steps {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(io("run ip"))?;
+            if !out.status.success() {
+                return Err(NetError::Io {
+                    op: format!("ip {}", args.join(" ")),
+                    source: std::io::Error::other(
+                        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                    ),
+                });
+            }
+        }
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Its path, `/run/netns/<name>`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+    /// `eth0`'s address inside (the guest's, once a VM carries it).
+    pub fn guest_ip(&self) -> String {
+        format!("10.200.{}.2", self.n)
+    }
+    /// The host end's address.
+    pub fn host_ip(&self) -> String {
+        format!("10.200.{}.1", self.n)
+    }
+    /// What `cmd` prints on stdout run inside the namespace (`ip netns exec`).
+    pub fn run(&self, cmd: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for VethNamespace {
+    fn drop(&mut self) {
+        for args in [
+            ["link", "del", self.host_end.as_str()],
+            ["netns", "del", self.name.as_str()],
+        ] {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -5,14 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use uvm_host::net::{Namespace, TAP_PREFIX};
-
-/// A namespace with a veth `eth0` (10.200.77.2/24, default via .1, MTU 1400) whose peer stays
-/// on the host; removed on drop.
-struct TestNs {
-    name: String,
-    host_end: String,
-}
+use uvm_host::net::{Namespace, VethNamespace, TAP_PREFIX};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -23,53 +16,16 @@ fn ip(args: &[&str]) {
     );
 }
 
-impl TestNs {
-    fn new(tag: &str) -> TestNs {
-        let name = format!("uvmtest-{tag}-{}", std::process::id());
-        let host_end = format!("uvh{}", std::process::id() % 100_000);
-        ip(&["netns", "add", &name]);
-        let ns = TestNs { name, host_end };
-        ip(&[
-            "link",
-            "add",
-            &ns.host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &ns.name,
-        ]);
-        let n = ns.name.as_str();
-        ip(&["-n", n, "link", "set", "eth0", "mtu", "1400", "up"]);
-        ip(&["-n", n, "addr", "add", "10.200.77.2/24", "dev", "eth0"]);
-        ip(&["-n", n, "route", "add", "default", "via", "10.200.77.1"]);
-        ns
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-    fn tc(&self, what: &str, dev: &str) -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", &self.name, "tc", what, "show", "dev", dev, "ingress",
-            ])
-            .output()
-            .expect("tc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+/// A namespace with a veth `eth0` (10.200.77.2/24, default via .1, MTU 1400) whose peer stays
+/// on the host; removed on drop.
+fn test_ns() -> VethNamespace {
+    let ns = VethNamespace::new("uvmtest-tap", "uvh", 77).expect("make the namespace");
+    ip(&["-n", ns.name(), "link", "set", "eth0", "mtu", "1400"]);
+    ns
 }
 
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_end])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+fn tc(ns: &VethNamespace, what: &str, dev: &str) -> String {
+    ns.run(&["tc", what, "show", "dev", dev, "ingress"])
 }
 
 fn root() -> bool {
@@ -82,7 +38,7 @@ fn real_host_a_namespace_interface_is_read_joined_to_a_tap_and_detached_cleanly(
         eprintln!("skipped: needs root");
         return;
     }
-    let t = TestNs::new("tap");
+    let t = test_ns();
     let ns = Namespace::open(&t.path()).expect("open");
     let ifaces = ns.interfaces().expect("interfaces");
     assert_eq!(ifaces.len(), 1, "{ifaces:?}");
@@ -100,32 +56,41 @@ fn real_host_a_namespace_interface_is_read_joined_to_a_tap_and_detached_cleanly(
 
     let tap = ns.attach(eth0).expect("attach");
     assert!(tap.name.starts_with(TAP_PREFIX), "{}", tap.name);
-    let filter = t.tc("filter", "eth0");
+    let filter = tc(&t, "filter", "eth0");
     assert!(filter.contains("mirred"), "eth0 redirects: {filter}");
     assert!(
         filter.contains("protocol all"),
         "every packet, not one protocol: {filter}"
     );
     assert!(
-        t.tc("filter", &tap.name).contains("mirred"),
+        tc(&t, "filter", &tap.name).contains("mirred"),
         "the tap redirects"
     );
     // The tap is never offered as an endpoint.
     assert_eq!(ns.interfaces().expect("again").len(), 1);
+    // A second NIC on the same interface is refused, and the first one's redirect stays.
+    let err = ns.attach(eth0).expect_err("in use");
+    assert!(err.to_string().contains("in use"), "{err}");
+    assert!(
+        tc(&t, "filter", "eth0").contains("mirred"),
+        "the first redirect is untouched"
+    );
+    let links = t.run(&["ip", "-o", "link"]);
+    assert_eq!(
+        links.matches(TAP_PREFIX).count(),
+        1,
+        "the refused tap went: {links}"
+    );
 
     ns.detach(eth0.index).expect("detach");
     assert!(
-        !t.tc("filter", "eth0").contains("mirred"),
+        !tc(&t, "filter", "eth0").contains("mirred"),
         "eth0 is its own again"
     );
     ns.detach(eth0.index).expect("detach twice is harmless");
     drop(tap);
-    let links = Command::new("ip")
-        .args(["-n", &t.name, "-o", "link"])
-        .output()
-        .expect("ip link");
     assert!(
-        !String::from_utf8_lossy(&links.stdout).contains(TAP_PREFIX),
+        !t.run(&["ip", "-o", "link"]).contains(TAP_PREFIX),
         "the tap went with its fd"
     );
 }

@@ -60,7 +60,7 @@ fn invalid(what: &'static str, message: impl Into<String>) -> HostError {
 
 fn net_error(operation: &'static str, e: NetError) -> HostError {
     match e {
-        NetError::NotANamespace { .. } | NetError::NoInterface { .. } => {
+        NetError::NotANamespace { .. } | NetError::NoInterface { .. } | NetError::InUse { .. } => {
             invalid("network namespace", e.to_string())
         }
         NetError::Io { .. } | NetError::Netlink { .. } => HostError::Failed {
@@ -78,6 +78,9 @@ pub(crate) fn port_id(i: usize) -> String {
 /// What carries one NIC on the host.
 #[derive(Debug)]
 enum Carrier {
+    /// A hot add under way: nothing made on the host yet (the namespace's side is filled in by
+    /// the thread that makes it, even when the add is cancelled meanwhile).
+    Pending,
     User,
     Tap {
         ns: Arc<Namespace>,
@@ -109,7 +112,8 @@ struct Book {
 pub(crate) struct Network {
     machine: Machine,
     ports: usize,
-    book: Mutex<Book>,
+    /// Shared with the threads that make taps, which record what they made here.
+    book: Arc<Mutex<Book>>,
     sys: std::path::PathBuf,
 }
 
@@ -256,7 +260,21 @@ impl Network {
         match &config.network.mode {
             NetworkMode::None => {}
             NetworkMode::User { publish } => {
-                for p in publish {
+                for (i, p) in publish.iter().enumerate() {
+                    let twice = publish[..i].iter().any(|q| {
+                        (q.protocol, q.host_ip, q.host_port) == (p.protocol, p.host_ip, p.host_port)
+                    });
+                    if twice {
+                        return Err(invalid(
+                            "published port",
+                            format!(
+                                "{}:{}/{} is published twice",
+                                p.host_ip,
+                                p.host_port,
+                                p.protocol.as_str()
+                            ),
+                        ));
+                    }
                     check_publish(p)?;
                 }
                 nics.push((
@@ -325,7 +343,7 @@ impl Network {
         for (i, (nic, carrier)) in nics.into_iter().enumerate() {
             let fd = match &carrier {
                 Carrier::Tap { fd: Some(fd), .. } => Some(fd.as_raw_fd()),
-                Carrier::Tap { fd: None, .. } | Carrier::User => None,
+                Carrier::Tap { fd: None, .. } | Carrier::User | Carrier::Pending => None,
             };
             fds.extend(fd);
             let port = q35.then_some(i);
@@ -347,7 +365,7 @@ impl Network {
             network: Network {
                 machine,
                 ports,
-                book: Mutex::new(book),
+                book: Arc::new(Mutex::new(book)),
                 sys: "/sys".into(),
             },
             args,
@@ -384,7 +402,7 @@ impl Network {
             .into_values()
             .collect();
         for e in entries {
-            release_carrier(&e.nic.id, e.carrier);
+            let _ = release_carrier(&e.nic.id, e.carrier);
         }
     }
 
@@ -398,7 +416,7 @@ impl Network {
         }
         let done = tokio::task::spawn_blocking(move || {
             for e in entries {
-                release_carrier(&e.nic.id, e.carrier);
+                let _ = release_carrier(&e.nic.id, e.carrier);
             }
         })
         .await;
@@ -408,12 +426,21 @@ impl Network {
     }
 }
 
-fn release_carrier(id: &str, carrier: Carrier) {
-    if let Carrier::Tap { ns, peer_index, fd } = carrier {
-        if let Err(e) = ns.detach(peer_index) {
-            tracing::warn!(nic = id, error = %uvm_util::error_chain(&e), "removing the namespace's redirect failed");
-        }
-        drop(fd);
+/// Removes what carries a NIC on the host: the namespace's redirect, then our copy of the
+/// tap's fd (the tap goes with its last fd). On failure the carrier comes back, for a retry.
+fn release_carrier(id: &str, carrier: Carrier) -> Result<(), (Carrier, NetError)> {
+    match carrier {
+        Carrier::Tap { ns, peer_index, fd } => match ns.detach(peer_index) {
+            Ok(()) => {
+                drop(fd);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(nic = id, error = %uvm_util::error_chain(&e), "removing the namespace's redirect failed");
+                Err((Carrier::Tap { ns, peer_index, fd }, e))
+            }
+        },
+        Carrier::User | Carrier::Pending => Ok(()),
     }
 }
 
@@ -529,6 +556,10 @@ impl QemuVm {
 
 #[async_trait]
 impl HostNetwork for QemuVm {
+    fn check_nic_hotplug(&self) -> Result<(), HostError> {
+        self.nic_hotplug()
+    }
+
     fn cold_nics(&self) -> Vec<Nic> {
         let book = self.network.book();
         let mut nics: Vec<Nic> = book.nics.values().map(|e| e.nic.clone()).collect();
@@ -548,6 +579,9 @@ impl HostNetwork for QemuVm {
         .await
     }
 
+    /// Record first, then act: the NIC is in the book (with its port) before the first await,
+    /// and each step records what it made, so an add that fails, times out or is dropped
+    /// half-way leaves nothing `remove_nic` and `release` do not find.
     async fn add_nic(&self, nic: &Nic) -> Result<(), HostError> {
         let NicBacking::Namespace { path } = &nic.backing else {
             return Err(HostError::Unsupported {
@@ -555,77 +589,48 @@ impl HostNetwork for QemuVm {
                 operation: "hot-adding a user-mode NIC (give --net user at create)",
             });
         };
-        if self.network.machine == Machine::Microvm {
-            return Err(HostError::Unsupported {
-                backend: "qemu",
-                operation: "hot-adding NICs on microvm (no hotplug; give --netns at create)",
-            });
-        }
-        if self.network.book().nics.contains_key(&nic.id) {
-            return Err(invalid("NIC", format!("{} is plugged already", nic.id)));
-        }
-        let port = {
+        self.nic_hotplug()?;
+        {
             let mut book = self.network.book();
+            if book.nics.contains_key(&nic.id) {
+                return Err(invalid("NIC", format!("{} is plugged already", nic.id)));
+            }
+            let carried = book.nics.values().find(|e| {
+                e.nic.endpoint.mac == nic.endpoint.mac
+                    && matches!(&e.nic.backing, NicBacking::Namespace { path: p } if p == path)
+            });
+            if let Some(other) = carried {
+                return Err(invalid(
+                    "network namespace",
+                    format!(
+                        "{} of {} is carried by {} already",
+                        nic.endpoint.name,
+                        path.display(),
+                        other.nic.id
+                    ),
+                ));
+            }
             let port = self.network.free_port(&book)?;
             book.ports.insert(port, nic.id.clone());
-            port
-        };
-        let (path, mac) = (path.clone(), nic.endpoint.mac);
-        let made = Self::blocking("join a tap to the namespace", move || {
-            let ns = Namespace::open(&path).map_err(|e| net_error("open the namespace", e))?;
-            let interfaces = ns
-                .interfaces()
-                .map_err(|e| net_error("read the namespace", e))?;
-            let iface = interfaces
-                .iter()
-                .find(|i| MacAddress(i.mac) == mac)
-                .ok_or_else(|| {
-                    invalid(
-                        "network namespace",
-                        format!(
-                            "{} has no interface with MAC {mac} any more",
-                            path.display()
-                        ),
-                    )
-                })?;
-            let tap = ns
-                .attach(iface)
-                .map_err(|e| net_error("join a tap to the namespace", e))?;
-            Ok((Arc::new(ns), tap))
-        })
-        .await;
-        let (ns, tap) = match made {
-            Ok(m) => m,
-            Err(e) => {
-                self.network.book().ports.remove(&port);
-                return Err(e);
-            }
-        };
-        if let Err(e) = self.plug_tap(nic, &tap.fd, port).await {
-            let peer = tap.peer_index;
-            let ns2 = ns.clone();
-            let _ = Self::blocking("undo the tap", move || {
-                ns2.detach(peer).map_err(|e| net_error("undo the tap", e))
-            })
-            .await;
-            self.network.book().ports.remove(&port);
-            return Err(e);
-        }
-        self.network.book().nics.insert(
-            nic.id.clone(),
-            NicEntry {
-                nic: nic.clone(),
-                carrier: Carrier::Tap {
-                    ns,
-                    peer_index: tap.peer_index,
-                    fd: Some(tap.fd),
+            book.nics.insert(
+                nic.id.clone(),
+                NicEntry {
+                    nic: nic.clone(),
+                    carrier: Carrier::Pending,
+                    port: Some(port),
+                    plugged: false,
                 },
-                port: Some(port),
-                plugged: true,
-            },
-        );
-        tracing::info!(nic = %nic.id, tap = %tap.name, "NIC added");
-        Ok(())
+            );
+        }
+        let result = self.plug_nic(nic, path).await;
+        if let Err(e) = &result {
+            // The host add failed: nothing of it may stay (the seam's promise).
+            if let Err(undo) = self.remove_nic(&nic.id).await {
+                tracing::warn!(nic = %nic.id, error = %uvm_util::error_chain(&undo), "undoing a failed NIC add failed; the VM's release removes the rest");
+            }
+            tracing::warn!(nic = %nic.id, error = %uvm_util::error_chain(e), "NIC add failed");
+        }
+        result
     }
 
     async fn remove_nic(&self, id: &str) -> Result<(), HostError> {
@@ -635,49 +640,136 @@ impl HostNetwork for QemuVm {
             Some(e) => (e.plugged, e.port),
         };
         if plugged {
-            if self.network.machine == Machine::Microvm && self.qemu_running() {
-                return Err(HostError::Unsupported {
-                    backend: "qemu",
-                    operation: "removing NICs on microvm (virtio-mmio cannot unplug)",
-                });
+            if self.qemu_running() {
+                self.nic_hotplug()?;
             }
-            match self.unplug(OP, id, UNPLUG_DEADLINE).await? {
-                Unplugged::QemuGone => {}
-                Unplugged::Removed => {
-                    let del = NetdevDel {
-                        id: format!("net-{id}"),
-                    };
-                    match self.qmp_run(OP, &del).await {
-                        Ok(Qmp::Done(Empty {})) | Err(HostError::Gone) => {}
-                        Ok(Qmp::Refused { class, desc }) if class == "DeviceNotFound" => {
-                            tracing::debug!(nic = id, desc, "netdev already gone");
-                        }
-                        Ok(Qmp::Refused { class, desc }) => {
-                            return Err(refused(OP, "netdev_del", &class, &desc))
-                        }
-                        Err(e) => return Err(e),
+            if self.unplug(OP, id, UNPLUG_DEADLINE).await? == Unplugged::Removed {
+                // What a half-done add may have left: the netdev, the fd QEMU keeps by name.
+                let del = NetdevDel {
+                    id: format!("net-{id}"),
+                };
+                match self.qmp_run(OP, &del).await {
+                    Ok(Qmp::Done(Empty {})) | Err(HostError::Gone) => {}
+                    Ok(Qmp::Refused { class, desc })
+                        if class == "DeviceNotFound" || desc.contains("not found") =>
+                    {
+                        tracing::debug!(nic = id, desc, "netdev already gone");
                     }
+                    Ok(Qmp::Refused { class, desc }) => {
+                        return Err(refused(OP, "netdev_del", &class, &desc))
+                    }
+                    Err(e) => return Err(e),
                 }
+                let close = CloseFd {
+                    fdname: format!("fd-{id}"),
+                };
+                let _ = self.qmp_run(OP, &close).await;
             }
             if let Some(e) = self.network.book().nics.get_mut(id) {
                 e.plugged = false;
             }
         }
-        let entry = {
-            let mut book = self.network.book();
-            if let Some(p) = port {
-                book.ports.remove(&p);
-            }
-            book.nics.remove(id)
+        let carrier = match self.network.book().nics.get_mut(id) {
+            Some(e) => std::mem::replace(&mut e.carrier, Carrier::Pending),
+            None => return Ok(()),
         };
-        if let Some(e) = entry {
-            let id = id.to_owned();
-            Self::blocking("remove the tap", move || {
-                release_carrier(&id, e.carrier);
-                Ok(())
-            })
-            .await?;
+        let (id_owned, book) = (id.to_owned(), self.network.book.clone());
+        Self::blocking("remove the tap", move || {
+            match release_carrier(&id_owned, carrier) {
+                Ok(()) => {
+                    let mut b = uvm_util::lock(&book);
+                    b.nics.remove(&id_owned);
+                    if let Some(p) = port {
+                        b.ports.remove(&p);
+                    }
+                    Ok(())
+                }
+                Err((carrier, e)) => {
+                    // Kept for a retry: the redirect is still on the namespace's interface.
+                    if let Some(entry) = uvm_util::lock(&book).nics.get_mut(&id_owned) {
+                        entry.carrier = carrier;
+                    }
+                    Err(net_error("remove the namespace's redirect", e))
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl QemuVm {
+    /// Unsupported where NICs cannot be hot-plugged (microvm: virtio-mmio).
+    fn nic_hotplug(&self) -> Result<(), HostError> {
+        if self.network.machine == Machine::Microvm {
+            return Err(HostError::Unsupported {
+                backend: "qemu",
+                operation:
+                    "hot-plugging NICs on microvm (virtio-mmio cannot; give --netns at create)",
+            });
         }
+        Ok(())
+    }
+
+    /// The steps of a hot add after its booking: the tap in the namespace (recorded by the
+    /// thread that makes it), then QEMU's side.
+    async fn plug_nic(&self, nic: &Nic, path: &Path) -> Result<(), HostError> {
+        let (path, mac, name) = (path.to_owned(), nic.endpoint.mac, nic.endpoint.name.clone());
+        let (id, book) = (nic.id.clone(), self.network.book.clone());
+        let tap_fd = Self::blocking("join a tap to the namespace", move || {
+            let ns = Namespace::open(&path).map_err(|e| net_error("open the namespace", e))?;
+            let interfaces = ns
+                .interfaces()
+                .map_err(|e| net_error("read the namespace", e))?;
+            let iface = interfaces
+                .iter()
+                .find(|i| MacAddress(i.mac) == mac && i.name == name)
+                .ok_or_else(|| {
+                    invalid(
+                        "network namespace",
+                        format!(
+                            "{} has no interface {name} with MAC {mac} any more",
+                            path.display()
+                        ),
+                    )
+                })?;
+            let tap = ns
+                .attach(iface)
+                .map_err(|e| net_error("join a tap to the namespace", e))?;
+            let fd = tap.fd.try_clone().map_err(|source| HostError::Io {
+                operation: "duplicate the tap's fd",
+                source,
+            })?;
+            let mut b = uvm_util::lock(&book);
+            match b.nics.get_mut(&id) {
+                Some(entry) => {
+                    entry.carrier = Carrier::Tap {
+                        ns: Arc::new(ns),
+                        peer_index: tap.peer_index,
+                        fd: Some(tap.fd),
+                    };
+                    Ok(fd)
+                }
+                // Released meanwhile (the VM is going): undo at once.
+                None => {
+                    drop(b);
+                    let _ = ns.detach(tap.peer_index);
+                    Err(HostError::Gone)
+                }
+            }
+        })
+        .await?;
+        let port = self
+            .network
+            .book()
+            .nics
+            .get(&nic.id)
+            .and_then(|e| e.port)
+            .ok_or(HostError::Gone)?;
+        if let Some(e) = self.network.book().nics.get_mut(&nic.id) {
+            e.plugged = true;
+        }
+        self.plug_tap(nic, &tap_fd, port).await?;
+        tracing::info!(nic = %nic.id, "NIC added");
         Ok(())
     }
 }
@@ -743,12 +835,15 @@ impl HostPci for QemuVm {
         probe_pci_in(&self.network.sys, self.network.machine, address)
     }
 
+    /// Record first (the device and its port in the book before QEMU is asked), so an add
+    /// that fails or is dropped half-way is found by `remove_pci`.
     async fn add_pci(&self, id: &str, address: PciAddress) -> Result<(), HostError> {
         const OP: &str = "add PCI device";
         let port = {
             let mut book = self.network.book();
             let port = self.network.free_port(&book)?;
             book.ports.insert(port, id.to_owned());
+            book.pci.insert(id.to_owned(), (address, port));
             port
         };
         let device = DeviceAdd {
@@ -757,19 +852,18 @@ impl HostPci for QemuVm {
             props: pci_props(address, port),
         };
         match self.qmp_run(OP, &device).await {
-            Ok(Qmp::Done(Empty {})) => {
-                self.network
-                    .book()
-                    .pci
-                    .insert(id.to_owned(), (address, port));
-                Ok(())
-            }
+            Ok(Qmp::Done(Empty {})) => Ok(()),
             Ok(Qmp::Refused { class, desc }) => {
-                self.network.book().ports.remove(&port);
+                let mut book = self.network.book();
+                book.pci.remove(id);
+                book.ports.remove(&port);
                 Err(refused(OP, "device_add", &class, &desc))
             }
+            // Unknown whether QEMU took it: removed as if it had.
             Err(e) => {
-                self.network.book().ports.remove(&port);
+                if let Err(undo) = self.remove_pci(id).await {
+                    tracing::warn!(id, error = %uvm_util::error_chain(&undo), "undoing a failed PCI add failed");
+                }
                 Err(e)
             }
         }

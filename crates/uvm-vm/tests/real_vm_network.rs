@@ -10,106 +10,27 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use uvm::devices::network::{NetworkState, NicState};
 use uvm::seams::{ExecRequest, NetworkConfig, NetworkMode, PortPublish, Protocol};
 use uvm::testing::Capture;
 use uvm::{State, Timeouts};
+use uvm_host::net::VethNamespace;
 use uvm_host::processes_mentioning;
 use uvm_vm::{default_image, Machine, Vm, VmOptions};
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A namespace of this test's: `eth0` = 10.200.<n>.2/24 inside, its host end .1.
+fn test_ns(n: u8) -> VethNamespace {
+    VethNamespace::new("uvmtest", "uvh", n).expect("make the namespace")
 }
 
-/// A namespace `uvmtest-<n>-<pid>` holding veth `eth0` = 10.200.<n>.2/24 (default via .1),
-/// whose peer `uvh<n>-<pid>` = 10.200.<n>.1/24 stays on the host. Removed on drop.
-struct TestNs {
-    name: String,
-    host_end: String,
-    n: u8,
-}
-
-impl TestNs {
-    fn new(n: u8) -> TestNs {
-        let pid = std::process::id() % 10_000;
-        let t = TestNs {
-            name: format!("uvmtest-{n}-{pid}"),
-            host_end: format!("uvh{n}-{pid}"),
-            n,
-        };
-        ip(&["netns", "add", &t.name]);
-        ip(&[
-            "link",
-            "add",
-            &t.host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &t.name,
-        ]);
-        let (guest, host) = (t.guest_ip() + "/24", format!("10.200.{n}.1/24"));
-        ip(&["-n", &t.name, "link", "set", "eth0", "up"]);
-        ip(&["-n", &t.name, "addr", "add", &guest, "dev", "eth0"]);
-        ip(&[
-            "-n",
-            &t.name,
-            "route",
-            "add",
-            "default",
-            "via",
-            &t.host_ip(),
-        ]);
-        ip(&["addr", "add", &host, "dev", &t.host_end]);
-        ip(&["link", "set", &t.host_end, "up"]);
-        t
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-    fn guest_ip(&self) -> String {
-        format!("10.200.{}.2", self.n)
-    }
-    fn host_ip(&self) -> String {
-        format!("10.200.{}.1", self.n)
-    }
-    /// What `cmd` prints inside the namespace.
-    fn run(&self, cmd: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd)
-            .output()
-            .expect("ip netns exec");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    /// Neither a tap of ours nor a tc filter is left in the namespace.
-    fn assert_clean(&self) {
-        let links = self.run(&["ip", "-o", "link"]);
-        assert!(!links.contains("uvmtap"), "a tap remains: {links}");
-        let filters = self.run(&["tc", "filter", "show", "dev", "eth0", "ingress"]);
-        assert!(filters.trim().is_empty(), "a tc filter remains: {filters}");
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_end])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// Neither a tap of ours nor a tc filter is left in the namespace.
+fn assert_clean(ns: &VethNamespace) {
+    let links = ns.run(&["ip", "-o", "link"]);
+    assert!(!links.contains("uvmtap"), "a tap remains: {links}");
+    let filters = ns.run(&["tc", "filter", "show", "dev", "eth0", "ingress"]);
+    assert!(filters.trim().is_empty(), "a tc filter remains: {filters}");
 }
 
 /// A one-request HTTP server on `addr` answering `body`, on a thread.
@@ -238,7 +159,7 @@ async fn real_vm_a_namespace_nic_carries_traffic_both_ways_and_leaves_nothing() 
     if !root_or_skip() {
         return;
     }
-    let ns = TestNs::new(201);
+    let ns = test_ns(201);
     let t = booted(Machine::Q35, netns(ns.path())).await;
     let net = t.vm.controller.network();
     assert_eq!(net.state, NetworkState::Configured);
@@ -262,7 +183,7 @@ async fn real_vm_a_namespace_nic_carries_traffic_both_ways_and_leaves_nothing() 
     assert!(got.ends_with("from-the-host"), "{got}");
 
     t.finish().await;
-    ns.assert_clean();
+    assert_clean(&ns);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,7 +192,7 @@ async fn real_vm_a_nic_is_hot_added_from_a_namespace_and_hot_removed_without_a_t
         return;
     }
     let t = booted(Machine::Q35, NetworkConfig::default()).await;
-    let ns = TestNs::new(202);
+    let ns = test_ns(202);
     let ids = t.vm.controller.add_nics(&ns.path()).await.expect("nic add");
     assert_eq!(ids, ["nic0"]);
     let addrs = t.ok("ip -o addr show").await;
@@ -284,7 +205,7 @@ async fn real_vm_a_nic_is_hot_added_from_a_namespace_and_hot_removed_without_a_t
     assert!(t.vm.controller.network().nics.is_empty());
     let addrs = t.ok("ip -o addr show").await;
     assert!(!addrs.contains(&ns.guest_ip()), "{addrs}");
-    ns.assert_clean();
+    assert_clean(&ns);
 
     // A namespace that is not one, and one without interfaces, change nothing.
     let err =

@@ -487,3 +487,55 @@ async fn a_vm_without_a_network_is_configured_with_no_nics() {
     assert_eq!(net.state, NetworkState::Configured);
     assert!(net.nics.is_empty());
 }
+
+#[tokio::test]
+async fn nic_rm_where_nics_cannot_be_unplugged_is_refused_before_the_guest_lets_go() {
+    let f = running_in_namespace().await;
+    f.vm().refuse_nic_hotplug();
+    let err = f
+        .controller
+        .remove_nic("nic1")
+        .await
+        .expect_err("no hotplug");
+    assert!(matches!(
+        device_error(&err),
+        DeviceError::Host {
+            source: HostError::Unsupported { .. },
+            ..
+        }
+    ));
+    assert_eq!(network_calls(&f), vec![], "the guest kept its interface");
+    let nic1 = f
+        .controller
+        .network()
+        .nics
+        .into_iter()
+        .find(|n| n.nic.id == "nic1");
+    assert_eq!(nic1.map(|n| n.state), Some(NicState::Configured));
+}
+
+#[tokio::test]
+async fn a_hot_add_cut_short_is_removed_as_if_its_plug_had_happened() {
+    let f = running_in_namespace().await;
+    f.backend.add_namespace(NS2, vec![fake_endpoint("eth0", 3)]);
+    let hold = f.script.hold(Call::AddNic);
+    let controller = f.controller.clone();
+    let add = tokio::spawn(async move { controller.add_nics(Path::new(NS2)).await });
+    hold.entered().await;
+    // The caller goes away (a client that disconnected): its future is dropped mid-plug.
+    add.abort();
+    let _ = add.await;
+    hold.release();
+    // The plug may complete on the host after all; the NIC is booked, and a remove asks the
+    // host to take it away.
+    let nic = f
+        .controller
+        .network()
+        .nics
+        .into_iter()
+        .find(|n| !n.cold)
+        .expect("the cut-short NIC is in the books");
+    f.controller.remove_nic(&nic.nic.id).await.expect("remove");
+    assert_eq!(f.script.count(Call::RemoveNic), 1, "the host was asked");
+    assert!(f.controller.network().nics.iter().all(|n| n.cold));
+}

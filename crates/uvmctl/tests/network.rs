@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 mod common;
@@ -22,76 +21,6 @@ fn free_port() -> u16 {
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
-}
-
-/// A namespace with veth `eth0` 10.200.<n>.2/24, its host end 10.200.<n>.1; removed on drop.
-struct TestNs {
-    name: String,
-    host_end: String,
-}
-
-impl TestNs {
-    fn new(n: u8) -> TestNs {
-        let pid = std::process::id() % 10_000;
-        let t = TestNs {
-            name: format!("uvmcli-{n}-{pid}"),
-            host_end: format!("uvc{n}-{pid}"),
-        };
-        let ip = |args: &[&str]| {
-            let ok = Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip")
-                .success();
-            assert!(ok, "ip {args:?}");
-        };
-        ip(&["netns", "add", &t.name]);
-        ip(&[
-            "link",
-            "add",
-            &t.host_end,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &t.name,
-        ]);
-        ip(&["-n", &t.name, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n",
-            &t.name,
-            "addr",
-            "add",
-            &format!("10.200.{n}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.200.{n}.1/24"),
-            "dev",
-            &t.host_end,
-        ]);
-        ip(&["link", "set", &t.host_end, "up"]);
-        t
-    }
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_end])
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 #[test]
@@ -214,24 +143,46 @@ fn real_vm_nics_come_from_namespaces_at_create_and_hot() {
         eprintln!("skipped: namespaces need root");
         return;
     }
-    let (a, b) = (TestNs::new(211), TestNs::new(212));
+    let ns = |n| uvm_host::net::VethNamespace::new("uvmcli", "uvc", n).expect("make the namespace");
+    let (a, b) = (ns(211), ns(212));
     let root = Root::new();
-    root.ok(&["create", "--name", "ns", "--netns", &a.path(), "--start"]);
+    root.ok(&[
+        "create",
+        "--name",
+        "ns",
+        "--netns",
+        a.path().to_str().expect("utf-8"),
+        "--start",
+    ]);
     let addrs = root.ok(&["exec", "ns", "--", "ip", "-o", "addr"]);
     assert!(addrs.contains("10.200.211.2/24"), "{addrs}");
-    let added = root.ok(&["nic", "add", "ns", "--netns", &b.path()]);
+    let added = root.ok(&[
+        "nic",
+        "add",
+        "ns",
+        "--netns",
+        b.path().to_str().expect("utf-8"),
+    ]);
     assert!(
         added.contains("nic1") && added.contains("10.200.212.2/24"),
         "{added}"
     );
+    // The namespace it already carries is refused, and its NIC keeps working.
+    let a_path = a.path();
+    let out = root.run(&[
+        "nic",
+        "add",
+        "ns",
+        "--netns",
+        a_path.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("carried by nic0"), "{}", stderr(&out));
     let addrs = root.ok(&["exec", "ns", "--", "ip", "-o", "addr"]);
     assert!(addrs.contains("10.200.212.2/24"), "{addrs}");
     let inspect = root.inspect("ns");
     assert_eq!(inspect["nics"].as_array().map(Vec::len), Some(2));
-    assert_eq!(
-        inspect["nics"][1]["netns"].as_str(),
-        Some(b.path().as_str())
-    );
+    assert_eq!(inspect["nics"][1]["netns"].as_str(), b.path().to_str());
     root.ok(&["nic", "rm", "ns", "nic1"]);
     let addrs = root.ok(&["exec", "ns", "--", "ip", "-o", "addr"]);
     assert!(!addrs.contains("10.200.212.2"), "{addrs}");
@@ -244,14 +195,7 @@ fn real_vm_nics_come_from_namespaces_at_create_and_hot() {
     root.ok(&["rm", "-f", "ns"]);
     root.assert_clean();
     for ns in [&a, &b] {
-        let links = Command::new("ip")
-            .args(["-n", &ns.name, "-o", "link"])
-            .output()
-            .expect("ip link");
-        assert!(
-            !String::from_utf8_lossy(&links.stdout).contains("uvmtap"),
-            "a tap remains in {}",
-            ns.name
-        );
+        let links = ns.run(&["ip", "-o", "link"]);
+        assert!(!links.contains("uvmtap"), "a tap remains in {}", ns.name());
     }
 }

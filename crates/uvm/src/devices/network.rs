@@ -536,6 +536,12 @@ impl NetworkController {
         if !lock(&self.books).nics.contains_key(id) {
             return Err(DeviceError::UnknownNic { id: id.to_owned() });
         }
+        // Refused before the guest lets go of it, where the host could not unplug it after.
+        host.check_nic_hotplug()
+            .map_err(|source| DeviceError::Host {
+                step: "remove NIC",
+                source,
+            })?;
         self.run(NetworkEvent::RemoveNic, |this| async move {
             this.nic_until_done(id, NicEvent::Remove, host, guest).await
         })
@@ -680,11 +686,14 @@ impl NetworkController {
         guest: &dyn GuestNetwork,
     ) -> Result<(), DeviceError> {
         loop {
-            let Some((state, nic)) = lock(&self.books)
-                .nics
-                .get(id)
-                .map(|n| (n.state, n.nic.clone()))
-            else {
+            // A call cut short may have happened: the way out treats it as done.
+            let Some((state, nic)) = lock(&self.books).nics.get(id).map(|n| {
+                let state = match event {
+                    NicEvent::Remove | NicEvent::Teardown => n.pending.unwrap_or(n.state),
+                    NicEvent::Add | NicEvent::Configure => n.state,
+                };
+                (state, n.nic.clone())
+            }) else {
                 return Err(DeviceError::UnknownNic { id: id.to_owned() });
             };
             let (to, result) = match nic_step(state, event) {
@@ -748,19 +757,31 @@ impl NetworkController {
                         }
                     }
                 }
-                // Always asked, also once the VM is gone: the host keeps the tap and the tc
-                // filters until they are removed.
+                // Asked while the VM answers; once it is found gone the VM's release removes
+                // the rest (the tap, the tc filters).
                 Step::Call {
                     call,
                     on_success,
                     on_failure,
-                } => match self.nic_call(call, &nic, host, guest).await {
-                    Ok(()) => on_success,
-                    Err(e) => {
+                } => {
+                    if !reach.host {
                         self.commit(id, on_failure);
-                        return Err(e);
+                        return Err(DeviceError::Host {
+                            step: "remove NIC",
+                            source: crate::error::HostError::Gone,
+                        });
                     }
-                },
+                    match self.nic_call(call, &nic, host, guest).await {
+                        Ok(()) => on_success,
+                        Err(e) => {
+                            if let DeviceError::Host { step, source } = &e {
+                                reach.host_failed(step, source);
+                            }
+                            self.commit(id, on_failure);
+                            return Err(e);
+                        }
+                    }
+                }
             };
             self.commit(id, to);
         }

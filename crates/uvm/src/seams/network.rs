@@ -277,6 +277,11 @@ pub struct NetworkConfig {
 /// NICs of one VM on the host. Each call is one NIC; the controller orders and unwinds them.
 #[async_trait]
 pub trait HostNetwork: Send + Sync {
+    /// Whether NICs can be hot-plugged and unplugged here, before anything is asked. No I/O.
+    ///
+    /// # Errors
+    /// [`HostError::Unsupported`] where they cannot (a machine without hotplug).
+    fn check_nic_hotplug(&self) -> Result<(), HostError>;
     /// The NICs the backend plugged cold at create, primary first. No I/O.
     fn cold_nics(&self) -> Vec<Nic>;
     /// The interfaces of the network namespace at `path` a NIC can carry, the primary one

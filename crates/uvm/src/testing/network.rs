@@ -29,6 +29,8 @@ pub(super) struct FakeHostNet {
 #[derive(Debug, Default)]
 pub(super) struct FakeVmNet {
     host: Arc<Mutex<FakeHostNet>>,
+    /// The machine cannot hot-plug NICs (as microvm).
+    no_hotplug: bool,
     nics: BTreeMap<String, Nic>,
     pci: BTreeMap<String, PciAddress>,
 }
@@ -127,6 +129,7 @@ impl FakeBackend {
             .collect();
         Ok(FakeVmNet {
             host: self.net.clone(),
+            no_hotplug: false,
             nics,
             pci: BTreeMap::new(),
         })
@@ -137,6 +140,10 @@ impl FakeVm {
     /// The NICs plugged now, by id.
     pub fn nics(&self) -> BTreeMap<String, Nic> {
         lock(&self.net).nics.clone()
+    }
+    /// NICs cannot be hot-plugged from now on (as on microvm).
+    pub fn refuse_nic_hotplug(&self) {
+        lock(&self.net).no_hotplug = true;
     }
     /// The PCI devices assigned now, by id.
     pub fn pci_devices(&self) -> BTreeMap<String, PciAddress> {
@@ -166,6 +173,15 @@ impl FakeGuest {
 
 #[async_trait]
 impl HostNetwork for FakeVm {
+    fn check_nic_hotplug(&self) -> Result<(), HostError> {
+        if lock(&self.net).no_hotplug {
+            return Err(HostError::Unsupported {
+                backend: "fake",
+                operation: "hot-plugging NICs",
+            });
+        }
+        Ok(())
+    }
     fn cold_nics(&self) -> Vec<Nic> {
         lock(&self.net).nics.values().cloned().collect()
     }
