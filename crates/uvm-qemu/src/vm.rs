@@ -235,6 +235,27 @@ impl QemuBackend {
         Ok(memory_bytes)
     }
 
+    /// [`QemuBackend::create_vm`] off the async threads when it has a namespace's taps to make
+    /// (threads that enter the namespace, netlink round trips).
+    ///
+    /// # Errors
+    /// As [`QemuBackend::create_vm`].
+    pub async fn create_vm_async(&self, id: &str, config: &VmConfig) -> Result<QemuVm, HostError> {
+        if !matches!(
+            config.network.mode,
+            uvm::seams::NetworkMode::Namespace { .. }
+        ) {
+            return self.create_vm(id, config);
+        }
+        let (this, id, config) = (self.clone(), id.to_owned(), config.clone());
+        tokio::task::spawn_blocking(move || this.create_vm(&id, &config))
+            .await
+            .map_err(|e| HostError::Failed {
+                operation: "create VM",
+                source: Box::new(e),
+            })?
+    }
+
     /// [`VmBackend::create`] with the concrete type: checks the request, makes the VM's runtime
     /// directory (mode 0700, with its owner record) and prepares the command lines. Nothing is
     /// spawned until [`VmLifetime::start`].
@@ -357,7 +378,7 @@ impl QemuBackend {
 #[async_trait]
 impl VmBackend for QemuBackend {
     async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
-        Ok(Arc::new(self.create_vm(id, config)?))
+        Ok(Arc::new(self.create_vm_async(id, config).await?))
     }
 }
 

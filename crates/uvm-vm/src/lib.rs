@@ -204,7 +204,7 @@ struct TrackingBackend {
 #[async_trait::async_trait]
 impl VmBackend for TrackingBackend {
     async fn create(&self, id: &str, config: &VmConfig) -> Result<Arc<dyn HostVm>, HostError> {
-        let vm = Arc::new(self.inner.create_vm(id, config)?);
+        let vm = Arc::new(self.inner.create_vm_async(id, config).await?);
         *uvm_util::lock(&self.created) = Some(vm.clone());
         Ok(vm)
     }
