@@ -178,7 +178,7 @@ impl QemuBackend {
             return Err(invalid(
                 "network",
                 format!(
-                    "a VM in the namespace {} has taps made at create, which a printed command                      line cannot hold",
+                    "a VM in the namespace {} has taps made at create, which a printed command line cannot hold",
                     path.display()
                 ),
             ));
