@@ -149,6 +149,32 @@ impl Drop for Root {
                     }
                 }
             }
+            // A supervisor killed outright releases nothing: its QEMU dies with it (parent-death
+            // signal), and the VM's cgroup is removed here, once empty.
+            for runtime in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = runtime.file_name().to_string_lossy().into_owned();
+                if name.starts_with("uvm-") {
+                    remove_vm_cgroups(&name);
+                }
+            }
+        }
+    }
+}
+
+/// Removes the cgroup `uvmctl/<name>` of every hierarchy (v1 and v2) once it has no process,
+/// waiting up to 5 s for the VM's processes to go.
+fn remove_vm_cgroups(name: &str) {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|h| h.path().join("uvmctl").join(name))
+        .collect();
+    dirs.push(PathBuf::from("/sys/fs/cgroup/uvmctl").join(name));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for dir in dirs.into_iter().filter(|d| d.is_dir()) {
+        while std::fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
