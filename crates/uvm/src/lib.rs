@@ -12,7 +12,9 @@
 //!
 //! Disks and shares are kept by the device sub-controllers in [`devices`] (each machine one
 //! table, like the VM's), driven through [`Controller::add_disk`], [`Controller::add_share`] and
-//! their removals, and shown by [`Controller::devices`].
+//! their removals, and shown by [`Controller::devices`]; NICs and assigned PCI devices likewise
+//! through [`Controller::add_nics`], [`Controller::add_pci_device`] and their removals, shown by
+//! [`Controller::network`] and [`Controller::pci_devices`].
 //!
 //! Beyond hcsshim: [`Controller::state`] and [`Controller::stats`] never wait behind a long
 //! operation; [`Controller::terminate_vm`] cancels an in-flight [`Controller::start_vm`]; every

@@ -1,5 +1,8 @@
 //! The device sub-controllers: disks on SCSI slots ([`scsi`]) and shared directories
-//! ([`shares`]), in the manner of hcsshim's `internal/controller/device/{scsi,plan9}`.
+//! ([`shares`]), in the manner of hcsshim's `internal/controller/device/{scsi,plan9}`; and the
+//! network ([`network`], hcsshim's `internal/controller/network`) and assigned PCI devices
+//! ([`vpci`], its `device/vpci`), whose own semantics are in their modules. What follows is
+//! the disks' and shares'.
 //!
 //! Each keeps books (no I/O) and drives the seams ([`crate::seams::HostDevices`],
 //! [`crate::seams::GuestMounts`]) through three calls:
