@@ -245,20 +245,18 @@ impl From<VmConfig> for v1::VmConfig {
 /// Fills `config`'s network fields from `network`.
 pub fn set_network(config: &mut v1::VmConfig, network: &uvm::seams::NetworkConfig) {
     use uvm::seams::NetworkMode;
-    config.network_mode = match &network.mode {
-        NetworkMode::None => "none",
-        NetworkMode::User { .. } => "user",
-        NetworkMode::Namespace { .. } => "netns",
-    }
-    .to_owned();
-    config.netns = match &network.mode {
-        NetworkMode::Namespace { path } => path.display().to_string(),
-        NetworkMode::None | NetworkMode::User { .. } => String::new(),
+    let (mode, netns, publish) = match &network.mode {
+        NetworkMode::None => ("none", String::new(), Vec::new()),
+        NetworkMode::User { publish } => (
+            "user",
+            String::new(),
+            publish.iter().map(ToString::to_string).collect(),
+        ),
+        NetworkMode::Namespace { path } => ("netns", path.display().to_string(), Vec::new()),
     };
-    config.publish = match &network.mode {
-        NetworkMode::User { publish } => publish.iter().map(ToString::to_string).collect(),
-        NetworkMode::None | NetworkMode::Namespace { .. } => Vec::new(),
-    };
+    config.network_mode = mode.to_owned();
+    config.netns = netns;
+    config.publish = publish;
     config.nameservers = network
         .dns
         .nameservers

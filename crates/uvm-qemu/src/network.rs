@@ -533,8 +533,8 @@ impl QemuVm {
             fd: fdname.clone(),
             vhost: false,
         };
+        // A failure leaves the rest to `add_nic`'s undo (`remove_nic`: netdev_del, closefd).
         if let Qmp::Refused { class, desc } = self.qmp_run(OP, &add).await? {
-            let _ = self.qmp_run(OP, &CloseFd { fdname }).await;
             return Err(refused(OP, "netdev_add", &class, &desc));
         }
         let mut props = Map::new();
@@ -547,7 +547,6 @@ impl QemuVm {
             props,
         };
         if let Qmp::Refused { class, desc } = self.qmp_run(OP, &device).await? {
-            let _ = self.qmp_run(OP, &NetdevDel { id: netdev }).await;
             return Err(refused(OP, "device_add", &class, &desc));
         }
         Ok(())

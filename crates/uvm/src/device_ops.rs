@@ -268,10 +268,11 @@ impl DeviceSet {
         guest: &dyn Guest,
         address: PciAddress,
     ) -> Result<String, DeviceError> {
-        let location = match self.vpci.reservation(address) {
-            Some(_) => None,
-            None => Some(
-                crate::devices::host_call(
+        // The same device again is its reservation; a new one is probed first.
+        let id = match self.vpci.reservation(address) {
+            Some(id) => id,
+            None => {
+                let location = crate::devices::host_call(
                     "probe PCI device",
                     self.deadlines.host,
                     host.probe_pci(address),
@@ -280,17 +281,9 @@ impl DeviceSet {
                 .map_err(|source| DeviceError::Host {
                     step: "probe PCI device",
                     source,
-                })?,
-            ),
-        };
-        let id = match location {
-            Some(location) => self.vpci.reserve(address, location),
-            None => self
-                .vpci
-                .reservation(address)
-                .ok_or_else(|| DeviceError::UnknownDevice {
-                    id: address.to_string(),
-                })?,
+                })?;
+                self.vpci.reserve(address, location)
+            }
         };
         if let Err(e) = self.vpci.add(&id, host, guest).await {
             // A failed host add is gone already; a failed guest wait left the host side. A
